@@ -1,0 +1,17 @@
+//! The Cairn controller: the mesh's source of truth and its certificate authority.
+//!
+//! Config flows in one direction: manifests ([`local`], later Kubernetes) ->
+//! [`decode`] and [`validate`] -> the typed [`store`] -> the pure [`compile`] step ->
+//! the versioned [`xds`] cache -> each subscribed proxy over delta ADS.
+
+pub mod auth;
+pub mod ca;
+pub mod compile;
+pub mod decode;
+pub mod local;
+pub mod resources;
+pub mod runtime;
+pub mod server;
+pub mod store;
+pub mod validate;
+pub mod xds;

@@ -1,0 +1,119 @@
+//! `controller`: the Cairn control plane, here in local mode (a config directory).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use cairn_controller::{
+    auth::StaticTokens,
+    ca::{self, CertificateAuthority},
+    compile::MeshConfig,
+    local::LocalSource,
+    runtime::Runtime,
+    server::{self, DEFAULT_SERVING_NAMES, ServeConfig},
+    validate::parse_duration,
+    xds::Cache,
+};
+use clap::Parser;
+use tokio::sync::watch;
+use tracing::info;
+
+#[derive(Debug, Parser)]
+#[command(name = "controller", version, about = "Cairn control plane: config, delta xDS and the mesh CA")]
+struct Args {
+    /// Directory of Kubernetes/Istio manifests (multi-document YAML), watched for changes.
+    #[arg(long)]
+    config_dir: PathBuf,
+    /// Address for the gRPC endpoint (delta ADS + CA, TLS).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: String,
+    /// Directory holding the mesh root (generated on first start) or an
+    /// operator-provided CA in Istio's cacerts layout.
+    #[arg(long, default_value = "cairn-ca")]
+    ca_dir: PathBuf,
+    /// Default and maximum lifetime of workload certificates.
+    #[arg(long, default_value = "24h", value_parser = duration)]
+    cert_ttl: Duration,
+    /// YAML list of bearer tokens: `- {token: ..., node: ...}` or `{token: ..., identity: spiffe://...}`.
+    #[arg(long)]
+    tokens: PathBuf,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Namespace whose selector-less policies are mesh-wide.
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// How often the config directory is rescanned.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    poll_interval: Duration,
+    /// DNS names for the controller's serving certificate (repeatable).
+    #[arg(long = "serving-name")]
+    serving_names: Vec<String>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mesh = MeshConfig {
+        trust_domain: args.trust_domain.clone(),
+        root_namespace: args.root_namespace.clone(),
+        ..MeshConfig::default()
+    };
+    let ca = Arc::new(
+        CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)
+            .context("loading the mesh CA")?,
+    );
+    let auth = Arc::new(StaticTokens::from_file(&args.tokens).context("loading bearer tokens")?);
+    let runtime = Arc::new(Runtime::new(mesh, Arc::new(Cache::default())));
+
+    let mut source = LocalSource::new(&args.config_dir);
+    let (scan, stats) = runtime.scan(&mut source);
+    info!(
+        dir = %args.config_dir.display(),
+        objects = scan.changed.len(),
+        errors = scan.errors.len(),
+        resources = stats.updated,
+        "initial config loaded"
+    );
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    info!(addr = %listener.local_addr()?, root = %args.ca_dir.join("root-cert.pem").display(), "serving delta ADS and CA over TLS");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let watcher = tokio::spawn(runtime.clone().watch(source, args.poll_interval, stop_rx));
+    let serving_names = if args.serving_names.is_empty() {
+        DEFAULT_SERVING_NAMES.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.serving_names
+    };
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        info!("shutting down");
+    };
+    server::serve(
+        listener,
+        ServeConfig {
+            serving_names,
+            cert_ttl: args.cert_ttl.min(ca::DEFAULT_TTL.max(args.cert_ttl)),
+        },
+        runtime,
+        ca,
+        auth,
+        shutdown,
+    )
+    .await
+    .context("serving")?;
+    let _ = stop_tx.send(true);
+    let _ = watcher.await;
+    Ok(())
+}

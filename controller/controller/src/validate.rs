@@ -1,0 +1,555 @@
+//! Semantic checks beyond the schema, with the field path of the first problem.
+//! Anything that passes here compiles; anything that fails never reaches the store.
+
+use std::{net::IpAddr, time::Duration};
+
+use ipnet::IpNet;
+
+use crate::{
+    decode::Warning,
+    resources::{
+        Object,
+        gateway::{self, WAYPOINT_CLASS},
+        istio::{self, AuthorizationAction},
+    },
+};
+
+/// A field that makes an object invalid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+fn fail<T>(path: impl Into<String>, message: impl Into<String>) -> Result<T, FieldError> {
+    Err(FieldError {
+        path: path.into(),
+        message: message.into(),
+    })
+}
+
+/// Validates one object; returns warnings for things that apply but deserve a look.
+pub fn validate(object: &Object) -> Result<Vec<Warning>, FieldError> {
+    let mut warnings = Vec::new();
+    match object {
+        Object::Pod(pod) => {
+            if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+                ip.parse::<IpAddr>().or_else(|_| {
+                    fail("status.podIP", format!("{ip:?} is not an IP address"))
+                })?;
+            }
+        }
+        Object::Service(svc) => {
+            if let Some(spec) = &svc.spec {
+                for (i, ip) in spec.cluster_ips.iter().flatten().enumerate() {
+                    if ip != "None" && ip.parse::<IpAddr>().is_err() {
+                        return fail(
+                            format!("spec.clusterIPs[{i}]"),
+                            format!("{ip:?} is not an IP address"),
+                        );
+                    }
+                }
+                if let Some(ip) = spec.cluster_ip.as_deref()
+                    && ip != "None"
+                    && !ip.is_empty()
+                    && ip.parse::<IpAddr>().is_err()
+                {
+                    return fail("spec.clusterIP", format!("{ip:?} is not an IP address"));
+                }
+            }
+        }
+        Object::AuthorizationPolicy(p) => authorization_policy(&p.spec)?,
+        Object::PeerAuthentication(p) => {
+            for port in p.spec.port_level_mtls.keys() {
+                if *port == 0 || *port > 65535 {
+                    return fail(
+                        format!("spec.portLevelMtls.{port}"),
+                        "port must be 1-65535",
+                    );
+                }
+            }
+            if !p.spec.port_level_mtls.is_empty() && p.spec.selector.is_none() {
+                return fail(
+                    "spec.portLevelMtls",
+                    "portLevelMtls requires a workload selector (as in Istio)",
+                );
+            }
+        }
+        Object::VirtualService(vs) => virtual_service(&vs.spec, &mut warnings)?,
+        Object::DestinationRule(dr) => destination_rule(&dr.spec)?,
+        Object::ServiceEntry(se) => service_entry(&se.spec)?,
+        Object::Gateway(gw) => gateway_spec(&gw.spec, &mut warnings)?,
+        Object::HttpRoute(r) => http_route(&r.spec)?,
+        Object::Namespace(_)
+        | Object::Node(_)
+        | Object::EndpointSlice(_)
+        | Object::ServiceAccount(_)
+        | Object::RequestAuthentication(_) => {}
+    }
+    Ok(warnings)
+}
+
+/// Parses a duration the way Istio's API does ("1h", "1.5s", "250ms", "2m30s").
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (write e.g. \"250ms\", \"5s\", \"1m30s\")");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if num_len == 0 {
+            return Err(bad());
+        }
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Duration::try_from_secs_f64(total).map_err(|_| bad())
+}
+
+/// Parses an `ipBlocks` entry: a CIDR or a bare address (a /32 or /128).
+pub fn parse_ip_block(s: &str) -> Result<IpNet, String> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| format!("{s:?} is neither an IP address nor a CIDR"))
+}
+
+/// Checks an Istio string-match pattern: exact, "*", "prefix*" or "*suffix".
+fn pattern(path: String, s: &str) -> Result<(), FieldError> {
+    let stars = s.matches('*').count();
+    let ok = !s.is_empty()
+        && (stars == 0 || (stars == 1 && (s.starts_with('*') || s.ends_with('*'))));
+    if ok {
+        Ok(())
+    } else {
+        fail(
+            path,
+            format!("{s:?}: use an exact value, \"*\", \"prefix*\" or \"*suffix\""),
+        )
+    }
+}
+
+fn port_str(path: String, s: &str) -> Result<u16, FieldError> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => fail(path, format!("{s:?} is not a port number (1-65535)")),
+    }
+}
+
+/// `when` keys that ztunnel can evaluate at L4.
+pub const L4_CONDITION_KEYS: &[&str] = &[
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "remote.ip",
+    "destination.ip",
+    "destination.port",
+];
+
+/// `when` key prefixes that need a waypoint (L7).
+const L7_CONDITION_PREFIXES: &[&str] = &[
+    "request.",
+    "source.serviceAccount",
+    "destination.serviceAccount",
+    "connection.sni",
+    "experimental.",
+];
+
+fn authorization_policy(spec: &istio::AuthorizationPolicySpec) -> Result<(), FieldError> {
+    let targets = usize::from(spec.target_ref.is_some()) + spec.target_refs.len();
+    if spec.selector.is_some() && targets > 0 {
+        return fail(
+            "spec.selector",
+            "selector and targetRef(s) are mutually exclusive",
+        );
+    }
+    if spec.action == AuthorizationAction::Custom && spec.provider.is_none() {
+        return fail("spec.provider", "action CUSTOM requires a provider");
+    }
+    for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        for (j, from) in rule.from.iter().enumerate() {
+            let s = &from.source;
+            let base = format!("spec.rules[{i}].from[{j}].source");
+            for (field, values) in [
+                ("principals", &s.principals),
+                ("notPrincipals", &s.not_principals),
+                ("requestPrincipals", &s.request_principals),
+                ("notRequestPrincipals", &s.not_request_principals),
+                ("namespaces", &s.namespaces),
+                ("notNamespaces", &s.not_namespaces),
+            ] {
+                for (k, v) in values.iter().enumerate() {
+                    pattern(format!("{base}.{field}[{k}]"), v)?;
+                }
+            }
+            for (field, values) in [
+                ("ipBlocks", &s.ip_blocks),
+                ("notIpBlocks", &s.not_ip_blocks),
+                ("remoteIpBlocks", &s.remote_ip_blocks),
+                ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
+            ] {
+                for (k, v) in values.iter().enumerate() {
+                    parse_ip_block(v)
+                        .or_else(|m| fail(format!("{base}.{field}[{k}]"), m))?;
+                }
+            }
+            for (field, values) in [
+                ("serviceAccounts", &s.service_accounts),
+                ("notServiceAccounts", &s.not_service_accounts),
+            ] {
+                for (k, v) in values.iter().enumerate() {
+                    if v.split('/').count() != 2 || v.contains('*') {
+                        return fail(
+                            format!("{base}.{field}[{k}]"),
+                            format!("{v:?}: write <namespace>/<service-account>"),
+                        );
+                    }
+                }
+            }
+        }
+        for (j, to) in rule.to.iter().enumerate() {
+            let o = &to.operation;
+            let base = format!("spec.rules[{i}].to[{j}].operation");
+            for (field, values) in [("ports", &o.ports), ("notPorts", &o.not_ports)] {
+                for (k, v) in values.iter().enumerate() {
+                    port_str(format!("{base}.{field}[{k}]"), v)?;
+                }
+            }
+        }
+        for (j, cond) in rule.when.iter().enumerate() {
+            let base = format!("spec.rules[{i}].when[{j}]");
+            if cond.values.is_empty() && cond.not_values.is_empty() {
+                return fail(base, "a condition needs values or notValues");
+            }
+            let key = cond.key.as_str();
+            let known = L4_CONDITION_KEYS.contains(&key)
+                || L7_CONDITION_PREFIXES.iter().any(|p| key.starts_with(p));
+            if !known {
+                return fail(format!("{base}.key"), format!("unknown condition key {key:?}"));
+            }
+            for (k, v) in cond.values.iter().chain(&cond.not_values).enumerate() {
+                match key {
+                    "source.ip" | "remote.ip" | "destination.ip" => {
+                        parse_ip_block(v).or_else(|m| fail(format!("{base}.values[{k}]"), m))?;
+                    }
+                    "destination.port" => {
+                        port_str(format!("{base}.values[{k}]"), v)?;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn duration(path: String, s: &Option<String>) -> Result<(), FieldError> {
+    if let Some(s) = s {
+        parse_duration(s).or_else(|m| fail(path, m))?;
+    }
+    Ok(())
+}
+
+fn string_match(path: String, m: &istio::StringMatch) -> Result<(), FieldError> {
+    let set = [&m.exact, &m.prefix, &m.regex]
+        .iter()
+        .filter(|v| v.is_some())
+        .count();
+    if set != 1 {
+        return fail(path, "set exactly one of exact, prefix, regex");
+    }
+    if let Some(re) = &m.regex {
+        regex::Regex::new(re).or_else(|e| fail(format!("{path}.regex"), e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn virtual_service(
+    spec: &istio::VirtualServiceSpec,
+    warnings: &mut Vec<Warning>,
+) -> Result<(), FieldError> {
+    if spec.hosts.is_empty() {
+        return fail("spec.hosts", "at least one host is required");
+    }
+    for (i, route) in spec.http.iter().enumerate() {
+        let base = format!("spec.http[{i}]");
+        for (j, m) in route.matches.iter().enumerate() {
+            let mbase = format!("{base}.match[{j}]");
+            for (name, sm) in [
+                ("uri", &m.uri),
+                ("scheme", &m.scheme),
+                ("method", &m.method),
+                ("authority", &m.authority),
+            ] {
+                if let Some(sm) = sm {
+                    string_match(format!("{mbase}.{name}"), sm)?;
+                }
+            }
+            for (name, map) in [
+                ("headers", &m.headers),
+                ("queryParams", &m.query_params),
+                ("withoutHeaders", &m.without_headers),
+            ] {
+                for (key, sm) in map {
+                    // An empty match ({}) on headers means "present".
+                    if sm != &istio::StringMatch::default() {
+                        string_match(format!("{mbase}.{name}.{key}"), sm)?;
+                    }
+                }
+            }
+        }
+        let actions = usize::from(!route.route.is_empty())
+            + usize::from(route.redirect.is_some())
+            + usize::from(route.direct_response.is_some());
+        if actions != 1 {
+            return fail(
+                base,
+                "set exactly one of route, redirect, directResponse",
+            );
+        }
+        let mut total = 0i64;
+        for (j, dst) in route.route.iter().enumerate() {
+            if dst.destination.host.is_empty() {
+                return fail(
+                    format!("{base}.route[{j}].destination.host"),
+                    "required",
+                );
+            }
+            match dst.weight {
+                Some(w) if w < 0 => {
+                    return fail(format!("{base}.route[{j}].weight"), "must not be negative");
+                }
+                Some(w) => total += i64::from(w),
+                None => {}
+            }
+        }
+        if route.route.len() > 1 && total == 0 {
+            warnings.push(Warning {
+                path: format!("{base}.route"),
+                message: "several destinations without weights: traffic goes to the first".into(),
+            });
+        }
+        duration(format!("{base}.timeout"), &route.timeout)?;
+        if let Some(r) = &route.retries {
+            duration(format!("{base}.retries.perTryTimeout"), &r.per_try_timeout)?;
+            if r.attempts < 0 {
+                return fail(format!("{base}.retries.attempts"), "must not be negative");
+            }
+        }
+        if let Some(f) = &route.fault {
+            if let Some(d) = &f.delay {
+                if d.fixed_delay.is_none() {
+                    return fail(format!("{base}.fault.delay.fixedDelay"), "required");
+                }
+                duration(format!("{base}.fault.delay.fixedDelay"), &d.fixed_delay)?;
+                percent(format!("{base}.fault.delay.percentage"), &d.percentage)?;
+            }
+            if let Some(a) = &f.abort {
+                if a.http_status.is_none() && a.grpc_status.is_none() {
+                    return fail(
+                        format!("{base}.fault.abort"),
+                        "set httpStatus or grpcStatus",
+                    );
+                }
+                if let Some(code) = a.http_status
+                    && !(200..=599).contains(&code)
+                {
+                    return fail(
+                        format!("{base}.fault.abort.httpStatus"),
+                        format!("{code} is not an HTTP status (200-599)"),
+                    );
+                }
+                percent(format!("{base}.fault.abort.percentage"), &a.percentage)?;
+            }
+        }
+        percent(format!("{base}.mirrorPercentage"), &route.mirror_percentage)?;
+    }
+    Ok(())
+}
+
+fn percent(path: String, p: &Option<istio::Percent>) -> Result<(), FieldError> {
+    match p {
+        Some(p) if !(0.0..=100.0).contains(&p.value) => {
+            fail(path, format!("{} is not a percentage (0-100)", p.value))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn traffic_policy(base: &str, tp: &Option<istio::TrafficPolicy>) -> Result<(), FieldError> {
+    let Some(tp) = tp else { return Ok(()) };
+    if let Some(cp) = &tp.connection_pool
+        && let Some(tcp) = &cp.tcp
+    {
+        duration(
+            format!("{base}.connectionPool.tcp.connectTimeout"),
+            &tcp.connect_timeout,
+        )?;
+    }
+    if let Some(cp) = &tp.connection_pool
+        && let Some(http) = &cp.http
+    {
+        duration(
+            format!("{base}.connectionPool.http.idleTimeout"),
+            &http.idle_timeout,
+        )?;
+    }
+    if let Some(od) = &tp.outlier_detection {
+        duration(format!("{base}.outlierDetection.interval"), &od.interval)?;
+        duration(
+            format!("{base}.outlierDetection.baseEjectionTime"),
+            &od.base_ejection_time,
+        )?;
+    }
+    Ok(())
+}
+
+fn destination_rule(spec: &istio::DestinationRuleSpec) -> Result<(), FieldError> {
+    if spec.host.is_empty() {
+        return fail("spec.host", "required");
+    }
+    traffic_policy("spec.trafficPolicy", &spec.traffic_policy)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, s) in spec.subsets.iter().enumerate() {
+        if s.name.is_empty() || !seen.insert(&s.name) {
+            return fail(
+                format!("spec.subsets[{i}].name"),
+                "subset names must be set and unique",
+            );
+        }
+        traffic_policy(&format!("spec.subsets[{i}].trafficPolicy"), &s.traffic_policy)?;
+    }
+    Ok(())
+}
+
+fn service_entry(spec: &istio::ServiceEntrySpec) -> Result<(), FieldError> {
+    if spec.hosts.is_empty() {
+        return fail("spec.hosts", "at least one host is required");
+    }
+    for (i, a) in spec.addresses.iter().enumerate() {
+        parse_ip_block(a).or_else(|m| fail(format!("spec.addresses[{i}]"), m))?;
+    }
+    for (i, p) in spec.ports.iter().enumerate() {
+        if p.number == 0 || p.number > 65535 {
+            return fail(format!("spec.ports[{i}].number"), "port must be 1-65535");
+        }
+        if let Some(t) = p.target_port
+            && (t == 0 || t > 65535)
+        {
+            return fail(format!("spec.ports[{i}].targetPort"), "port must be 1-65535");
+        }
+    }
+    for (i, e) in spec.endpoints.iter().enumerate() {
+        if let Some(a) = &e.address
+            && a.parse::<IpAddr>().is_err()
+            && !a.starts_with("unix://")
+            && a.contains(':')
+        {
+            return fail(
+                format!("spec.endpoints[{i}].address"),
+                format!("{a:?} is not an IP address or hostname"),
+            );
+        }
+    }
+    Ok(())
+}
+
+fn gateway_spec(spec: &gateway::GatewaySpec, warnings: &mut Vec<Warning>) -> Result<(), FieldError> {
+    for (i, l) in spec.listeners.iter().enumerate() {
+        if l.port == 0 || l.port > 65535 {
+            return fail(format!("spec.listeners[{i}].port"), "port must be 1-65535");
+        }
+    }
+    if spec.gateway_class_name == WAYPOINT_CLASS
+        && !spec
+            .listeners
+            .iter()
+            .any(|l| l.port == u32::from(cairn_api::HBONE_PORT) && l.protocol == "HBONE")
+    {
+        warnings.push(Warning {
+            path: "spec.listeners".into(),
+            message: "a waypoint needs a listener with port 15008 and protocol HBONE".into(),
+        });
+    }
+    Ok(())
+}
+
+fn http_route(spec: &gateway::HTTPRouteSpec) -> Result<(), FieldError> {
+    if spec.parent_refs.is_empty() {
+        return fail("spec.parentRefs", "at least one parent (Service or Gateway) is required");
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        if let Some(t) = &rule.timeouts {
+            duration(format!("spec.rules[{i}].timeouts.request"), &t.request)?;
+            duration(
+                format!("spec.rules[{i}].timeouts.backendRequest"),
+                &t.backend_request,
+            )?;
+        }
+        for (j, m) in rule.matches.iter().enumerate() {
+            if let Some(p) = &m.path
+                && p.type_.as_deref() == Some("RegularExpression")
+                && let Some(v) = &p.value
+            {
+                regex::Regex::new(v).or_else(|e| {
+                    fail(format!("spec.rules[{i}].matches[{j}].path.value"), e.to_string())
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        for bad in ["", "5", "s", "5x", "-1s", "1s5"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn ip_blocks_and_patterns() {
+        assert_eq!(
+            parse_ip_block("10.0.0.0/8").expect("cidr").to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            parse_ip_block("10.1.2.3").expect("ip").to_string(),
+            "10.1.2.3/32"
+        );
+        assert!(parse_ip_block("10.0.0.0/40").is_err());
+        for ok in ["*", "cluster.local/*", "*/sa/foo", "exact"] {
+            assert!(pattern("p".into(), ok).is_ok(), "{ok}");
+        }
+        for bad in ["a*b", "**", "*a*", ""] {
+            assert!(pattern("p".into(), bad).is_err(), "{bad}");
+        }
+    }
+}
