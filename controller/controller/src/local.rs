@@ -248,3 +248,6 @@ impl LocalSource {
         );
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -220,6 +220,9 @@ fn rule(r: &AuthorizationRule) -> sec::Rule {
             clauses.push(sec::Clause { matches: vec![neg] });
         }
     }
+    // A clause with an empty match (e.g. an operation whose fields were all L7)
+    // matches everything: leave it out rather than send a no-op.
+    clauses.retain(|c| !c.matches.iter().any(|m| m == &sec::Match::default()));
     sec::Rule { clauses }
 }
 
