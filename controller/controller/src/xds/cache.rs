@@ -219,6 +219,18 @@ impl Cache {
             .map_or(0, HashMap::len)
     }
 
+    /// The largest backlog of any subscriber (see [`Subscriber::pending_len`]).
+    pub fn max_pending(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .subscribers
+            .values()
+            .map(|s| s.pending_len())
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn subscriber_count(&self) -> usize {
         self.inner
             .read()
