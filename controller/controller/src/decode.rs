@@ -269,7 +269,7 @@ fn custom<S: DeserializeOwned, T>(
     let spec_value = map.remove("spec").unwrap_or(Value::Object(Default::default()));
     let mut ignored = Vec::new();
     let spec: S = {
-        let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(path.to_string());
+        let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(field_path(&path));
         let de = serde_ignored::Deserializer::new(spec_value, &mut on_ignored);
         serde_path_to_error::deserialize(de)
             .map_err(|e| (format!("spec.{}", e.path()), e.inner().to_string()))?
@@ -287,6 +287,22 @@ fn custom<S: DeserializeOwned, T>(
         }
     }
     Ok(Arc::new(build(meta, spec)))
+}
+
+/// Formats an ignored field's path like serde_path_to_error does: `a.b[0].c`.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        Path::Map { parent, key } => {
+            let p = field_path(parent);
+            if p.is_empty() { key.clone() } else { format!("{p}.{key}") }
+        }
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            field_path(parent)
+        }
+    }
 }
 
 #[cfg(test)]

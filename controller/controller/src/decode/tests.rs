@@ -31,7 +31,7 @@ spec:
     )
     .expect("applies");
     let paths: Vec<&str> = d.warnings.iter().map(|w| w.path.as_str()).collect();
-    assert_eq!(paths, vec!["spec.http.0.corsPolicy", "spec.tcp"]);
+    assert_eq!(paths, vec!["spec.http[0].corsPolicy", "spec.tcp"]);
     let Object::VirtualService(vs) = d.object else {
         panic!("wrong kind")
     };
