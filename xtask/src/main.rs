@@ -1,1 +1,136 @@
-fn main() {}
+//! `cargo xtask`: project chores that need more than one cargo command.
+//!
+//! - `cargo xtask test`: format check, clippy (warnings are errors), every test.
+//! - `cargo xtask bench [controller]`: runs the benchmarks at full scale and rewrites
+//!   their tables in `docs/benchmarks.md`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root()?;
+    match args.first().map(String::as_str) {
+        Some("test") => test(&root),
+        Some("bench") => bench(&root, args.get(1).map(String::as_str)),
+        _ => {
+            eprintln!("usage: cargo xtask <test | bench [controller]>");
+            bail!("unknown or missing command")
+        }
+    }
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .map(Path::to_owned)
+        .context("xtask lives one level below the workspace root")
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    eprintln!("==> cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(root: &Path) -> Result<()> {
+    cargo(root, &["fmt", "--all", "--check"])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    cargo(root, &["test", "--workspace", "--all-targets"])?;
+    Ok(())
+}
+
+const BENCHES: &[(&str, &str, &str)] = &[("controller", "cairn-controller", "controller")];
+
+fn bench(root: &Path, only: Option<&str>) -> Result<()> {
+    let doc_path = root.join("docs/benchmarks.md");
+    let mut doc = std::fs::read_to_string(&doc_path)
+        .with_context(|| format!("reading {}", doc_path.display()))?;
+    let mut ran = 0;
+    for (name, package, target) in BENCHES {
+        if only.is_some_and(|o| o != *name) {
+            continue;
+        }
+        eprintln!("==> benchmark {name}");
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["bench", "-p", package, "--bench", target, "--", "--bench"])
+            .current_dir(root)
+            .output()
+            .with_context(|| format!("running benchmark {name}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+            bail!("benchmark {name} failed");
+        }
+        let begin = format!("<!-- {name}:begin -->");
+        let end = format!("<!-- {name}:end -->");
+        let table = section(&stdout, &begin, &end)
+            .with_context(|| format!("benchmark {name} printed no table"))?;
+        println!("{table}");
+        let stamped = format!("{begin}\n{}\n{}\n{end}", machine()?, table.trim());
+        doc = replace_section(&doc, &begin, &end, &stamped)
+            .with_context(|| format!("docs/benchmarks.md lacks the {begin} markers"))?;
+        ran += 1;
+    }
+    if ran == 0 {
+        bail!("no benchmark named {}", only.unwrap_or_default());
+    }
+    std::fs::write(&doc_path, doc).with_context(|| format!("writing {}", doc_path.display()))?;
+    eprintln!("updated {}", doc_path.display());
+    Ok(())
+}
+
+fn section<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {
+    let start = text.find(begin)? + begin.len();
+    let stop = text[start..].find(end)? + start;
+    Some(&text[start..stop])
+}
+
+fn replace_section(doc: &str, begin: &str, end: &str, with: &str) -> Option<String> {
+    let start = doc.find(begin)?;
+    let stop = doc[start..].find(end)? + start + end.len();
+    Some(format!("{}{with}{}", &doc[..start], &doc[stop..]))
+}
+
+fn machine() -> Result<String> {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    Ok(format!(
+        "Measured {date} on {cores} cores ({cpu}) by `cargo xtask bench`.\n"
+    ))
+}

@@ -16,8 +16,8 @@ pub mod convert;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Address {
-    Workload(Workload),
-    Service(Service),
+    Workload(Box<Workload>),
+    Service(Box<Service>),
 }
 
 /// A `namespace/hostname` pair naming a service.

@@ -110,14 +110,20 @@ pub fn decode_documents(text: &str) -> Vec<Result<Decoded, DocumentError>> {
 
 /// Decodes one document already parsed to JSON.
 pub fn decode_value(index: usize, value: Value) -> Result<Decoded, DocumentError> {
-    let api_version = value.get("apiVersion").and_then(Value::as_str).map(str::to_owned);
+    let api_version = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let kind_str = value.get("kind").and_then(Value::as_str).map(str::to_owned);
     let (api_version, kind_str) = (api_version.as_deref(), kind_str.as_deref());
     let name = value
         .pointer("/metadata/name")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let object = match (api_version.and_then(|a| Kind::from_manifest(a, kind_str?)), &name) {
+    let object = match (
+        api_version.and_then(|a| Kind::from_manifest(a, kind_str?)),
+        &name,
+    ) {
         (Some(kind), Some(n)) => Some(crate::resources::ObjectRef {
             kind,
             namespace: if kind.is_namespaced() {
@@ -165,9 +171,7 @@ pub fn decode_value(index: usize, value: Value) -> Result<Decoded, DocumentError
     let mut warnings = Vec::new();
     let object = decode_kind(kind, value, &mut warnings)
         .map_err(|(path, message)| err(Some(path), message))?;
-    warnings.extend(
-        validate::validate(&object).map_err(|e| err(Some(e.path), e.message))?,
-    );
+    warnings.extend(validate::validate(&object).map_err(|e| err(Some(e.path), e.message))?);
     Ok(Decoded {
         index,
         object,
@@ -187,18 +191,18 @@ fn decode_kind(
         if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.insert("namespace".into(), Value::String("default".into()));
         }
-    } else if !kind.is_namespaced() {
-        if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
-            meta.remove("namespace");
-        }
+    } else if !kind.is_namespaced()
+        && let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut)
+    {
+        meta.remove("namespace");
     }
     Ok(match kind {
-        Kind::Namespace => Object::Namespace(core(value)?),
-        Kind::Node => Object::Node(core(value)?),
-        Kind::Pod => Object::Pod(core(value)?),
-        Kind::Service => Object::Service(core(value)?),
-        Kind::EndpointSlice => Object::EndpointSlice(core(value)?),
-        Kind::ServiceAccount => Object::ServiceAccount(core(value)?),
+        Kind::Namespace => Object::Namespace(core(value, warnings)?),
+        Kind::Node => Object::Node(core(value, warnings)?),
+        Kind::Pod => Object::Pod(core(value, warnings)?),
+        Kind::Service => Object::Service(core(value, warnings)?),
+        Kind::EndpointSlice => Object::EndpointSlice(core(value, warnings)?),
+        Kind::ServiceAccount => Object::ServiceAccount(core(value, warnings)?),
         Kind::VirtualService => Object::VirtualService(custom(value, warnings, |m, s| {
             let mut o = istio::VirtualService::new("", s);
             o.metadata = m;
@@ -246,11 +250,23 @@ fn decode_kind(
     })
 }
 
-/// Kubernetes core kinds: k8s-openapi's full schemas.
-fn core<T: DeserializeOwned>(value: Value) -> Result<Arc<T>, FieldError> {
-    serde_path_to_error::deserialize(value)
+/// Kubernetes core kinds: k8s-openapi's full schemas. Fields unknown to Kubernetes
+/// itself (typos) are reported; Cairn reads only what it needs of the rest.
+fn core<T: DeserializeOwned>(
+    value: Value,
+    warnings: &mut Vec<Warning>,
+) -> Result<Arc<T>, FieldError> {
+    let mut ignored = Vec::new();
+    let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(field_path(&path));
+    let de = serde_ignored::Deserializer::new(value, &mut on_ignored);
+    let obj = serde_path_to_error::deserialize(de)
         .map(Arc::new)
-        .map_err(|e| (e.path().to_string(), e.inner().to_string()))
+        .map_err(|e| (e.path().to_string(), e.inner().to_string()))?;
+    warnings.extend(ignored.into_iter().map(|path| Warning {
+        path,
+        message: "field is not part of this Kubernetes kind and is ignored".into(),
+    }));
+    Ok(obj)
 }
 
 /// Custom resources: metadata and spec decoded separately so unknown spec fields are
@@ -266,7 +282,9 @@ fn custom<S: DeserializeOwned, T>(
     let meta_value = map.remove("metadata").unwrap_or(Value::Null);
     let meta: ObjectMeta = serde_path_to_error::deserialize(meta_value)
         .map_err(|e| (format!("metadata.{}", e.path()), e.inner().to_string()))?;
-    let spec_value = map.remove("spec").unwrap_or(Value::Object(Default::default()));
+    let spec_value = map
+        .remove("spec")
+        .unwrap_or(Value::Object(Default::default()));
     let mut ignored = Vec::new();
     let spec: S = {
         let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(field_path(&path));
@@ -297,11 +315,15 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
         Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
         Path::Map { parent, key } => {
             let p = field_path(parent);
-            if p.is_empty() { key.clone() } else { format!("{p}.{key}") }
+            if p.is_empty() {
+                key.clone()
+            } else {
+                format!("{p}.{key}")
+            }
         }
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
-            field_path(parent)
-        }
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => field_path(parent),
     }
 }
 

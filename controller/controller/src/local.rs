@@ -203,12 +203,13 @@ impl LocalSource {
                         });
                         continue;
                     }
-                    scan.warnings.extend(d.warnings.into_iter().map(|warning| FileWarning {
-                        file: f.to_owned(),
-                        index: d.index,
-                        object: r.clone(),
-                        warning,
-                    }));
+                    scan.warnings
+                        .extend(d.warnings.into_iter().map(|warning| FileWarning {
+                            file: f.to_owned(),
+                            index: d.index,
+                            object: r.clone(),
+                            warning,
+                        }));
                     objects.insert(r, d.object);
                 }
                 Err(error) => {
@@ -225,7 +226,7 @@ impl LocalSource {
                 }
             }
         }
-        for (r, _) in &old.objects {
+        for r in old.objects.keys() {
             if !objects.contains_key(r) && self.owner.get(r).is_some_and(|o| o.as_path() == f) {
                 self.owner.remove(r);
                 store.delete(r);

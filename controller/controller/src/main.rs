@@ -5,7 +5,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use cairn_controller::{
     auth::StaticTokens,
-    ca::{self, CertificateAuthority},
+    ca::CertificateAuthority,
     compile::MeshConfig,
     local::LocalSource,
     runtime::Runtime,
@@ -18,7 +18,11 @@ use tokio::sync::watch;
 use tracing::info;
 
 #[derive(Debug, Parser)]
-#[command(name = "controller", version, about = "Cairn control plane: config, delta xDS and the mesh CA")]
+#[command(
+    name = "controller",
+    version,
+    about = "Cairn control plane: config, delta xDS and the mesh CA"
+)]
 struct Args {
     /// Directory of Kubernetes/Istio manifests (multi-document YAML), watched for changes.
     #[arg(long)]
@@ -57,8 +61,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();
@@ -92,7 +95,10 @@ async fn main() -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let watcher = tokio::spawn(runtime.clone().watch(source, args.poll_interval, stop_rx));
     let serving_names = if args.serving_names.is_empty() {
-        DEFAULT_SERVING_NAMES.iter().map(|s| s.to_string()).collect()
+        DEFAULT_SERVING_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     } else {
         args.serving_names
     };
@@ -104,7 +110,7 @@ async fn main() -> anyhow::Result<()> {
         listener,
         ServeConfig {
             serving_names,
-            cert_ttl: args.cert_ttl.min(ca::DEFAULT_TTL.max(args.cert_ttl)),
+            cert_ttl: args.cert_ttl,
         },
         runtime,
         ca,

@@ -60,7 +60,11 @@ impl Store {
         if let Some(node) = node_of(&obj) {
             self.pods_by_node.entry(node).or_default().insert(k.clone());
         }
-        let prev = self.objects.entry(r.kind).or_default().insert(k.clone(), obj);
+        let prev = self
+            .objects
+            .entry(r.kind)
+            .or_default()
+            .insert(k.clone(), obj);
         if let Some(old_node) = prev.as_ref().and_then(node_of)
             && Some(&old_node)
                 != self
@@ -107,7 +111,10 @@ impl Store {
     }
 
     pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Object> + '_ {
-        self.objects.get(&kind).into_iter().flat_map(BTreeMap::values)
+        self.objects
+            .get(&kind)
+            .into_iter()
+            .flat_map(BTreeMap::values)
     }
 
     pub fn refs_of_kind(&self, kind: Kind) -> impl Iterator<Item = ObjectRef> + '_ {
@@ -135,14 +142,22 @@ impl Store {
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Arc<Namespace>> {
-        match self.objects.get(&Kind::Namespace)?.get(&(String::new(), name.to_owned()))? {
+        match self
+            .objects
+            .get(&Kind::Namespace)?
+            .get(&(String::new(), name.to_owned()))?
+        {
             Object::Namespace(n) => Some(n),
             _ => None,
         }
     }
 
     pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
-        match self.objects.get(&Kind::Node)?.get(&(String::new(), name.to_owned()))? {
+        match self
+            .objects
+            .get(&Kind::Node)?
+            .get(&(String::new(), name.to_owned()))?
+        {
             Object::Node(n) => Some(n),
             _ => None,
         }

@@ -34,9 +34,8 @@ pub fn validate(object: &Object) -> Result<Vec<Warning>, FieldError> {
     match object {
         Object::Pod(pod) => {
             if let Some(ip) = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
-                ip.parse::<IpAddr>().or_else(|_| {
-                    fail("status.podIP", format!("{ip:?} is not an IP address"))
-                })?;
+                ip.parse::<IpAddr>()
+                    .or_else(|_| fail("status.podIP", format!("{ip:?} is not an IP address")))?;
             }
         }
         Object::Service(svc) => {
@@ -62,10 +61,7 @@ pub fn validate(object: &Object) -> Result<Vec<Warning>, FieldError> {
         Object::PeerAuthentication(p) => {
             for port in p.spec.port_level_mtls.keys() {
                 if *port == 0 || *port > 65535 {
-                    return fail(
-                        format!("spec.portLevelMtls.{port}"),
-                        "port must be 1-65535",
-                    );
+                    return fail(format!("spec.portLevelMtls.{port}"), "port must be 1-65535");
                 }
             }
             if !p.spec.port_level_mtls.is_empty() && p.spec.selector.is_none() {
@@ -137,8 +133,8 @@ pub fn parse_ip_block(s: &str) -> Result<IpNet, String> {
 /// Checks an Istio string-match pattern: exact, "*", "prefix*" or "*suffix".
 fn pattern(path: String, s: &str) -> Result<(), FieldError> {
     let stars = s.matches('*').count();
-    let ok = !s.is_empty()
-        && (stars == 0 || (stars == 1 && (s.starts_with('*') || s.ends_with('*'))));
+    let ok =
+        !s.is_empty() && (stars == 0 || (stars == 1 && (s.starts_with('*') || s.ends_with('*'))));
     if ok {
         Ok(())
     } else {
@@ -209,8 +205,7 @@ fn authorization_policy(spec: &istio::AuthorizationPolicySpec) -> Result<(), Fie
                 ("notRemoteIpBlocks", &s.not_remote_ip_blocks),
             ] {
                 for (k, v) in values.iter().enumerate() {
-                    parse_ip_block(v)
-                        .or_else(|m| fail(format!("{base}.{field}[{k}]"), m))?;
+                    parse_ip_block(v).or_else(|m| fail(format!("{base}.{field}[{k}]"), m))?;
                 }
             }
             for (field, values) in [
@@ -245,7 +240,10 @@ fn authorization_policy(spec: &istio::AuthorizationPolicySpec) -> Result<(), Fie
             let known = L4_CONDITION_KEYS.contains(&key)
                 || L7_CONDITION_PREFIXES.iter().any(|p| key.starts_with(p));
             if !known {
-                return fail(format!("{base}.key"), format!("unknown condition key {key:?}"));
+                return fail(
+                    format!("{base}.key"),
+                    format!("unknown condition key {key:?}"),
+                );
             }
             for (k, v) in cond.values.iter().chain(&cond.not_values).enumerate() {
                 match key {
@@ -322,18 +320,12 @@ fn virtual_service(
             + usize::from(route.redirect.is_some())
             + usize::from(route.direct_response.is_some());
         if actions != 1 {
-            return fail(
-                base,
-                "set exactly one of route, redirect, directResponse",
-            );
+            return fail(base, "set exactly one of route, redirect, directResponse");
         }
         let mut total = 0i64;
         for (j, dst) in route.route.iter().enumerate() {
             if dst.destination.host.is_empty() {
-                return fail(
-                    format!("{base}.route[{j}].destination.host"),
-                    "required",
-                );
+                return fail(format!("{base}.route[{j}].destination.host"), "required");
             }
             match dst.weight {
                 Some(w) if w < 0 => {
@@ -437,7 +429,10 @@ fn destination_rule(spec: &istio::DestinationRuleSpec) -> Result<(), FieldError>
                 "subset names must be set and unique",
             );
         }
-        traffic_policy(&format!("spec.subsets[{i}].trafficPolicy"), &s.traffic_policy)?;
+        traffic_policy(
+            &format!("spec.subsets[{i}].trafficPolicy"),
+            &s.traffic_policy,
+        )?;
     }
     Ok(())
 }
@@ -456,7 +451,10 @@ fn service_entry(spec: &istio::ServiceEntrySpec) -> Result<(), FieldError> {
         if let Some(t) = p.target_port
             && (t == 0 || t > 65535)
         {
-            return fail(format!("spec.ports[{i}].targetPort"), "port must be 1-65535");
+            return fail(
+                format!("spec.ports[{i}].targetPort"),
+                "port must be 1-65535",
+            );
         }
     }
     for (i, e) in spec.endpoints.iter().enumerate() {
@@ -474,7 +472,10 @@ fn service_entry(spec: &istio::ServiceEntrySpec) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn gateway_spec(spec: &gateway::GatewaySpec, warnings: &mut Vec<Warning>) -> Result<(), FieldError> {
+fn gateway_spec(
+    spec: &gateway::GatewaySpec,
+    warnings: &mut Vec<Warning>,
+) -> Result<(), FieldError> {
     for (i, l) in spec.listeners.iter().enumerate() {
         if l.port == 0 || l.port > 65535 {
             return fail(format!("spec.listeners[{i}].port"), "port must be 1-65535");
@@ -496,7 +497,10 @@ fn gateway_spec(spec: &gateway::GatewaySpec, warnings: &mut Vec<Warning>) -> Res
 
 fn http_route(spec: &gateway::HTTPRouteSpec) -> Result<(), FieldError> {
     if spec.parent_refs.is_empty() {
-        return fail("spec.parentRefs", "at least one parent (Service or Gateway) is required");
+        return fail(
+            "spec.parentRefs",
+            "at least one parent (Service or Gateway) is required",
+        );
     }
     for (i, rule) in spec.rules.iter().enumerate() {
         if let Some(t) = &rule.timeouts {
@@ -512,7 +516,10 @@ fn http_route(spec: &gateway::HTTPRouteSpec) -> Result<(), FieldError> {
                 && let Some(v) = &p.value
             {
                 regex::Regex::new(v).or_else(|e| {
-                    fail(format!("spec.rules[{i}].matches[{j}].path.value"), e.to_string())
+                    fail(
+                        format!("spec.rules[{i}].matches[{j}].path.value"),
+                        e.to_string(),
+                    )
                 })?;
             }
         }

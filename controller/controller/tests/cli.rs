@@ -40,7 +40,10 @@ fn analyze_reports_errors_and_warnings_with_paths() {
     let (code, out) = cairn(&["analyze", "-f", &fixtures("broken")]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("warning: ") && out.contains("mixed.yaml: document 0 (DestinationRule/bookinfo/reviews): spec.trafficPolicy.tls"),
+        out.contains("warning: ")
+            && out.contains(
+                "mixed.yaml: document 0 (DestinationRule/bookinfo/reviews): spec.trafficPolicy.tls"
+            ),
         "{out}"
     );
     assert!(
@@ -48,7 +51,10 @@ fn analyze_reports_errors_and_warnings_with_paths() {
             && out.contains("mixed.yaml: document 1 (AuthorizationPolicy broken): spec.rules[0].from[0].source.principals[0]"),
         "{out}"
     );
-    assert!(out.contains("1 objects valid, 1 errors, 1 warnings"), "{out}");
+    assert!(
+        out.contains("1 objects valid, 1 errors, 1 warnings"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -10,7 +10,10 @@ use std::{
 use cairn_api::{
     ADDRESS_TYPE_URL,
     proto::{
-        ca::{IstioCertificateRequest, istio_certificate_service_client::IstioCertificateServiceClient},
+        ca::{
+            IstioCertificateRequest,
+            istio_certificate_service_client::IstioCertificateServiceClient,
+        },
         discovery::{
             DeltaDiscoveryRequest, DeltaDiscoveryResponse,
             aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
@@ -80,8 +83,12 @@ impl Harness {
         let config = config_dir.join("app.yaml");
         std::fs::write(&config, config_yaml).expect("write config");
         let ca = Arc::new(
-            CertificateAuthority::load_or_create(&dir.path().join("ca"), "cluster.local", DEFAULT_TTL)
-                .expect("ca"),
+            CertificateAuthority::load_or_create(
+                &dir.path().join("ca"),
+                "cluster.local",
+                DEFAULT_TTL,
+            )
+            .expect("ca"),
         );
         let auth = Arc::new(StaticTokens::new([
             (NODE_TOKEN.to_string(), Caller::Node("node-a".into())),
@@ -99,8 +106,14 @@ impl Harness {
         let mut source = LocalSource::new(&config_dir);
         runtime.scan(&mut source);
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(runtime.clone().watch(source, Duration::from_millis(20), stop_rx.clone()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        tokio::spawn(
+            runtime
+                .clone()
+                .watch(source, Duration::from_millis(20), stop_rx.clone()),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let root = ca.root_pem().to_owned();
         let mut stop_rx2 = stop_rx;
@@ -316,7 +329,10 @@ async fn reconnect_with_initial_versions_resyncs_only_differences() {
     // While disconnected: one workload changes, and the client holds a stale name.
     h.write_config(&relabel_reviews_v1(BOOKINFO, "v2-while-away"));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    versions.insert("bookinfo/gone.bookinfo.svc.cluster.local".into(), "0".into());
+    versions.insert(
+        "bookinfo/gone.bookinfo.svc.cluster.local".into(),
+        "0".into(),
+    );
 
     let mut again = Xds::open(
         &h,
@@ -405,7 +421,10 @@ async fn a_client_that_never_reads_does_not_block_others() {
         .await
         .expect("connect");
     let (stalled_tx, stalled_rx) = mpsc::channel(1);
-    stalled_tx.send(wildcard(ADDRESS_TYPE_URL)).await.expect("queue");
+    stalled_tx
+        .send(wildcard(ADDRESS_TYPE_URL))
+        .await
+        .expect("queue");
     let _stalled = AggregatedDiscoveryServiceClient::new(stalled_channel)
         .delta_aggregated_resources(with_token(ReceiverStream::new(stalled_rx), NODE_TOKEN))
         .await
@@ -429,7 +448,10 @@ async fn a_client_that_never_reads_does_not_block_others() {
             );
         }
         h.write_config(&edited);
-        let mut want: Vec<String> = pods.iter().map(|i| format!("Kubernetes//Pod/big/pod-{i}")).collect();
+        let mut want: Vec<String> = pods
+            .iter()
+            .map(|i| format!("Kubernetes//Pod/big/pod-{i}"))
+            .collect();
         let mut got: Vec<String> = Vec::new();
         while got.len() < want.len() {
             let update = live.next().await;
@@ -441,7 +463,10 @@ async fn a_client_that_never_reads_does_not_block_others() {
         assert_eq!(got, want, "round {round}");
     }
     let pending = h.cache.max_pending();
-    assert!(pending <= 64 * 2, "stalled client's backlog is bounded, got {pending}");
+    assert!(
+        pending <= 64 * 2,
+        "stalled client's backlog is bounded, got {pending}"
+    );
     assert!(pending > 0, "the stalled client really is behind");
 }
 
@@ -467,7 +492,11 @@ fn csr(sans: Vec<rcgen::SanType>) -> String {
     let key = rcgen::KeyPair::generate().expect("key");
     let mut params = rcgen::CertificateParams::default();
     params.subject_alt_names = sans;
-    params.serialize_request(&key).expect("csr").pem().expect("pem")
+    params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
 }
 
 fn uri(s: &str) -> rcgen::SanType {
@@ -500,7 +529,10 @@ async fn ca_issues_only_what_the_caller_may_have() {
 
     // node-a runs reviews-v1: the node proxy may get its identity.
     let ok = ca
-        .create_certificate(with_token(cert_request(csr(vec![uri(reviews)]), Some(reviews)), NODE_TOKEN))
+        .create_certificate(with_token(
+            cert_request(csr(vec![uri(reviews)]), Some(reviews)),
+            NODE_TOKEN,
+        ))
         .await
         .expect("issued")
         .into_inner();
@@ -510,36 +542,74 @@ async fn ca_issues_only_what_the_caller_may_have() {
     let code = |r: Result<tonic::Response<_>, tonic::Status>| r.expect_err("refused").code();
     // ratings runs on node-b only.
     assert_eq!(
-        code(ca.create_certificate(with_token(cert_request(csr(vec![uri(ratings)]), Some(ratings)), NODE_TOKEN)).await),
+        code(
+            ca.create_certificate(with_token(
+                cert_request(csr(vec![uri(ratings)]), Some(ratings)),
+                NODE_TOKEN
+            ))
+            .await
+        ),
         Code::PermissionDenied
     );
     // Unknown token.
     assert_eq!(
-        code(ca.create_certificate(with_token(cert_request(csr(vec![uri(reviews)]), None), "nope")).await),
+        code(
+            ca.create_certificate(with_token(
+                cert_request(csr(vec![uri(reviews)]), None),
+                "nope"
+            ))
+            .await
+        ),
         Code::Unauthenticated
     );
     // Malformed CSR, and a CSR with an extra DNS SAN.
     assert_eq!(
-        code(ca.create_certificate(with_token(cert_request("not a csr".into(), None), NODE_TOKEN)).await),
+        code(
+            ca.create_certificate(with_token(
+                cert_request("not a csr".into(), None),
+                NODE_TOKEN
+            ))
+            .await
+        ),
         Code::InvalidArgument
     );
-    let extra = csr(vec![uri(reviews), rcgen::SanType::DnsName("x.example".try_into().expect("dns"))]);
+    let extra = csr(vec![
+        uri(reviews),
+        rcgen::SanType::DnsName("x.example".try_into().expect("dns")),
+    ]);
     assert_eq!(
-        code(ca.create_certificate(with_token(cert_request(extra, None), NODE_TOKEN)).await),
+        code(
+            ca.create_certificate(with_token(cert_request(extra, None), NODE_TOKEN))
+                .await
+        ),
         Code::InvalidArgument
     );
     // The impersonation metadata must agree with the CSR.
     assert_eq!(
-        code(ca.create_certificate(with_token(cert_request(csr(vec![uri(reviews)]), Some(ratings)), NODE_TOKEN)).await),
+        code(
+            ca.create_certificate(with_token(
+                cert_request(csr(vec![uri(reviews)]), Some(ratings)),
+                NODE_TOKEN
+            ))
+            .await
+        ),
         Code::InvalidArgument
     );
     // A waypoint gets its own identity and nothing else.
-    ca.create_certificate(with_token(cert_request(csr(vec![uri(waypoint)]), None), WAYPOINT_TOKEN))
-        .await
-        .expect("own identity");
+    ca.create_certificate(with_token(
+        cert_request(csr(vec![uri(waypoint)]), None),
+        WAYPOINT_TOKEN,
+    ))
+    .await
+    .expect("own identity");
     assert_eq!(
-        code(ca.create_certificate(with_token(cert_request(csr(vec![uri(reviews)]), None), WAYPOINT_TOKEN)).await),
+        code(
+            ca.create_certificate(with_token(
+                cert_request(csr(vec![uri(reviews)]), None),
+                WAYPOINT_TOKEN
+            ))
+            .await
+        ),
         Code::PermissionDenied
     );
 }
-

@@ -183,7 +183,10 @@ mod tests {
             id.to_string(),
             "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"
         );
-        assert_eq!(id.principal(), "cluster.local/ns/default/sa/bookinfo-reviews");
+        assert_eq!(
+            id.principal(),
+            "cluster.local/ns/default/sa/bookinfo-reviews"
+        );
     }
 
     #[test]
@@ -196,7 +199,10 @@ mod tests {
                 "spiffe://Cluster.local/ns/a/sa/b",
                 ParseError::TrustDomain("Cluster.local".into()),
             ),
-            ("spiffe:///ns/a/sa/b", ParseError::TrustDomain(String::new())),
+            (
+                "spiffe:///ns/a/sa/b",
+                ParseError::TrustDomain(String::new()),
+            ),
             (
                 "spiffe://td/ns/a/sa/b/extra",
                 ParseError::Path("/ns/a/sa/b/extra".into()),
@@ -204,8 +210,14 @@ mod tests {
             ("spiffe://td/ns/a/sa/", ParseError::Segment(String::new())),
             ("spiffe://td/ns/../sa/b", ParseError::Segment("..".into())),
             ("spiffe://td/ns/a b/sa/b", ParseError::Segment("a b".into())),
-            ("spiffe://td/sa/a/ns/b", ParseError::Path("/sa/a/ns/b".into())),
-            ("spiffe://td/ns/a/sa/b?x=1", ParseError::Segment("b?x=1".into())),
+            (
+                "spiffe://td/sa/a/ns/b",
+                ParseError::Path("/sa/a/ns/b".into()),
+            ),
+            (
+                "spiffe://td/ns/a/sa/b?x=1",
+                ParseError::Segment("b?x=1".into()),
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(SpiffeId::parse(input), Err(want), "input {input:?}");

@@ -35,8 +35,8 @@ pub enum VerifyError {
     ManyIdentities(usize),
     #[error("certificate URI SAN is not a mesh SPIFFE id: {0}")]
     BadIdentity(#[from] crate::ParseError),
-    #[error("peer is {got}, expected {expected}")]
-    UnexpectedIdentity { expected: SpiffeId, got: SpiffeId },
+    #[error("peer is {}, expected {}", .0.1, .0.0)]
+    UnexpectedIdentity(Box<(SpiffeId, SpiffeId)>),
 }
 
 impl From<VerifyError> for rustls::Error {
@@ -180,11 +180,9 @@ impl ServerCertVerifier for ServerVerifier {
             &self.algs,
         )?;
         if got != self.expected {
-            return Err(VerifyError::UnexpectedIdentity {
-                expected: self.expected.clone(),
-                got,
-            }
-            .into());
+            return Err(
+                VerifyError::UnexpectedIdentity(Box::new((self.expected.clone(), got))).into(),
+            );
         }
         Ok(ServerCertVerified::assertion())
     }

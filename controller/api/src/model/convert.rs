@@ -36,12 +36,14 @@ pub enum ConvertError {
 
 fn ip(field: &'static str, bytes: &[u8]) -> Result<IpAddr, ConvertError> {
     match bytes.len() {
-        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(bytes).map_err(|_| {
-            ConvertError::BadAddress { field, len: 4 }
-        })?)),
-        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(bytes).map_err(|_| {
-            ConvertError::BadAddress { field, len: 16 }
-        })?)),
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(bytes).map_err(|_| ConvertError::BadAddress { field, len: 4 })?,
+        )),
+        16 => {
+            Ok(IpAddr::from(<[u8; 16]>::try_from(bytes).map_err(|_| {
+                ConvertError::BadAddress { field, len: 16 }
+            })?))
+        }
         len => Err(ConvertError::BadAddress { field, len }),
     }
 }
@@ -63,8 +65,8 @@ impl TryFrom<wl::Address> for Address {
 
     fn try_from(a: wl::Address) -> Result<Self, Self::Error> {
         match a.r#type {
-            Some(wl::address::Type::Workload(w)) => Ok(Self::Workload(w.try_into()?)),
-            Some(wl::address::Type::Service(s)) => Ok(Self::Service(s.try_into()?)),
+            Some(wl::address::Type::Workload(w)) => Ok(Self::Workload(Box::new(w.try_into()?))),
+            Some(wl::address::Type::Service(s)) => Ok(Self::Service(Box::new(s.try_into()?))),
             None => Err(ConvertError::Missing {
                 field: "address.type",
             }),

@@ -2,7 +2,10 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use cairn_controller::{decode, local::yaml_files};
+use cairn_controller::{
+    local::{LocalSource, yaml_files},
+    store::Store,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -35,8 +38,8 @@ fn main() -> ExitCode {
 }
 
 fn analyze(path: &std::path::Path) -> ExitCode {
-    let files = match yaml_files(path) {
-        Ok(f) if !f.is_empty() => f,
+    match yaml_files(path) {
+        Ok(f) if !f.is_empty() => {}
         Ok(_) => {
             eprintln!("error: no *.yaml or *.yml files under {}", path.display());
             return ExitCode::from(2);
@@ -45,40 +48,24 @@ fn analyze(path: &std::path::Path) -> ExitCode {
             eprintln!("error: reading {}: {e}", path.display());
             return ExitCode::from(2);
         }
-    };
-    let (mut objects, mut errors, mut warnings) = (0usize, 0usize, 0usize);
-    for file in files {
-        let text = match std::fs::read_to_string(&file) {
-            Ok(t) => t,
-            Err(e) => {
-                println!("error: {}: {e}", file.display());
-                errors += 1;
-                continue;
-            }
-        };
-        for result in decode::decode_documents(&text) {
-            match result {
-                Ok(d) => {
-                    objects += 1;
-                    for w in d.warnings {
-                        warnings += 1;
-                        println!(
-                            "warning: {}: document {} ({}): {w}",
-                            file.display(),
-                            d.index,
-                            d.object.object_ref()
-                        );
-                    }
-                }
-                Err(e) => {
-                    errors += 1;
-                    println!("error: {}: {e}", file.display());
-                }
-            }
-        }
     }
-    println!("{objects} objects valid, {errors} errors, {warnings} warnings");
-    if errors == 0 {
+    // The controller's own source and store: same decoding, validation and
+    // duplicate detection.
+    let mut store = Store::default();
+    let scan = LocalSource::new(path).scan(&mut store);
+    for w in &scan.warnings {
+        println!("warning: {w}");
+    }
+    for e in &scan.errors {
+        println!("error: {e}");
+    }
+    println!(
+        "{} objects valid, {} errors, {} warnings",
+        store.len(),
+        scan.errors.len(),
+        scan.warnings.len()
+    );
+    if scan.errors.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -110,27 +110,31 @@ impl CertificateAuthority {
                 Err(e) => Err(io(&p)(e)),
             }
         };
-        let (cert_pem, key_pem, chain) = if let (Some(cert), Some(key)) = (read(CA_CERT)?, read(CA_KEY)?) {
-            let root = read(ROOT_CERT)?.ok_or_else(|| {
-                material(&dir.join(ROOT_CERT), "plug-in CA needs root-cert.pem beside ca-cert.pem")
-            })?;
-            let chain = match read(CERT_CHAIN)? {
-                Some(c) => split_pem(&c),
-                None if cert.trim() == root.trim() => vec![root.clone()],
-                None => vec![cert.clone(), root.clone()],
+        let (cert_pem, key_pem, chain) =
+            if let (Some(cert), Some(key)) = (read(CA_CERT)?, read(CA_KEY)?) {
+                let root = read(ROOT_CERT)?.ok_or_else(|| {
+                    material(
+                        &dir.join(ROOT_CERT),
+                        "plug-in CA needs root-cert.pem beside ca-cert.pem",
+                    )
+                })?;
+                let chain = match read(CERT_CHAIN)? {
+                    Some(c) => split_pem(&c),
+                    None if cert.trim() == root.trim() => vec![root.clone()],
+                    None => vec![cert.clone(), root.clone()],
+                };
+                info!(dir = %dir.display(), "using operator-provided CA (cacerts layout)");
+                (cert, key, chain)
+            } else if let (Some(cert), Some(key)) = (read(ROOT_CERT)?, read(SELF_ROOT_KEY)?) {
+                info!(dir = %dir.display(), "loaded mesh root");
+                (cert.clone(), key, vec![cert])
+            } else {
+                let (cert, key) = generate_root(trust_domain)?;
+                write_private(&dir.join(SELF_ROOT_KEY), &key)?;
+                fs::write(dir.join(ROOT_CERT), &cert).map_err(io(&dir.join(ROOT_CERT)))?;
+                info!(dir = %dir.display(), "generated a new mesh root (ECDSA P-256)");
+                (cert.clone(), key, vec![cert])
             };
-            info!(dir = %dir.display(), "using operator-provided CA (cacerts layout)");
-            (cert, key, chain)
-        } else if let (Some(cert), Some(key)) = (read(ROOT_CERT)?, read(SELF_ROOT_KEY)?) {
-            info!(dir = %dir.display(), "loaded mesh root");
-            (cert.clone(), key, vec![cert])
-        } else {
-            let (cert, key) = generate_root(trust_domain)?;
-            write_private(&dir.join(SELF_ROOT_KEY), &key)?;
-            fs::write(dir.join(ROOT_CERT), &cert).map_err(io(&dir.join(ROOT_CERT)))?;
-            info!(dir = %dir.display(), "generated a new mesh root (ECDSA P-256)");
-            (cert.clone(), key, vec![cert])
-        };
         let key = KeyPair::from_pem(&key_pem).map_err(|e| material(&dir.join(CA_KEY), e))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| material(&dir.join(CA_CERT), e))?;
@@ -155,7 +159,10 @@ impl CertificateAuthority {
 
     /// Parses and verifies a CSR and returns the SPIFFE id it asks for. Anything but a
     /// single URI SAN with a SPIFFE id of this trust domain is refused.
-    pub fn requested_identity(&self, csr_pem: &str) -> Result<(SpiffeId, CertificateSigningRequestParams), CaError> {
+    pub fn requested_identity(
+        &self,
+        csr_pem: &str,
+    ) -> Result<(SpiffeId, CertificateSigningRequestParams), CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::BadCsr(e.to_string()))?;
         let sans = &csr.params.subject_alt_names;

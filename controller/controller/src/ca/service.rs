@@ -67,9 +67,11 @@ fn impersonated(req: &IstioCertificateRequest) -> Result<Option<SpiffeId>, Statu
         return Ok(None);
     };
     match &v.kind {
-        Some(prost_types::value::Kind::StringValue(s)) => SpiffeId::parse(s).map(Some).map_err(|e| {
-            Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY}: {e}"))
-        }),
+        Some(prost_types::value::Kind::StringValue(s)) => {
+            SpiffeId::parse(s).map(Some).map_err(|e| {
+                Status::invalid_argument(format!("metadata {IMPERSONATED_IDENTITY}: {e}"))
+            })
+        }
         _ => Err(Status::invalid_argument(format!(
             "metadata {IMPERSONATED_IDENTITY} must be a string"
         ))),

@@ -10,7 +10,11 @@ fn csr(sans: Vec<SanType>) -> String {
     let key = KeyPair::generate().expect("key");
     let mut params = CertificateParams::default();
     params.subject_alt_names = sans;
-    params.serialize_request(&key).expect("csr").pem().expect("pem")
+    params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
 }
 
 fn uri(s: &str) -> SanType {
@@ -50,7 +54,10 @@ fn root_is_generated_once_and_persisted_privately() {
     let mode = std::fs::metadata(dir.path().join("root-key.pem"))
         .expect("key file")
         .permissions();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
     let again = CertificateAuthority::load_or_create(dir.path(), TD, DEFAULT_TTL).expect("load");
     assert_eq!(again.root_pem(), root);
     let der = CertificateDer::from_pem_slice(root.as_bytes()).expect("pem");
@@ -68,9 +75,13 @@ fn signs_good_csr_with_spiffe_san_and_ttl() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = CertificateAuthority::load_or_create(dir.path(), TD, DEFAULT_TTL).expect("ca");
     let id = "spiffe://cluster.local/ns/bookinfo/sa/reviews";
-    let (got, params) = ca.requested_identity(&csr(vec![uri(id)])).expect("valid csr");
+    let (got, params) = ca
+        .requested_identity(&csr(vec![uri(id)]))
+        .expect("valid csr");
     assert_eq!(got.to_string(), id);
-    let issued = ca.issue(&got, &params, Duration::from_secs(3600)).expect("issue");
+    let issued = ca
+        .issue(&got, &params, Duration::from_secs(3600))
+        .expect("issue");
     assert_eq!(issued.chain.len(), 2, "leaf + root");
     assert_eq!(verify_chain(&issued.chain, ca.root_pem()).to_string(), id);
 
@@ -82,7 +93,9 @@ fn signs_good_csr_with_spiffe_san_and_ttl() {
     assert!(!cert.is_ca());
 
     // A TTL past the CA maximum is capped.
-    let issued = ca.issue(&got, &params, Duration::from_secs(365 * 86400)).expect("issue");
+    let issued = ca
+        .issue(&got, &params, Duration::from_secs(365 * 86400))
+        .expect("issue");
     let leaf = ders(&issued.chain).remove(0);
     let (_, cert) = X509Certificate::from_der(&leaf).expect("x509");
     let v = cert.validity();
@@ -97,21 +110,35 @@ fn refuses_malformed_and_overreaching_csrs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = CertificateAuthority::load_or_create(dir.path(), TD, DEFAULT_TTL).expect("ca");
     assert!(matches!(
-        ca.requested_identity("-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n"),
+        ca.requested_identity(
+            "-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n"
+        ),
         Err(CaError::BadCsr(_))
     ));
-    assert!(matches!(ca.requested_identity("garbage"), Err(CaError::BadCsr(_))));
+    assert!(matches!(
+        ca.requested_identity("garbage"),
+        Err(CaError::BadCsr(_))
+    ));
     let extra = csr(vec![
         uri("spiffe://cluster.local/ns/a/sa/b"),
         SanType::DnsName("evil.example.com".try_into().expect("dns")),
     ]);
-    assert!(matches!(ca.requested_identity(&extra), Err(CaError::CsrSans(_))));
+    assert!(matches!(
+        ca.requested_identity(&extra),
+        Err(CaError::CsrSans(_))
+    ));
     let two = csr(vec![
         uri("spiffe://cluster.local/ns/a/sa/b"),
         uri("spiffe://cluster.local/ns/kube-system/sa/admin"),
     ]);
-    assert!(matches!(ca.requested_identity(&two), Err(CaError::CsrSans(_))));
-    assert!(matches!(ca.requested_identity(&csr(vec![])), Err(CaError::CsrSans(_))));
+    assert!(matches!(
+        ca.requested_identity(&two),
+        Err(CaError::CsrSans(_))
+    ));
+    assert!(matches!(
+        ca.requested_identity(&csr(vec![])),
+        Err(CaError::CsrSans(_))
+    ));
     let foreign = csr(vec![uri("spiffe://other.domain/ns/a/sa/b")]);
     assert!(matches!(
         ca.requested_identity(&foreign),
@@ -141,7 +168,9 @@ fn operator_provided_intermediate_chains_to_its_root() {
     int_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "cluster intermediate");
-    let int = int_params.signed_by(&int_key, &root_issuer).expect("intermediate");
+    let int = int_params
+        .signed_by(&int_key, &root_issuer)
+        .expect("intermediate");
 
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("ca-cert.pem"), int.pem()).expect("write");
@@ -160,5 +189,8 @@ fn operator_provided_intermediate_chains_to_its_root() {
     let issued = ca.issue(&got, &params, DEFAULT_TTL).expect("issue");
     assert_eq!(issued.chain.len(), 3, "leaf, intermediate, root");
     assert_eq!(verify_chain(&issued.chain, &root.pem()).to_string(), id);
-    assert!(!dir.path().join("root-key.pem").exists(), "no root generated");
+    assert!(
+        !dir.path().join("root-key.pem").exists(),
+        "no root generated"
+    );
 }

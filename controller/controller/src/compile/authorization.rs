@@ -174,15 +174,14 @@ fn rule(r: &AuthorizationRule) -> sec::Rule {
         clauses.push(sec::Clause { matches });
     }
     if !r.to.is_empty() {
-        let matches = r
-            .to
-            .iter()
-            .map(|t| sec::Match {
-                destination_ports: ports(&t.operation.ports),
-                not_destination_ports: ports(&t.operation.not_ports),
-                ..Default::default()
-            })
-            .collect();
+        let matches =
+            r.to.iter()
+                .map(|t| sec::Match {
+                    destination_ports: ports(&t.operation.ports),
+                    not_destination_ports: ports(&t.operation.not_ports),
+                    ..Default::default()
+                })
+                .collect();
         clauses.push(sec::Clause { matches });
     }
     for c in &r.when {

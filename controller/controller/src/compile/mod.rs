@@ -60,7 +60,10 @@ pub fn ip_bytes(ip: IpAddr) -> Vec<u8> {
 }
 
 /// `matchLabels` semantics: every selector label is present with the same value.
-pub fn selector_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -114,7 +117,7 @@ enum Source {
 }
 
 enum Output {
-    Address(String, wl::Address),
+    Address(String, Box<wl::Address>),
     Authorization(String, sec::Authorization),
 }
 
@@ -130,22 +133,27 @@ impl Output {
 fn workload_address(w: wl::Workload) -> Output {
     Output::Address(
         w.uid.clone(),
-        wl::Address {
+        Box::new(wl::Address {
             r#type: Some(wl::address::Type::Workload(w)),
-        },
+        }),
     )
 }
 
 fn service_address(s: wl::Service) -> Output {
     Output::Address(
         format!("{}/{}", s.namespace, s.hostname),
-        wl::Address {
+        Box::new(wl::Address {
             r#type: Some(wl::address::Type::Service(s)),
-        },
+        }),
     )
 }
 
-fn compile_source(store: &Store, mesh: &MeshConfig, src: &Source, notices: &mut Vec<Notice>) -> Vec<Output> {
+fn compile_source(
+    store: &Store,
+    mesh: &MeshConfig,
+    src: &Source,
+    notices: &mut Vec<Notice>,
+) -> Vec<Output> {
     let get = |kind, ns: &str, name: &str| {
         store.get(&ObjectRef {
             kind,
@@ -195,7 +203,10 @@ fn compile_source(store: &Store, mesh: &MeshConfig, src: &Source, notices: &mut 
         },
         Source::StaticStrict => {
             let a = peer_authentication::static_strict(mesh);
-            vec![Output::Authorization(format!("{}/{}", a.namespace, a.name), a)]
+            vec![Output::Authorization(
+                format!("{}/{}", a.namespace, a.name),
+                a,
+            )]
         }
     }
 }
@@ -300,7 +311,7 @@ pub fn compile(store: &Store, mesh: &MeshConfig) -> Compiled {
         for o in compile_source(store, mesh, &src, &mut out.notices) {
             match o {
                 Output::Address(n, a) => {
-                    out.addresses.insert(n, a);
+                    out.addresses.insert(n, *a);
                 }
                 Output::Authorization(n, a) => {
                     out.authorizations.insert(n, a);
@@ -333,6 +344,8 @@ pub struct Delta {
 pub struct Compiler {
     mesh: MeshConfig,
     produced: HashMap<Source, Vec<(ResourceType, String)>>,
+    /// Until the first full compile, any change compiles everything.
+    initialized: bool,
 }
 
 impl Compiler {
@@ -340,6 +353,7 @@ impl Compiler {
         Self {
             mesh,
             produced: HashMap::new(),
+            initialized: false,
         }
     }
 
@@ -349,6 +363,7 @@ impl Compiler {
 
     /// Recompiles every source. Resources no source produces any more are removed.
     pub fn full(&mut self, store: &Store) -> Delta {
+        self.initialized = true;
         let mut sources = all_sources(store);
         sources.extend(self.produced.keys().cloned());
         self.recompile_sources(store, sources)
@@ -356,6 +371,9 @@ impl Compiler {
 
     /// Recompiles what `changed` objects can affect.
     pub fn changed(&mut self, store: &Store, changed: &[ObjectRef]) -> Delta {
+        if !self.initialized {
+            return self.full(store);
+        }
         let mut sources = BTreeSet::new();
         for r in changed {
             sources.extend(affected(store, &self.mesh, r));

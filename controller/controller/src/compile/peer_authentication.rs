@@ -66,7 +66,11 @@ fn mode(pa: Option<&PeerAuthentication>) -> MtlsMode {
 }
 
 fn inherit(child: MtlsMode, parent: MtlsMode) -> MtlsMode {
-    if child == MtlsMode::Unset { parent } else { child }
+    if child == MtlsMode::Unset {
+        parent
+    } else {
+        child
+    }
 }
 
 /// The policy selecting this pod, if any (workload level).

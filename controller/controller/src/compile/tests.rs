@@ -27,7 +27,11 @@ fn store_of(docs: &[&str]) -> Store {
 }
 
 fn workload<'a>(c: &'a Compiled, ns: &str, pod: &str) -> Option<&'a wl::Workload> {
-    match &c.addresses.get(&format!("Kubernetes//Pod/{ns}/{pod}"))?.r#type {
+    match &c
+        .addresses
+        .get(&format!("Kubernetes//Pod/{ns}/{pod}"))?
+        .r#type
+    {
         Some(wl::address::Type::Workload(w)) => Some(w),
         _ => None,
     }
@@ -144,7 +148,11 @@ fn namespace_label_flip_adds_and_removes_workloads() {
     let mut store = store_of(&[BOOKINFO]);
     let mut compiler = Compiler::new(MeshConfig::default());
     let initial = compiler.full(&store);
-    assert_eq!(initial.updated.len(), 9 + 1, "addresses + static strict policy");
+    assert_eq!(
+        initial.updated.len(),
+        9 + 1,
+        "addresses + static strict policy"
+    );
 
     let ns_ref = ObjectRef {
         kind: Kind::Namespace,
@@ -155,7 +163,11 @@ fn namespace_label_flip_adds_and_removes_workloads() {
     let delta = compiler.changed(&store, std::slice::from_ref(&ns_ref));
     let removed: Vec<_> = delta.removed.iter().map(|(_, n)| n.as_str()).collect();
     assert_eq!(removed.len(), 5, "{removed:?}");
-    assert!(removed.iter().all(|n| n.starts_with("Kubernetes//Pod/bookinfo/")));
+    assert!(
+        removed
+            .iter()
+            .all(|n| n.starts_with("Kubernetes//Pod/bookinfo/"))
+    );
     assert!(compile(&store, compiler.mesh()).addresses.len() == 4);
 
     set_namespace_label(&mut store, Some("ambient"));
@@ -171,7 +183,11 @@ fn namespace_label_flip_adds_and_removes_workloads() {
 
 #[test]
 fn pod_opt_out_and_pod_without_ip() {
-    let opt_out = BOOKINFO.replacen("    app: ratings\n    version: v1\n", "    app: ratings\n    version: v1\n    istio.io/dataplane-mode: none\n", 1);
+    let opt_out = BOOKINFO.replacen(
+        "    app: ratings\n    version: v1\n",
+        "    app: ratings\n    version: v1\n    istio.io/dataplane-mode: none\n",
+        1,
+    );
     let c = compile(&store_of(&[&opt_out]), &MeshConfig::default());
     assert!(workload(&c, "bookinfo", "ratings-v1-7dc98c7588-uvwxy").is_none());
     assert!(workload(&c, "bookinfo", REVIEWS_V1).is_some());
@@ -186,7 +202,11 @@ fn pod_opt_out_and_pod_without_ip() {
 #[test]
 fn authorization_policies_convert_like_istio() {
     let c = compile(&store_of(&[BOOKINFO, POLICIES]), &MeshConfig::default());
-    let authz = |k: &str| c.authorizations.get(k).unwrap_or_else(|| panic!("{k} missing"));
+    let authz = |k: &str| {
+        c.authorizations
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing"))
+    };
 
     // `spec: {}`: namespace-wide ALLOW with no rules, i.e. allow nothing.
     let a = authz("bookinfo/allow-nothing");
@@ -205,7 +225,9 @@ fn authorization_policies_convert_like_istio() {
                 clauses: vec![
                     sec::Clause {
                         matches: vec![sec::Match {
-                            principals: vec![exact("cluster.local/ns/bookinfo/sa/bookinfo-productpage")],
+                            principals: vec![exact(
+                                "cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+                            )],
                             ..Default::default()
                         }],
                     },
@@ -232,12 +254,22 @@ fn authorization_policies_convert_like_istio() {
     let a = authz("bookinfo/ratings-deny-post");
     assert_eq!(a.action, sec::Action::Deny as i32);
     assert_eq!(a.rules.len(), 1);
-    assert_eq!(a.rules[0].clauses.len(), 1, "operation clause had only L7 fields");
-    assert_eq!(a.rules[0].clauses[0].matches[0].not_namespaces, vec![exact("bookinfo")]);
+    assert_eq!(
+        a.rules[0].clauses.len(),
+        1,
+        "operation clause had only L7 fields"
+    );
+    assert_eq!(
+        a.rules[0].clauses[0].matches[0].not_namespaces,
+        vec![exact("bookinfo")]
+    );
     // Both are reported, naming the policy.
     let noticed: Vec<&str> = c.notices.iter().map(|n| n.policy.as_str()).collect();
     assert!(noticed.contains(&"bookinfo/details-get"), "{noticed:?}");
-    assert!(noticed.contains(&"bookinfo/ratings-deny-post"), "{noticed:?}");
+    assert!(
+        noticed.contains(&"bookinfo/ratings-deny-post"),
+        "{noticed:?}"
+    );
 
     // Root namespace without selector: mesh-wide; ipBlocks and when conditions.
     let a = authz("istio-system/deny-bad-network");
@@ -245,21 +277,39 @@ fn authorization_policies_convert_like_istio() {
     let from = &a.rules[0].clauses[0].matches[0];
     assert_eq!(
         from.source_ips,
-        vec![sec::Address { address: vec![203, 0, 113, 0], length: 24 }]
+        vec![sec::Address {
+            address: vec![203, 0, 113, 0],
+            length: 24
+        }]
     );
     assert_eq!(
         from.not_source_ips,
-        vec![sec::Address { address: vec![203, 0, 113, 7], length: 32 }]
+        vec![sec::Address {
+            address: vec![203, 0, 113, 7],
+            length: 32
+        }]
     );
     let when = &a.rules[1].clauses;
-    assert_eq!(when.len(), 2, "values and notValues are separate AND-ed clauses");
+    assert_eq!(
+        when.len(),
+        2,
+        "values and notValues are separate AND-ed clauses"
+    );
     assert_eq!(when[0].matches[0].destination_ports, vec![6379]);
     assert_eq!(when[1].matches[0].not_destination_ports, vec![6380]);
 
     // Selector policies are listed on the workloads they select, and only there.
     let reviews = workload(&c, "bookinfo", REVIEWS_V1).expect("reviews");
-    assert!(reviews.authorization_policies.contains(&"bookinfo/reviews-viewer".to_string()));
-    assert!(!reviews.authorization_policies.contains(&"bookinfo/details-get".to_string()));
+    assert!(
+        reviews
+            .authorization_policies
+            .contains(&"bookinfo/reviews-viewer".to_string())
+    );
+    assert!(
+        !reviews
+            .authorization_policies
+            .contains(&"bookinfo/details-get".to_string())
+    );
 }
 
 #[test]
@@ -270,21 +320,30 @@ fn peer_authentication_strict_and_port_exceptions() {
         .get("istio-system/istio_converted_static_strict")
         .expect("static strict policy");
     assert_eq!(strict.action, sec::Action::Deny as i32);
-    assert_eq!(strict.rules[0].clauses[0].matches[0].not_principals, vec![presence()]);
+    assert_eq!(
+        strict.rules[0].clauses[0].matches[0].not_principals,
+        vec![presence()]
+    );
 
     // Mesh STRICT applies to reviews through the static policy.
     let reviews = workload(&c, "bookinfo", REVIEWS_V1).expect("reviews");
-    assert!(reviews
-        .authorization_policies
-        .contains(&"istio-system/istio_converted_static_strict".to_string()));
+    assert!(
+        reviews
+            .authorization_policies
+            .contains(&"istio-system/istio_converted_static_strict".to_string())
+    );
     // ratings has a port exception: its own converted policy instead.
     let ratings = workload(&c, "bookinfo", "ratings-v1-7dc98c7588-uvwxy").expect("ratings");
-    assert!(ratings
-        .authorization_policies
-        .contains(&"bookinfo/converted_peer_authentication_ratings-metrics".to_string()));
-    assert!(!ratings
-        .authorization_policies
-        .contains(&"istio-system/istio_converted_static_strict".to_string()));
+    assert!(
+        ratings
+            .authorization_policies
+            .contains(&"bookinfo/converted_peer_authentication_ratings-metrics".to_string())
+    );
+    assert!(
+        !ratings
+            .authorization_policies
+            .contains(&"istio-system/istio_converted_static_strict".to_string())
+    );
     let conv = c
         .authorizations
         .get("bookinfo/converted_peer_authentication_ratings-metrics")
@@ -298,10 +357,12 @@ fn peer_authentication_strict_and_port_exceptions() {
     let permissive = POLICIES.replacen("    mode: STRICT\n", "    mode: PERMISSIVE\n", 1);
     let c = compile(&store_of(&[BOOKINFO, &permissive]), &MeshConfig::default());
     let reviews = workload(&c, "bookinfo", REVIEWS_V1).expect("reviews");
-    assert!(!reviews
-        .authorization_policies
-        .iter()
-        .any(|p| p.contains("static_strict")));
+    assert!(
+        !reviews
+            .authorization_policies
+            .iter()
+            .any(|p| p.contains("static_strict"))
+    );
 }
 
 const WAYPOINT: &str = "apiVersion: gateway.networking.k8s.io/v1
@@ -327,10 +388,12 @@ fn use_waypoint_label_precedence() {
         1,
     );
     let hostname = |ns: &str| wl::GatewayAddress {
-        destination: Some(wl::gateway_address::Destination::Hostname(wl::NamespacedHostname {
-            namespace: ns.into(),
-            hostname: "waypoint.bookinfo.svc.cluster.local".into(),
-        })),
+        destination: Some(wl::gateway_address::Destination::Hostname(
+            wl::NamespacedHostname {
+                namespace: ns.into(),
+                hostname: "waypoint.bookinfo.svc.cluster.local".into(),
+            },
+        )),
         hbone_mtls_port: 15008,
     };
     // Default waypoint-for (service): services get it, workloads do not.
@@ -340,7 +403,10 @@ fn use_waypoint_label_precedence() {
     );
     let svc = service(&c, "bookinfo/reviews.bookinfo.svc.cluster.local").expect("svc");
     assert_eq!(svc.waypoint, Some(hostname("bookinfo")));
-    assert_eq!(workload(&c, "bookinfo", REVIEWS_V1).expect("w").waypoint, None);
+    assert_eq!(
+        workload(&c, "bookinfo", REVIEWS_V1).expect("w").waypoint,
+        None
+    );
 
     // waypoint-for: all -> workloads too, except a pod that says none.
     let opted = labelled_ns.replacen(
@@ -357,7 +423,9 @@ fn use_waypoint_label_precedence() {
         Some(hostname("bookinfo"))
     );
     assert_eq!(
-        workload(&c, "bookinfo", "ratings-v1-7dc98c7588-uvwxy").expect("w").waypoint,
+        workload(&c, "bookinfo", "ratings-v1-7dc98c7588-uvwxy")
+            .expect("w")
+            .waypoint,
         None
     );
 
@@ -410,9 +478,21 @@ fn incremental_matches_full_compile() {
     }
     // Deletes, too.
     for r in [
-        ObjectRef { kind: Kind::Pod, namespace: "bookinfo".into(), name: REVIEWS_V1.into() },
-        ObjectRef { kind: Kind::AuthorizationPolicy, namespace: "bookinfo".into(), name: "allow-nothing".into() },
-        ObjectRef { kind: Kind::Service, namespace: "bookinfo".into(), name: "details".into() },
+        ObjectRef {
+            kind: Kind::Pod,
+            namespace: "bookinfo".into(),
+            name: REVIEWS_V1.into(),
+        },
+        ObjectRef {
+            kind: Kind::AuthorizationPolicy,
+            namespace: "bookinfo".into(),
+            name: "allow-nothing".into(),
+        },
+        ObjectRef {
+            kind: Kind::Service,
+            namespace: "bookinfo".into(),
+            name: "details".into(),
+        },
     ] {
         store.delete(&r);
         apply(&mut published, compiler.changed(&store, &[r]));

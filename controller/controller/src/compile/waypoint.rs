@@ -46,7 +46,10 @@ enum Label<'a> {
     Unset,
     /// `istio.io/use-waypoint: none`: explicitly no waypoint.
     Opted,
-    Waypoint { namespace: &'a str, name: &'a str },
+    Waypoint {
+        namespace: &'a str,
+        name: &'a str,
+    },
 }
 
 fn label<'a>(labels: Option<&'a BTreeMap<String, String>>, own_namespace: &'a str) -> Label<'a> {
@@ -118,7 +121,12 @@ pub fn resolve(
 }
 
 /// The waypoint's address: its Service's cluster IP when one exists, else its hostname.
-pub fn address(store: &Store, mesh: &MeshConfig, namespace: &str, name: &str) -> wl::GatewayAddress {
+pub fn address(
+    store: &Store,
+    mesh: &MeshConfig,
+    namespace: &str,
+    name: &str,
+) -> wl::GatewayAddress {
     let vip = store
         .service(namespace, name)
         .and_then(|s| s.spec.as_ref())

@@ -84,7 +84,12 @@ fn label<'a>(pod: &'a Pod, keys: &[&str]) -> Option<&'a str> {
 /// named `<deployment>-<hash>` where the hash is the `pod-template-hash` label.
 fn owner(pod: &Pod) -> (String, wl::WorkloadType) {
     let name = pod.metadata.name.clone().unwrap_or_default();
-    let Some(o) = pod.metadata.owner_references.iter().flatten().find(|o| o.controller == Some(true))
+    let Some(o) = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
     else {
         return (name, wl::WorkloadType::Pod);
     };
@@ -185,7 +190,13 @@ pub fn compile(store: &Store, mesh: &MeshConfig, pod: &Pod) -> Option<wl::Worklo
     let waypoint = if is_waypoint {
         None
     } else {
-        waypoint::resolve(store, mesh, namespace, pod.metadata.labels.as_ref(), For::Workload)
+        waypoint::resolve(
+            store,
+            mesh,
+            namespace,
+            pod.metadata.labels.as_ref(),
+            For::Workload,
+        )
     };
 
     let locality = store.node(&node).and_then(|n| {
@@ -215,7 +226,11 @@ pub fn compile(store: &Store, mesh: &MeshConfig, pod: &Pod) -> Option<wl::Worklo
         node,
         canonical_name: label(
             pod,
-            &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"],
+            &[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ],
         )
         .map(str::to_owned)
         .unwrap_or_else(|| workload_name.clone()),

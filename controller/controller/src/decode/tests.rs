@@ -8,8 +8,7 @@ fn one(yaml: &str) -> Result<Decoded, DocumentError> {
 
 #[test]
 fn istio_manifest_with_unimplemented_fields_applies_with_warnings() {
-    let d = one(
-        "apiVersion: networking.istio.io/v1beta1
+    let d = one("apiVersion: networking.istio.io/v1beta1
 kind: VirtualService
 metadata:
   name: reviews
@@ -27,8 +26,7 @@ spec:
   tcp:
   - route:
     - destination: {host: reviews}
-",
-    )
+")
     .expect("applies");
     let paths: Vec<&str> = d.warnings.iter().map(|w| w.path.as_str()).collect();
     assert_eq!(paths, vec!["spec.http[0].corsPolicy", "spec.tcp"]);
@@ -111,7 +109,8 @@ spec:
 
 #[test]
 fn unknown_kinds_missing_names_lists_and_bad_yaml() {
-    let e = one("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n").expect_err("unserved");
+    let e =
+        one("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n").expect_err("unserved");
     assert_eq!(e.path.as_deref(), Some("kind"));
     let e = one("apiVersion: v1\nkind: Service\nmetadata: {}\n").expect_err("no name");
     assert_eq!(e.path.as_deref(), Some("metadata.name"));
@@ -122,7 +121,9 @@ fn unknown_kinds_missing_names_lists_and_bad_yaml() {
     assert_eq!(docs.len(), 2);
     assert!(docs.iter().all(Result::is_ok));
 
-    let docs = decode_documents("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkey: [unclosed\n");
+    let docs = decode_documents(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkey: [unclosed\n",
+    );
     assert!(docs[0].is_ok());
     let e = docs[1].as_ref().expect_err("bad yaml");
     assert_eq!(e.index, 1);
@@ -135,4 +136,12 @@ fn namespaced_objects_default_to_default_namespace() {
         .expect("valid");
     assert_eq!(d.object.object_ref().namespace, "default");
     assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+}
+
+#[test]
+fn typos_in_core_kinds_are_reported() {
+    let d = one("apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: a, lables: {x: y}}\nspec:\n  selectr: {app: a}\n  ports: [{port: 80}]\n")
+        .expect("applies");
+    let paths: Vec<&str> = d.warnings.iter().map(|w| w.path.as_str()).collect();
+    assert_eq!(paths, vec!["metadata.lables", "spec.selectr"]);
 }

@@ -44,7 +44,11 @@ fn bad_document_keeps_last_good_version_and_the_rest_applies() {
     assert_eq!(store.get(&svc_ref()), Some(&good));
 
     // Fixing it applies the fix; removing the file removes its objects.
-    write(dir.path(), "app.yaml", &format!("{ns_b}---\n{}", SVC.replace("10.96.0.1", "10.96.0.2")));
+    write(
+        dir.path(),
+        "app.yaml",
+        &format!("{ns_b}---\n{}", SVC.replace("10.96.0.1", "10.96.0.2")),
+    );
     let scan = src.scan(&mut store);
     assert_eq!(scan.changed, vec![svc_ref()]);
     std::fs::remove_file(dir.path().join("app.yaml")).expect("remove");

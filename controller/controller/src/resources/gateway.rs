@@ -1,7 +1,6 @@
 //! Gateway API kinds Cairn accepts (`gateway.networking.k8s.io` v1; v1beta1 manifests
 //! share the schema). Waypoints are Gateways of class `istio-waypoint`.
 
-
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -207,4 +206,3 @@ pub struct HttpRouteTimeouts {
     pub request: Option<String>,
     pub backend_request: Option<String>,
 }
-

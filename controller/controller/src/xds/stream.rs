@@ -115,24 +115,20 @@ impl StreamState {
             }
         }
         if !req.resource_names_unsubscribe.is_empty() {
-            let keep: Vec<String> = st
-                .holds
-                .keys()
-                .filter(|n| st.wants(n))
-                .cloned()
-                .collect();
+            let keep: Vec<String> = st.holds.keys().filter(|n| st.wants(n)).cloned().collect();
             st.holds.retain(|n, _| keep.contains(n));
         }
 
         if first {
             // Always answer the first request, even with nothing, so the client
             // knows it is in sync.
-            out.response = Some(self.full_diff(cache, type_, true).unwrap_or_else(|| {
-                self.empty_response(type_)
-            }));
+            out.response = Some(
+                self.full_diff(cache, type_)
+                    .unwrap_or_else(|| self.empty_response(type_)),
+            );
         } else if !newly.is_empty() || req.resource_names_subscribe.iter().any(|n| n == "*") {
             out.response = if req.resource_names_subscribe.iter().any(|n| n == "*") {
-                self.full_diff(cache, type_, false)
+                self.full_diff(cache, type_)
             } else {
                 self.diff_names(cache, type_, newly.into_iter())
             };
@@ -148,7 +144,7 @@ impl StreamState {
                 continue;
             }
             let resp = if pending.resync.contains(&type_) {
-                self.full_diff(cache, type_, false)
+                self.full_diff(cache, type_)
             } else if let Some(names) = pending.names.get(&type_) {
                 self.diff_names(cache, type_, names.iter().cloned())
             } else {
@@ -169,12 +165,7 @@ impl StreamState {
     }
 
     /// Compares everything the client wants with everything it holds.
-    fn full_diff(
-        &mut self,
-        cache: &Cache,
-        type_: ResourceType,
-        _first: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
+    fn full_diff(&mut self, cache: &Cache, type_: ResourceType) -> Option<DeltaDiscoveryResponse> {
         let st = self.types.get(&type_)?;
         let mut names: BTreeSet<String> = st.holds.keys().cloned().collect();
         if st.wildcard {
