@@ -196,6 +196,16 @@ fn decode_kind(
     {
         meta.remove("namespace");
     }
+    // A custom resource: the derive's `new(name, spec)` with the decoded metadata.
+    macro_rules! crd {
+        ($variant:ident, $ty:ty) => {
+            Object::$variant(custom(value, warnings, |metadata, spec| {
+                let mut o = <$ty>::new("", spec);
+                o.metadata = metadata;
+                o
+            })?)
+        };
+    }
     Ok(match kind {
         Kind::Namespace => Object::Namespace(core(value, warnings)?),
         Kind::Node => Object::Node(core(value, warnings)?),
@@ -203,50 +213,14 @@ fn decode_kind(
         Kind::Service => Object::Service(core(value, warnings)?),
         Kind::EndpointSlice => Object::EndpointSlice(core(value, warnings)?),
         Kind::ServiceAccount => Object::ServiceAccount(core(value, warnings)?),
-        Kind::VirtualService => Object::VirtualService(custom(value, warnings, |m, s| {
-            let mut o = istio::VirtualService::new("", s);
-            o.metadata = m;
-            o
-        })?),
-        Kind::DestinationRule => Object::DestinationRule(custom(value, warnings, |m, s| {
-            let mut o = istio::DestinationRule::new("", s);
-            o.metadata = m;
-            o
-        })?),
-        Kind::ServiceEntry => Object::ServiceEntry(custom(value, warnings, |m, s| {
-            let mut o = istio::ServiceEntry::new("", s);
-            o.metadata = m;
-            o
-        })?),
-        Kind::AuthorizationPolicy => {
-            Object::AuthorizationPolicy(custom(value, warnings, |m, s| {
-                let mut o = istio::AuthorizationPolicy::new("", s);
-                o.metadata = m;
-                o
-            })?)
-        }
-        Kind::PeerAuthentication => Object::PeerAuthentication(custom(value, warnings, |m, s| {
-            let mut o = istio::PeerAuthentication::new("", s);
-            o.metadata = m;
-            o
-        })?),
-        Kind::RequestAuthentication => {
-            Object::RequestAuthentication(custom(value, warnings, |m, s| {
-                let mut o = istio::RequestAuthentication::new("", s);
-                o.metadata = m;
-                o
-            })?)
-        }
-        Kind::Gateway => Object::Gateway(custom(value, warnings, |m, s| {
-            let mut o = gateway::Gateway::new("", s);
-            o.metadata = m;
-            o
-        })?),
-        Kind::HttpRoute => Object::HttpRoute(custom(value, warnings, |m, s| {
-            let mut o = gateway::HTTPRoute::new("", s);
-            o.metadata = m;
-            o
-        })?),
+        Kind::VirtualService => crd!(VirtualService, istio::VirtualService),
+        Kind::DestinationRule => crd!(DestinationRule, istio::DestinationRule),
+        Kind::ServiceEntry => crd!(ServiceEntry, istio::ServiceEntry),
+        Kind::AuthorizationPolicy => crd!(AuthorizationPolicy, istio::AuthorizationPolicy),
+        Kind::PeerAuthentication => crd!(PeerAuthentication, istio::PeerAuthentication),
+        Kind::RequestAuthentication => crd!(RequestAuthentication, istio::RequestAuthentication),
+        Kind::Gateway => crd!(Gateway, gateway::Gateway),
+        Kind::HttpRoute => crd!(HttpRoute, gateway::HTTPRoute),
     })
 }
 

@@ -236,3 +236,6 @@ fn type_name(t: ResourceType) -> &'static str {
         ResourceType::Authorization => "authorization",
     }
 }
+
+#[cfg(test)]
+mod tests;
