@@ -174,7 +174,7 @@ impl LocalSource {
             self.apply_file(store, &f, h, &text, &mut scan);
         }
         for e in &scan.errors {
-            warn!(file = %e.file.display(), document = e.error.index, kind = e.error.kind.as_deref().unwrap_or("?"), name = e.error.name.as_deref().unwrap_or("?"), path = e.error.path.as_deref().unwrap_or(""), error = %e.error.message, "rejected config document; its last good version stays in force");
+            warn!(file = %e.file.display(), document = e.error.index, kind = %e.error.kind.as_deref().unwrap_or("?"), name = %e.error.name.as_deref().unwrap_or("?"), path = %e.error.path.as_deref().unwrap_or(""), error = %e.error.message, "rejected config document; its last good version stays in force");
         }
         for w in &scan.warnings {
             warn!(file = %w.file.display(), document = w.index, object = %w.object, path = %w.warning.path, "{}", w.warning.message);

@@ -65,6 +65,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if !args.config_dir.is_dir() {
+        anyhow::bail!(
+            "--config-dir {}: not a directory; create it and put manifests (*.yaml) in it",
+            args.config_dir.display()
+        );
+    }
     let mesh = MeshConfig {
         trust_domain: args.trust_domain.clone(),
         root_namespace: args.root_namespace.clone(),
