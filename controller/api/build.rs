@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Transports belong to the binaries; this crate stays runtime-free.
+        .build_transport(false)
         // Deterministic encoding: resource versions are hashes of the encoded bytes.
         .btree_map(".")
         .compile_fds(descriptors)?;
