@@ -466,6 +466,12 @@ fn incremental_matches_full_compile() {
         // Mesh-wide mTLS relaxed.
         POLICIES.split("---\n").next().expect("pa doc").replace("STRICT", "PERMISSIVE"),
         WAYPOINT.replace("FOR", "all"),
+        // Node topology changes reach the locality of its pods.
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n  labels:\n    topology.kubernetes.io/region: us-east\n".into(),
+        // Namespace points at the waypoint (waypoint-for: all).
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bookinfo\n  labels:\n    istio.io/dataplane-mode: ambient\n    istio.io/use-waypoint: waypoint\n".into(),
+        // The waypoint gets a Service: its address becomes the VIP everywhere.
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: waypoint\n  namespace: bookinfo\nspec:\n  clusterIP: 10.96.0.99\n  ports:\n  - port: 15008\n".into(),
     ];
     for edit in edits {
         let objs = objects(&edit);
