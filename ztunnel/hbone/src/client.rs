@@ -1,0 +1,259 @@
+//! The HBONE client side: CONNECT streams over a pool of mutual-TLS HTTP/2
+//! connections.
+//!
+//! Connections are keyed by (source identity, destination identity, destination
+//! address): a connection proves one identity to one peer, so it is only shared by
+//! streams that would prove the same. Each connection carries up to
+//! `max_streams_per_connection` CONNECT streams; past that a new one is opened.
+//! Connections idle (no streams) for `idle_timeout` are closed.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use cairn_identity::SpiffeId;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use crate::{H2Settings, stream::H2Stream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "connecting to {addr}: {source} — is HBONE (15008) reachable, or a NetworkPolicy blocking it?"
+    )]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("connecting to {addr} timed out after {timeout:?}")]
+    ConnectTimeout { addr: SocketAddr, timeout: Duration },
+    #[error("mTLS with {addr} failed: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("{addr} refused CONNECT {authority} with status {status}")]
+    Refused {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: StatusCode,
+    },
+}
+
+/// What a pooled connection is for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub source: SpiffeId,
+    pub destination: SpiffeId,
+    pub address: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    pub max_streams_per_connection: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_streams_per_connection: 100,
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+struct Connection {
+    send: SendRequest<Bytes>,
+    streams: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+/// One reserved stream slot on a connection, released when the tunnel (or a failed
+/// attempt) is dropped; the last one out starts the idle clock.
+struct StreamGuard {
+    conn: Arc<Connection>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// Opens HBONE tunnels, reusing connections.
+#[derive(Clone)]
+pub struct Client {
+    h2: H2Settings,
+    pool: PoolSettings,
+    conns: Arc<Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>>,
+    opened: Arc<AtomicUsize>,
+}
+
+impl Client {
+    pub fn new(h2: H2Settings, pool: PoolSettings) -> Self {
+        Self {
+            h2,
+            pool,
+            conns: Arc::default(),
+            opened: Arc::default(),
+        }
+    }
+
+    /// How many connections this client has opened so far.
+    pub fn connections_opened(&self) -> usize {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Opens a CONNECT to `authority` through the HBONE endpoint in `key`.
+    /// `tls` must prove `key.source` and expect `key.destination`.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        tls: Arc<ClientConfig>,
+        authority: SocketAddr,
+    ) -> Result<H2Stream, ClientError> {
+        let conn = match self.pooled(key) {
+            Some(c) => c,
+            None => self.dial(key, tls).await?,
+        };
+        // From here on the slot is released on every path, success or not.
+        let guard = StreamGuard { conn: conn.clone() };
+        let addr = key.address;
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(authority.to_string())
+            .body(())
+            .map_err(|e| ClientError::Connect {
+                addr,
+                source: std::io::Error::other(e),
+            })?;
+        let mut send = conn
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(|source| ClientError::H2 { addr, source })?;
+        let (response, send_stream) = send
+            .send_request(request, false)
+            .map_err(|source| ClientError::H2 { addr, source })?;
+        let response = response
+            .await
+            .map_err(|source| ClientError::H2 { addr, source })?;
+        if response.status() != StatusCode::OK {
+            return Err(ClientError::Refused {
+                addr,
+                authority,
+                status: response.status(),
+            });
+        }
+        Ok(H2Stream::new(
+            send_stream,
+            response.into_body(),
+            Some(Box::new(guard)),
+        ))
+    }
+
+    /// A live connection with room for one more stream (reserved on return).
+    fn pooled(&self, key: &PoolKey) -> Option<Arc<Connection>> {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let list = conns.get_mut(key)?;
+        let idle_timeout = self.pool.idle_timeout;
+        list.retain(|c| {
+            let idle = c.streams.load(Ordering::Acquire) == 0
+                && c.idle_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .elapsed()
+                    > idle_timeout;
+            !c.closed.load(Ordering::Acquire) && !idle
+        });
+        let max = self.pool.max_streams_per_connection;
+        let found = list.iter().find(|c| {
+            c.streams
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < max).then_some(n + 1)
+                })
+                .is_ok()
+        })?;
+        Some(found.clone())
+    }
+
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        tls: Arc<ClientConfig>,
+    ) -> Result<Arc<Connection>, ClientError> {
+        let addr = key.address;
+        let timeout = self.pool.connect_timeout;
+        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let _ = tcp.set_nodelay(true);
+        // The server is identified by its SPIFFE id, not a name: SNI is not used for
+        // verification (the verifier checks the identity).
+        let name = ServerName::from(addr.ip());
+        let tls = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp))
+            .await
+            .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
+            .map_err(|source| ClientError::Tls { addr, source })?;
+        let s = self.h2;
+        let (send, connection) = h2::client::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_header_list_size(s.max_header_list_size)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| ClientError::H2 { addr, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_by_task = closed.clone();
+        tokio::spawn(async move {
+            match connection.await {
+                Ok(()) => debug!(%addr, "HBONE connection closed"),
+                Err(e) => warn!(%addr, error = %e, "HBONE connection failed"),
+            }
+            closed_by_task.store(true, Ordering::Release);
+        });
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Connection {
+            send,
+            // This dial is for a stream: count it now.
+            streams: Arc::new(AtomicUsize::new(1)),
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+}

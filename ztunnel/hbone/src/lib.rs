@@ -1,0 +1,41 @@
+//! HBONE as Istio defines it: HTTP/2 CONNECT tunnels inside mutual TLS 1.3 (ALPN `h2`)
+//! on port 15008, each side proving a SPIFFE identity.
+//!
+//! - [`tls`]: mesh TLS configs from a workload certificate and the mesh roots.
+//! - [`stream`]: one CONNECT stream as `AsyncRead + AsyncWrite`, with half-close.
+//! - [`client`]: opens CONNECT streams over pooled, multiplexed connections.
+//! - [`server`]: accepts mTLS connections and hands each CONNECT to a handler.
+//!
+//! The ztunnel and the waypoint both build on this crate.
+
+pub mod client;
+pub mod server;
+pub mod stream;
+pub mod tls;
+
+/// The HBONE port.
+pub const PORT: u16 = 15008;
+
+/// HTTP/2 settings shared by both sides, sized for throughput: large windows so one
+/// stream can fill a fast link, bounded header lists against abuse.
+#[derive(Clone, Copy, Debug)]
+pub struct H2Settings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    pub max_header_list_size: u32,
+    /// Concurrent CONNECT streams a server accepts per connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for H2Settings {
+    fn default() -> Self {
+        Self {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            max_header_list_size: 16 * 1024,
+            max_concurrent_streams: 100,
+        }
+    }
+}

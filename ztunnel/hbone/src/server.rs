@@ -1,0 +1,202 @@
+//! The HBONE server side: terminate mutual TLS, then serve CONNECT streams.
+//!
+//! Each CONNECT is handed to a [`Handler`] with the client's proven identity and the
+//! requested `ip:port`; the handler accepts it (200, then the tunnel) or refuses it
+//! with a status. Requests that are not a well-formed CONNECT to `ip:port` are
+//! answered here (405 / 400) and never reach the handler.
+
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use cairn_identity::{SpiffeId, verify::identity_of};
+use h2::{RecvStream, server::SendResponse};
+use http::{Method, Response, StatusCode};
+use rustls::ServerConfig;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tracing::{debug, warn};
+
+use crate::{H2Settings, stream::H2Stream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("TLS handshake with {peer} did not finish within {timeout:?}")]
+    HandshakeTimeout { peer: SocketAddr, timeout: Duration },
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Handshake {
+        peer: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{peer} negotiated no ALPN h2: is it an HBONE client?")]
+    Alpn { peer: SocketAddr },
+    #[error("{peer} presented no usable mesh identity: {reason}")]
+    Identity { peer: SocketAddr, reason: String },
+    #[error("HTTP/2 with {peer}: {source}")]
+    H2 { peer: SocketAddr, source: h2::Error },
+}
+
+/// One accepted CONNECT, before it is answered.
+#[derive(Debug, Clone)]
+pub struct Connect {
+    /// The client's SPIFFE id, proven by its certificate.
+    pub peer_identity: SpiffeId,
+    pub peer_addr: SocketAddr,
+    /// The `:authority` of the CONNECT: where the client wants to go.
+    pub authority: SocketAddr,
+}
+
+/// The answer half of a CONNECT.
+pub struct Responder {
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl Responder {
+    /// Answers 200 and returns the tunnel.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let response = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .unwrap_or_default();
+        let send = self.respond.send_response(response, false)?;
+        Ok(H2Stream::new(send, self.recv, None))
+    }
+
+    /// Answers with an error status and ends the stream.
+    pub fn refuse(mut self, status: StatusCode) {
+        let mut response = Response::new(());
+        *response.status_mut() = status;
+        if let Err(e) = self.respond.send_response(response, true) {
+            debug!(error = %e, "could not send refusal; peer gone");
+        }
+    }
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// Decides and serves CONNECT streams.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, connect: Connect, responder: Responder) -> HandlerFuture;
+}
+
+/// Accepts HBONE connections with one TLS configuration.
+#[derive(Clone)]
+pub struct Server {
+    acceptor: TlsAcceptor,
+    settings: H2Settings,
+    handshake_timeout: Duration,
+}
+
+impl Server {
+    pub fn new(config: Arc<ServerConfig>, settings: H2Settings) -> Self {
+        Self {
+            acceptor: TlsAcceptor::from(config),
+            settings,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Terminates TLS on `tcp` and returns the stream with the client's identity.
+    /// A peer that stalls mid-handshake is dropped after the handshake timeout.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(TlsStream<TcpStream>, SpiffeId), ServerError> {
+        let timeout = self.handshake_timeout;
+        let tls = tokio::time::timeout(timeout, self.acceptor.accept(tcp))
+            .await
+            .map_err(|_| ServerError::HandshakeTimeout { peer, timeout })?
+            .map_err(|source| ServerError::Handshake { peer, source })?;
+        let (_, conn) = tls.get_ref();
+        if conn.alpn_protocol() != Some(b"h2") {
+            return Err(ServerError::Alpn { peer });
+        }
+        let leaf = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or_else(|| ServerError::Identity {
+                peer,
+                reason: "no client certificate".into(),
+            })?;
+        let id = identity_of(leaf).map_err(|e| ServerError::Identity {
+            peer,
+            reason: e.to_string(),
+        })?;
+        Ok((tls, id))
+    }
+
+    /// Serves CONNECT streams on an established connection until the peer closes it.
+    pub async fn serve<IO>(
+        &self,
+        io: IO,
+        peer_addr: SocketAddr,
+        peer_identity: SpiffeId,
+        handler: Arc<dyn Handler>,
+    ) -> Result<(), ServerError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let s = self.settings;
+        let mut conn = h2::server::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .max_header_list_size(s.max_header_list_size)
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .handshake::<_, Bytes>(io)
+            .await
+            .map_err(|source| ServerError::H2 {
+                peer: peer_addr,
+                source,
+            })?;
+        while let Some(next) = conn.accept().await {
+            let (request, mut respond) = match next {
+                Ok(r) => r,
+                Err(source) if source.is_go_away() || source.is_remote() => {
+                    debug!(peer = %peer_addr, error = %source, "HBONE connection ended by peer");
+                    return Ok(());
+                }
+                Err(source) => {
+                    return Err(ServerError::H2 {
+                        peer: peer_addr,
+                        source,
+                    });
+                }
+            };
+            let refuse = |respond: &mut SendResponse<Bytes>, status: StatusCode| {
+                let mut response = Response::new(());
+                *response.status_mut() = status;
+                let _ = respond.send_response(response, true);
+            };
+            if request.method() != Method::CONNECT {
+                warn!(peer = %peer_addr, method = %request.method(), "HBONE request is not CONNECT");
+                refuse(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+                continue;
+            }
+            let authority = request
+                .uri()
+                .authority()
+                .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
+            let Some(authority) = authority else {
+                warn!(peer = %peer_addr, uri = %request.uri(), "HBONE CONNECT authority is not ip:port");
+                refuse(&mut respond, StatusCode::BAD_REQUEST);
+                continue;
+            };
+            let connect = Connect {
+                peer_identity: peer_identity.clone(),
+                peer_addr,
+                authority,
+            };
+            let responder = Responder {
+                respond,
+                recv: request.into_body(),
+            };
+            tokio::spawn(handler.handle(connect, responder));
+        }
+        Ok(())
+    }
+}

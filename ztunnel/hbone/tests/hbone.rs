@@ -1,0 +1,390 @@
+//! HBONE over loopback: real TLS 1.3 + HTTP/2 CONNECT between an in-process client and
+//! server, with certificates from a test mesh CA.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use cairn_hbone::{
+    H2Settings,
+    client::{Client, ClientError, PoolKey, PoolSettings},
+    server::{Connect, Handler, HandlerFuture, Responder, Server},
+    tls::{WorkloadCertificate, client_config, server_config},
+};
+use cairn_identity::{SpiffeId, verify::MeshRoots};
+use http::StatusCode;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    SanType,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).expect("root");
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+fn workload(ca: &Ca, id: &str) -> WorkloadCertificate {
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(id.try_into().expect("ia5"))];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + time::Duration::hours(1);
+    let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
+    WorkloadCertificate::from_pem(&cert.pem(), &key.serialize_pem()).expect("workload cert")
+}
+
+const CLIENT: &str = "spiffe://cluster.local/ns/a/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/b/sa/server";
+
+fn id(s: &str) -> SpiffeId {
+    s.parse().expect("spiffe id")
+}
+
+/// Echoes what it reads, prefixed with who asked and where to, after the client
+/// half-closes. Port 9999 is refused with 403.
+struct Echo;
+
+impl Handler for Echo {
+    fn handle(&self, c: Connect, r: Responder) -> HandlerFuture {
+        Box::pin(async move {
+            if c.authority.port() == 9999 {
+                r.refuse(StatusCode::FORBIDDEN);
+                return;
+            }
+            let Ok(mut s) = r.accept() else { return };
+            let mut got = Vec::new();
+            if s.read_to_end(&mut got).await.is_err() {
+                return;
+            }
+            let head = format!("{} -> {}: ", c.peer_identity, c.authority);
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&got).await;
+            let _ = s.shutdown().await;
+        })
+    }
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+}
+
+async fn start_server(ca: &Ca) -> TestServer {
+    let roots = MeshRoots::from_pem(ca.pem.as_bytes()).expect("roots");
+    let cert = workload(ca, SERVER);
+    let server = Server::new(
+        server_config(&cert, &roots).expect("server config"),
+        H2Settings::default(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let (acc, fail) = (accepted.clone(), failures.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, peer)) = listener.accept().await else {
+                return;
+            };
+            acc.fetch_add(1, Ordering::SeqCst);
+            let server = server.clone();
+            let fail = fail.clone();
+            tokio::spawn(async move {
+                match server.handshake(tcp, peer).await {
+                    Ok((tls, who)) => {
+                        if let Err(e) = server.serve(tls, peer, who, Arc::new(Echo)).await {
+                            fail.lock().expect("lock").push(e.to_string());
+                        }
+                    }
+                    Err(e) => fail.lock().expect("lock").push(e.to_string()),
+                }
+            });
+        }
+    });
+    TestServer {
+        addr,
+        accepted,
+        failures,
+    }
+}
+
+fn key(addr: SocketAddr) -> PoolKey {
+    PoolKey {
+        source: id(CLIENT),
+        destination: id(SERVER),
+        address: addr,
+    }
+}
+
+fn tls_for(ca: &Ca, roots_of: &Ca, me: &str, expect: &str) -> Arc<rustls::ClientConfig> {
+    let roots = MeshRoots::from_pem(roots_of.pem.as_bytes()).expect("roots");
+    client_config(&workload(ca, me), &roots, id(expect)).expect("client config")
+}
+
+async fn round_trip(
+    client: &Client,
+    k: &PoolKey,
+    tls: Arc<rustls::ClientConfig>,
+    msg: &[u8],
+) -> Vec<u8> {
+    let mut s = client
+        .connect(k, tls, "10.0.0.7:8080".parse().expect("addr"))
+        .await
+        .expect("tunnel");
+    s.write_all(msg).await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read to EOF");
+    out
+}
+
+#[tokio::test]
+async fn tunnel_carries_bytes_both_ways_with_half_close() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let out = round_trip(
+        &client,
+        &key(srv.addr),
+        tls_for(&mesh, &mesh, CLIENT, SERVER),
+        b"hello",
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8(out).expect("utf8"),
+        format!("{CLIENT} -> 10.0.0.7:8080: hello"),
+        "server saw the client's proven identity and the CONNECT authority"
+    );
+}
+
+#[tokio::test]
+async fn bulk_transfer_respects_flow_control() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    // Small windows: the 8 MiB must cross many window updates each way.
+    let small = H2Settings {
+        stream_window: 65_535,
+        connection_window: 65_535,
+        max_frame_size: 16_384,
+        ..H2Settings::default()
+    };
+    let client = Client::new(small, PoolSettings::default());
+    let payload: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut s = client
+        .connect(
+            &key(srv.addr),
+            tls_for(&mesh, &mesh, CLIENT, SERVER),
+            "10.0.0.7:80".parse().expect("a"),
+        )
+        .await
+        .expect("tunnel");
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let send = async {
+        w.write_all(&payload).await.expect("write");
+        w.shutdown().await.expect("shutdown");
+    };
+    let mut out = Vec::new();
+    let recv = r.read_to_end(&mut out);
+    let (_, n) = tokio::join!(send, recv);
+    n.expect("read");
+    let head = format!("{CLIENT} -> 10.0.0.7:80: ");
+    assert_eq!(&out[..head.len()], head.as_bytes());
+    assert!(out[head.len()..] == payload[..], "payload intact");
+}
+
+#[tokio::test]
+async fn wrong_server_identity_is_refused() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tls = tls_for(
+        &mesh,
+        &mesh,
+        CLIENT,
+        "spiffe://cluster.local/ns/b/sa/someone-else",
+    );
+    let err = client
+        .connect(&key(srv.addr), tls, "10.0.0.7:80".parse().expect("a"))
+        .await
+        .expect_err("identity mismatch");
+    assert!(matches!(err, ClientError::Tls { .. }), "{err}");
+    assert!(err.to_string().contains("expected"), "{err}");
+}
+
+#[tokio::test]
+async fn foreign_client_certificate_is_refused_by_the_server() {
+    let mesh = ca("mesh");
+    let other = ca("other");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    // Trusts the mesh (so the server checks out) but proves itself with a foreign CA.
+    let tls = tls_for(&other, &mesh, CLIENT, SERVER);
+    let res = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut s = client
+            .connect(&key(srv.addr), tls, "10.0.0.7:80".parse().expect("a"))
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf)
+            .await
+            .map_err(|e| ClientError::Tls {
+                addr: srv.addr,
+                source: e,
+            })?;
+        Ok::<_, ClientError>(buf)
+    })
+    .await
+    .expect("no hang");
+    assert!(res.is_err(), "foreign client got through: {res:?}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let failures = srv.failures.lock().expect("lock").join("\n");
+    assert!(failures.contains("UnknownIssuer"), "server log: {failures}");
+}
+
+#[tokio::test]
+async fn refusals_reach_the_client_with_their_status() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let err = client
+        .connect(
+            &key(srv.addr),
+            tls_for(&mesh, &mesh, CLIENT, SERVER),
+            "10.0.0.7:9999".parse().expect("a"),
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                status: StatusCode::FORBIDDEN,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The connection stays usable after a refusal.
+    let out = round_trip(
+        &client,
+        &key(srv.addr),
+        tls_for(&mesh, &mesh, CLIENT, SERVER),
+        b"x",
+    )
+    .await;
+    assert!(out.ends_with(b"x"));
+    assert_eq!(client.connections_opened(), 1);
+}
+
+#[tokio::test]
+async fn streams_share_connections_up_to_the_limit() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(
+        H2Settings::default(),
+        PoolSettings {
+            max_streams_per_connection: 4,
+            ..PoolSettings::default()
+        },
+    );
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let mut open = Vec::new();
+    for _ in 0..10 {
+        open.push(
+            client
+                .connect(
+                    &key(srv.addr),
+                    tls.clone(),
+                    "10.0.0.7:80".parse().expect("a"),
+                )
+                .await
+                .expect("tunnel"),
+        );
+    }
+    assert_eq!(
+        client.connections_opened(),
+        3,
+        "10 streams at 4 per connection"
+    );
+    assert_eq!(srv.accepted.load(Ordering::SeqCst), 3);
+    drop(open);
+    // Released slots are reused: no new connection for the next tunnels.
+    for _ in 0..4 {
+        let out = round_trip(&client, &key(srv.addr), tls.clone(), b"again").await;
+        assert!(out.ends_with(b"again"));
+    }
+    assert_eq!(client.connections_opened(), 3);
+    // Another source identity never shares those connections.
+    let other_key = PoolKey {
+        source: id("spiffe://cluster.local/ns/a/sa/other"),
+        ..key(srv.addr)
+    };
+    let tls_other = tls_for(&mesh, &mesh, "spiffe://cluster.local/ns/a/sa/other", SERVER);
+    round_trip(&client, &other_key, tls_other, b"y").await;
+    assert_eq!(client.connections_opened(), 4);
+}
+
+/// A raw HTTP/2 request over mesh TLS, for requests our client would never send.
+async fn raw_request(ca: &Ca, addr: SocketAddr, req: http::Request<()>) -> StatusCode {
+    let tls = tls_for(ca, ca, CLIENT, SERVER);
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("tcp");
+    let tls = tokio_rustls::TlsConnector::from(tls)
+        .connect(rustls_pki_types::ServerName::from(addr.ip()), tcp)
+        .await
+        .expect("tls");
+    let (send, conn) = h2::client::handshake(tls).await.expect("h2");
+    tokio::spawn(conn);
+    let mut send = send.ready().await.expect("ready");
+    let (resp, _) = send.send_request(req, true).expect("send");
+    resp.await.expect("response").status()
+}
+
+#[tokio::test]
+async fn malformed_requests_are_answered_without_reaching_the_handler() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let get = http::Request::builder()
+        .method("GET")
+        .uri("https://10.0.0.7:80/")
+        .body(())
+        .expect("req");
+    assert_eq!(
+        raw_request(&mesh, srv.addr, get).await,
+        StatusCode::METHOD_NOT_ALLOWED
+    );
+    let by_name = http::Request::builder()
+        .method("CONNECT")
+        .uri("reviews.default.svc:9080")
+        .body(())
+        .expect("req");
+    assert_eq!(
+        raw_request(&mesh, srv.addr, by_name).await,
+        StatusCode::BAD_REQUEST
+    );
+}
