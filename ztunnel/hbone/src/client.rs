@@ -61,6 +61,9 @@ pub struct PoolKey {
     pub source: SpiffeId,
     pub destination: SpiffeId,
     pub address: SocketAddr,
+    /// Local address to connect from (the source workload's IP when the proxy's
+    /// sockets live in the pod's network namespace); `None` lets the kernel choose.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +106,21 @@ impl Drop for StreamGuard {
                 .unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
     }
+}
+
+async fn connect_from(
+    source_ip: Option<std::net::IpAddr>,
+    addr: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = source_ip else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
 }
 
 /// Opens HBONE tunnels, reusing connections.
@@ -210,7 +228,7 @@ impl Client {
     ) -> Result<Arc<Connection>, ClientError> {
         let addr = key.address;
         let timeout = self.pool.connect_timeout;
-        let tcp = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let tcp = tokio::time::timeout(timeout, connect_from(key.source_ip, addr))
             .await
             .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
             .map_err(|source| ClientError::Connect { addr, source })?;

@@ -140,6 +140,7 @@ fn key(addr: SocketAddr) -> PoolKey {
         source: id(CLIENT),
         destination: id(SERVER),
         address: addr,
+        source_ip: None,
     }
 }
 

@@ -1,7 +1,16 @@
 //! The Cairn ztunnel: the per-node L4 proxy.
 //!
-//! Request order: [`state`] (the config snapshot) -> [`policy`] (L4 authorization).
+//! A connection's path, in order: [`outbound`] (route the captured connection: service
+//! VIP -> endpoint, waypoint, HBONE or passthrough) -> HBONE (`cairn-hbone`) ->
+//! [`inbound`] (terminate HBONE, [`policy`], connect to the application). [`state`] is
+//! the config snapshot both read; [`certs`] supplies mTLS configs per identity.
 //! Config reaches this crate only as `cairn_api::model` values.
 
+pub mod certs;
+pub mod inbound;
+pub mod outbound;
 pub mod policy;
 pub mod state;
+
+/// The shared, atomically swapped config snapshot.
+pub type SharedState = std::sync::Arc<arc_swap::ArcSwap<state::ProxyState>>;

@@ -1,0 +1,250 @@
+//! Inbound: connections arriving for a local workload, over HBONE (mTLS, with the
+//! client's identity) or in plaintext (no identity; refused where STRICT applies).
+//! Either way policy decides, then the proxy connects to the application and splices
+//! both directions with half-close.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use cairn_api::model::Workload;
+use cairn_hbone::server::{Connect, Handler, HandlerFuture, Responder};
+use http::StatusCode;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use crate::{
+    SharedState,
+    policy::{ConnInfo, Decision, authorize},
+};
+
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves HBONE CONNECTs for one local workload (the one whose certificate the
+/// listener presents): the authority must be one of its addresses.
+pub struct HboneInbound {
+    pub state: SharedState,
+    pub workload_uid: String,
+}
+
+fn access(
+    direction: &'static str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    identity: Option<&cairn_identity::SpiffeId>,
+    workload: &str,
+    result: &str,
+    bytes: (u64, u64),
+) {
+    info!(
+        target: "access",
+        direction,
+        src.addr = %src,
+        dst.addr = %dst,
+        src.identity = identity.map(ToString::to_string).unwrap_or_default(),
+        dst.workload = workload,
+        result,
+        bytes.sent = bytes.0,
+        bytes.received = bytes.1,
+        "connection complete"
+    );
+}
+
+impl Handler for HboneInbound {
+    fn handle(&self, c: Connect, responder: Responder) -> HandlerFuture {
+        let state = self.state.load_full();
+        let uid = self.workload_uid.clone();
+        Box::pin(async move {
+            let Some(dst) = state.workload(&uid).cloned() else {
+                warn!(workload = %uid, "inbound for a workload not in config");
+                responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                return;
+            };
+            if !dst.addresses.contains(&c.authority.ip()) {
+                warn!(authority = %c.authority, workload = %uid, "CONNECT authority is not this workload's address");
+                responder.refuse(StatusCode::BAD_REQUEST);
+                return;
+            }
+            let conn = ConnInfo {
+                source: Some(c.peer_identity.clone()),
+                source_ip: c.peer_addr.ip(),
+                destination_ip: c.authority.ip(),
+                destination_port: c.authority.port(),
+            };
+            if let Decision::Deny { reason } = authorize(&state, &dst, &conn) {
+                access(
+                    "inbound",
+                    c.peer_addr,
+                    c.authority,
+                    Some(&c.peer_identity),
+                    &dst.name,
+                    &format!("denied: {reason}"),
+                    (0, 0),
+                );
+                responder.refuse(StatusCode::FORBIDDEN);
+                return;
+            }
+            let app =
+                match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(c.authority))
+                    .await
+                {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        access(
+                            "inbound",
+                            c.peer_addr,
+                            c.authority,
+                            Some(&c.peer_identity),
+                            &dst.name,
+                            &format!("application unreachable: {e}"),
+                            (0, 0),
+                        );
+                        responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
+                        return;
+                    }
+                    Err(_) => {
+                        access(
+                            "inbound",
+                            c.peer_addr,
+                            c.authority,
+                            Some(&c.peer_identity),
+                            &dst.name,
+                            "application connect timed out",
+                            (0, 0),
+                        );
+                        responder.refuse(StatusCode::GATEWAY_TIMEOUT);
+                        return;
+                    }
+                };
+            let Ok(mut tunnel) = responder.accept() else {
+                return;
+            };
+            splice(
+                &mut tunnel,
+                app,
+                "inbound",
+                c.peer_addr,
+                c.authority,
+                Some(&c.peer_identity),
+                &dst,
+            )
+            .await;
+        })
+    }
+}
+
+/// Copies both ways until both sides are done; each side's EOF half-closes the other.
+async fn splice<T>(
+    peer: &mut T,
+    mut app: TcpStream,
+    direction: &'static str,
+    src: SocketAddr,
+    dst: SocketAddr,
+    identity: Option<&cairn_identity::SpiffeId>,
+    w: &Workload,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match tokio::io::copy_bidirectional(peer, &mut app).await {
+        Ok((from_peer, from_app)) => {
+            access(
+                direction,
+                src,
+                dst,
+                identity,
+                &w.name,
+                "ok",
+                (from_app, from_peer),
+            );
+        }
+        Err(e) => access(
+            direction,
+            src,
+            dst,
+            identity,
+            &w.name,
+            &format!("error: {e}"),
+            (0, 0),
+        ),
+    }
+}
+
+/// A plaintext connection to a local workload (PERMISSIVE): policy without identity.
+pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr: SocketAddr) {
+    let state = state.load_full();
+    let src = downstream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let Some(dst) = state.workload_by_ip(dst_addr.ip()).cloned() else {
+        warn!(dst.addr = %dst_addr, "plaintext inbound for an unknown workload; closing");
+        return;
+    };
+    let conn = ConnInfo {
+        source: None,
+        source_ip: src.ip(),
+        destination_ip: dst_addr.ip(),
+        destination_port: dst_addr.port(),
+    };
+    if let Decision::Deny { reason } = authorize(&state, &dst, &conn) {
+        access(
+            "inbound_plaintext",
+            src,
+            dst_addr,
+            None,
+            &dst.name,
+            &format!("denied: {reason}"),
+            (0, 0),
+        );
+        return;
+    }
+    match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(dst_addr)).await {
+        Ok(Ok(app)) => {
+            splice(
+                &mut downstream,
+                app,
+                "inbound_plaintext",
+                src,
+                dst_addr,
+                None,
+                &dst,
+            )
+            .await
+        }
+        _ => access(
+            "inbound_plaintext",
+            src,
+            dst_addr,
+            None,
+            &dst.name,
+            "application unreachable",
+            (0, 0),
+        ),
+    }
+}
+
+/// Accepts HBONE on `listener` for one local workload until the listener fails.
+pub async fn serve_hbone(
+    listener: tokio::net::TcpListener,
+    server: cairn_hbone::server::Server,
+    handler: Arc<HboneInbound>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "HBONE listener failed");
+                return;
+            }
+        };
+        let server = server.clone();
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            match server.handshake(tcp, peer).await {
+                Ok((tls, identity)) => {
+                    if let Err(e) = server.serve(tls, peer, identity, handler).await {
+                        warn!(error = %e, "HBONE connection ended with an error");
+                    }
+                }
+                Err(e) => warn!(error = %e, "HBONE handshake refused"),
+            }
+        });
+    }
+}

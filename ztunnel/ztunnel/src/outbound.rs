@@ -1,0 +1,247 @@
+//! Outbound: where a captured connection from a local workload goes.
+//!
+//! [`route`] is pure (state in, decision out): a service VIP becomes one healthy
+//! endpoint (or the service's waypoint); a workload that speaks HBONE is reached by
+//! tunnelling to `<its ip>:15008` as the source identity; anything else passes through
+//! as plain TCP. [`Outbound::proxy`] carries the decision out.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use cairn_api::{
+    HBONE_PORT,
+    model::{GatewayDestination, Service, TunnelProtocol, Workload},
+};
+use cairn_hbone::client::{Client, ClientError, PoolKey};
+use cairn_identity::SpiffeId;
+use rand::seq::IndexedRandom;
+use tokio::net::TcpStream;
+use tracing::{info, warn};
+
+use crate::{SharedState, certs::Certificates, state::ProxyState};
+
+/// Where to send one outbound connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// HBONE CONNECT to `authority` through `<gateway>:15008`, expecting `identity`.
+    Hbone {
+        gateway: SocketAddr,
+        authority: SocketAddr,
+        identity: SpiffeId,
+        /// Set when the gateway is a waypoint rather than the destination itself.
+        via_waypoint: bool,
+    },
+    /// Plain TCP to this address (destination not in the mesh).
+    Passthrough(SocketAddr),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("service {service} has no port {port}")]
+    NoPort { service: String, port: u16 },
+    #[error("service {0} has no healthy endpoint")]
+    NoEndpoint(String),
+    #[error("waypoint {0} cannot be resolved to a running waypoint workload")]
+    NoWaypoint(String),
+}
+
+fn service_key(s: &Service) -> String {
+    format!("{}/{}", s.namespace, s.hostname)
+}
+
+/// The port a workload serves `service_port` of `svc` on.
+fn target_port(svc: &Service, w: &Workload, service_port: u16) -> Option<u16> {
+    let from_workload = w
+        .services
+        .get(&service_key(svc))
+        .and_then(|ports| ports.iter().find(|p| p.service_port == service_port))
+        .map(|p| p.target_port)
+        .filter(|p| *p != 0);
+    let from_service = svc
+        .ports
+        .iter()
+        .find(|p| p.service_port == service_port)
+        .map(|p| {
+            if p.target_port == 0 {
+                service_port
+            } else {
+                p.target_port
+            }
+        });
+    from_workload.or(from_service)
+}
+
+fn waypoint_route(
+    state: &ProxyState,
+    source: &Workload,
+    waypoint: &cairn_api::model::GatewayAddress,
+    authority: SocketAddr,
+) -> Result<Route, RouteError> {
+    let describe = || format!("{:?}", waypoint.destination);
+    let svc = match &waypoint.destination {
+        GatewayDestination::Address { address, .. } => state.service_by_vip(*address),
+        GatewayDestination::Hostname(h) => {
+            state.service(&format!("{}/{}", h.namespace, h.hostname))
+        }
+    }
+    .ok_or_else(|| RouteError::NoWaypoint(describe()))?;
+    let candidates: Vec<&Arc<Workload>> = state
+        .endpoints(&service_key(svc))
+        .filter(|w| w.healthy && w.uid != source.uid)
+        .collect();
+    let w = candidates
+        .choose(&mut rand::rng())
+        .ok_or_else(|| RouteError::NoWaypoint(describe()))?;
+    let ip = *w
+        .addresses
+        .first()
+        .ok_or_else(|| RouteError::NoWaypoint(describe()))?;
+    Ok(Route::Hbone {
+        gateway: SocketAddr::new(ip, waypoint.hbone_mtls_port),
+        authority,
+        identity: w.identity.clone(),
+        via_waypoint: true,
+    })
+}
+
+fn workload_route(w: &Workload, port: u16) -> Option<Route> {
+    let ip = *w.addresses.first()?;
+    Some(match w.tunnel_protocol {
+        TunnelProtocol::Hbone => Route::Hbone {
+            gateway: SocketAddr::new(ip, HBONE_PORT),
+            authority: SocketAddr::new(ip, port),
+            identity: w.identity.clone(),
+            via_waypoint: false,
+        },
+        TunnelProtocol::None => Route::Passthrough(SocketAddr::new(ip, port)),
+    })
+}
+
+/// Decides where `source`'s connection to `original` goes.
+pub fn route(
+    state: &ProxyState,
+    source: &Workload,
+    original: SocketAddr,
+) -> Result<Route, RouteError> {
+    let (ip, port) = (original.ip(), original.port());
+    if let Some(svc) = state.service_by_vip(ip) {
+        if let Some(wp) = &svc.waypoint {
+            // As in Istio, the waypoint gets the service address as authority.
+            return waypoint_route(state, source, wp, original);
+        }
+        if !svc.ports.iter().any(|p| p.service_port == port) {
+            return Err(RouteError::NoPort {
+                service: svc.hostname.clone(),
+                port,
+            });
+        }
+        let healthy: Vec<&Arc<Workload>> = state
+            .endpoints(&service_key(svc))
+            .filter(|w| w.healthy && !w.addresses.is_empty())
+            .collect();
+        let endpoint = healthy
+            .choose(&mut rand::rng())
+            .ok_or_else(|| RouteError::NoEndpoint(svc.hostname.clone()))?;
+        let target = target_port(svc, endpoint, port).unwrap_or(port);
+        return workload_route(endpoint, target)
+            .ok_or_else(|| RouteError::NoEndpoint(svc.hostname.clone()));
+    }
+    if let Some(w) = state.workload_by_ip(ip) {
+        if let Some(wp) = &w.waypoint
+            && w.uid != source.uid
+        {
+            return waypoint_route(state, source, wp, original);
+        }
+        if let Some(r) = workload_route(w, port) {
+            return Ok(r);
+        }
+    }
+    Ok(Route::Passthrough(original))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error("routing: {0}")]
+    Route(#[from] RouteError),
+    #[error("certificates: {0}")]
+    Certs(#[from] crate::certs::CertError),
+    #[error("HBONE: {0}")]
+    Hbone(#[from] ClientError),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("copying: {0}")]
+    Copy(std::io::Error),
+}
+
+/// The outbound proxy for the local workloads of one node.
+pub struct Outbound {
+    pub state: SharedState,
+    pub client: Client,
+    pub certs: Arc<dyn Certificates>,
+    /// Connect from the source workload's own IP (in-pod sockets).
+    pub bind_source_ip: bool,
+}
+
+impl Outbound {
+    /// Proxies one captured connection from `source` to `original` until both sides
+    /// are done. Returns the bytes `(sent, received)` from the client's side.
+    pub async fn proxy(
+        &self,
+        source: &Workload,
+        original: SocketAddr,
+        mut downstream: TcpStream,
+    ) -> Result<(u64, u64), OutboundError> {
+        let state = self.state.load_full();
+        let route = route(&state, source, original)?;
+        let source_ip: Option<IpAddr> = self
+            .bind_source_ip
+            .then(|| source.addresses.first().copied())
+            .flatten();
+        let result = match &route {
+            Route::Hbone {
+                gateway,
+                authority,
+                identity,
+                ..
+            } => {
+                let tls = self.certs.client(&source.identity, identity)?;
+                let key = PoolKey {
+                    source: source.identity.clone(),
+                    destination: identity.clone(),
+                    address: *gateway,
+                    source_ip,
+                };
+                let mut tunnel = self.client.connect(&key, tls, *authority).await?;
+                tokio::io::copy_bidirectional(&mut downstream, &mut tunnel)
+                    .await
+                    .map_err(OutboundError::Copy)
+            }
+            Route::Passthrough(addr) => {
+                let mut upstream =
+                    TcpStream::connect(addr)
+                        .await
+                        .map_err(|source| OutboundError::Connect {
+                            addr: *addr,
+                            source,
+                        })?;
+                tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
+                    .await
+                    .map_err(OutboundError::Copy)
+            }
+        };
+        match &result {
+            Ok((sent, received)) => {
+                info!(target: "access", direction = "outbound", src.workload = %source.name, dst.addr = %original, route = ?route, bytes.sent = sent, bytes.received = received, "connection complete")
+            }
+            Err(e) => {
+                warn!(target: "access", direction = "outbound", src.workload = %source.name, dst.addr = %original, route = ?route, error = %e, "connection failed")
+            }
+        }
+        result
+    }
+}
