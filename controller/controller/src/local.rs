@@ -4,6 +4,10 @@
 //! A bad document is reported with file, document index, kind/name and field path;
 //! the other documents still apply, and the last good version of the bad document's
 //! object stays in force. An object defined in two files is an error in the second.
+//!
+//! After the first scan, a changed file is applied only once two consecutive scans
+//! read the same content, and a vanished file only once two scans miss it: a file
+//! caught half-written (truncated, then written) must not delete objects.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -61,6 +65,8 @@ pub struct Scan {
     pub changed: Vec<ObjectRef>,
     pub errors: Vec<FileError>,
     pub warnings: Vec<FileWarning>,
+    /// Files seen changing (or vanishing) that wait for the next scan to settle.
+    pub settling: usize,
 }
 
 #[derive(Debug, Default)]
@@ -74,6 +80,11 @@ pub struct LocalSource {
     dir: PathBuf,
     files: HashMap<PathBuf, FileState>,
     owner: HashMap<ObjectRef, PathBuf>,
+    /// Content hash seen at the last scan but not applied yet.
+    unsettled: HashMap<PathBuf, u64>,
+    /// Files missed by the last scan whose objects are still applied.
+    missing: std::collections::HashSet<PathBuf>,
+    scanned_once: bool,
 }
 
 fn hash(bytes: &[u8]) -> u64 {
@@ -121,6 +132,9 @@ impl LocalSource {
             dir: dir.into(),
             files: HashMap::new(),
             owner: HashMap::new(),
+            unsettled: HashMap::new(),
+            missing: Default::default(),
+            scanned_once: false,
         }
     }
 
@@ -146,7 +160,15 @@ impl LocalSource {
             .filter(|f| !files.contains(f))
             .cloned()
             .collect();
+        let settle = self.scanned_once;
+        // A file that reappeared is no longer missing.
+        self.missing.retain(|f| gone.contains(f));
         for f in gone {
+            if settle && self.missing.insert(f.clone()) {
+                scan.settling += 1;
+                continue;
+            }
+            self.missing.remove(&f);
             if let Some(state) = self.files.remove(&f) {
                 for (r, _) in state.objects {
                     if self.owner.get(&r) == Some(&f) {
@@ -168,11 +190,19 @@ impl LocalSource {
             };
             let h = hash(&bytes);
             if self.files.get(&f).is_some_and(|s| s.content_hash == h) {
+                self.unsettled.remove(&f);
                 continue;
             }
+            if settle && self.unsettled.get(&f) != Some(&h) {
+                self.unsettled.insert(f.clone(), h);
+                scan.settling += 1;
+                continue;
+            }
+            self.unsettled.remove(&f);
             let text = String::from_utf8_lossy(&bytes);
             self.apply_file(store, &f, h, &text, &mut scan);
         }
+        self.scanned_once = true;
         for e in &scan.errors {
             warn!(file = %e.file.display(), document = e.error.index, kind = %e.error.kind.as_deref().unwrap_or("?"), name = %e.error.name.as_deref().unwrap_or("?"), path = %e.error.path.as_deref().unwrap_or(""), error = %e.error.message, "rejected config document; its last good version stays in force");
         }

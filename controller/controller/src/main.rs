@@ -45,8 +45,9 @@ struct Args {
     /// Namespace whose selector-less policies are mesh-wide.
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
-    /// How often the config directory is rescanned.
-    #[arg(long, default_value = "1s", value_parser = duration)]
+    /// How often the config directory is rescanned. A changed file applies once two
+    /// consecutive scans read the same content.
+    #[arg(long, default_value = "500ms", value_parser = duration)]
     poll_interval: Duration,
     /// DNS names for the controller's serving certificate (repeatable).
     #[arg(long = "serving-name")]

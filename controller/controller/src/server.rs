@@ -60,14 +60,19 @@ pub async fn serve(
         .collect();
     let (cert, key) = ca.issue_serving(&id, &config.serving_names, &ips)?;
     let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
-    let ads = AdsService::new(runtime.cache().clone(), auth.clone());
+    let (stop_streams, streams_stop) = tokio::sync::watch::channel(false);
+    let ads = AdsService::new(runtime.cache().clone(), auth.clone(), streams_stop);
     let ca_svc = CaService::new(ca, auth, runtime.clone(), config.cert_ttl);
     Server::builder()
         .tls_config(tls)?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(AggregatedDiscoveryServiceServer::new(ads))
         .add_service(IstioCertificateServiceServer::new(ca_svc))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            // End the long-lived xDS streams so graceful shutdown can finish.
+            let _ = stop_streams.send(true);
+        })
         .await?;
     Ok(())
 }

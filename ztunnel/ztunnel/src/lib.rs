@@ -11,6 +11,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod state;
+pub mod xds;
 
 /// The shared, atomically swapped config snapshot.
 pub type SharedState = std::sync::Arc<arc_swap::ArcSwap<state::ProxyState>>;

@@ -6,7 +6,7 @@ use cairn_api::proto::discovery::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
     aggregated_discovery_service_server::AggregatedDiscoveryService,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
@@ -20,11 +20,22 @@ const STREAM_BUFFER: usize = 8;
 pub struct AdsService {
     cache: Arc<Cache>,
     auth: Arc<dyn Authenticator>,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl AdsService {
-    pub fn new(cache: Arc<Cache>, auth: Arc<dyn Authenticator>) -> Self {
-        Self { cache, auth }
+    /// `shutdown` turning true ends every stream, so clients reconnect elsewhere
+    /// instead of holding a stream to a controller that no longer updates it.
+    pub fn new(
+        cache: Arc<Cache>,
+        auth: Arc<dyn Authenticator>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            cache,
+            auth,
+            shutdown,
+        }
     }
 }
 
@@ -60,7 +71,9 @@ impl AggregatedDiscoveryService for AdsService {
         let cache = self.cache.clone();
         let requests = req.into_inner();
         let span = info_span!("xds", client = %client);
-        tokio::spawn(serve_stream(cache, client, requests, tx).instrument(span));
+        tokio::spawn(
+            serve_stream(cache, client, requests, tx, self.shutdown.clone()).instrument(span),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -70,13 +83,18 @@ async fn serve_stream(
     client: String,
     mut requests: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let sub = cache.subscribe();
     let mut state = StreamState::new(client);
     info!("xDS stream opened");
     metrics::gauge!("cairn_xds_streams").increment(1.0);
     let reason = loop {
+        if *shutdown.borrow() {
+            break "controller shutting down";
+        }
         tokio::select! {
+            _ = shutdown.changed() => break "controller shutting down",
             msg = requests.message() => match msg {
                 Ok(Some(req)) => {
                     let handled = state.handle(&cache, req);
