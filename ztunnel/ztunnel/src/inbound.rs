@@ -6,13 +6,18 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use cairn_api::model::Workload;
-use cairn_hbone::server::{Connect, Handler, HandlerFuture, Responder};
+use cairn_hbone::{
+    H2Settings,
+    server::{Connect, Handler, HandlerFuture, Responder, Server},
+};
+use cairn_identity::SpiffeId;
 use http::StatusCode;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::{
     SharedState,
+    certs::Certificates,
     policy::{ConnInfo, Decision, authorize},
 };
 
@@ -220,10 +225,14 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
     }
 }
 
-/// Accepts HBONE on `listener` for one local workload until the listener fails.
+/// Accepts HBONE on `listener` for one local workload until the listener fails. The
+/// server certificate is taken from `certs` per connection, so rotations apply to new
+/// connections while established ones keep their session.
 pub async fn serve_hbone(
     listener: tokio::net::TcpListener,
-    server: cairn_hbone::server::Server,
+    certs: Arc<dyn Certificates>,
+    identity: SpiffeId,
+    settings: H2Settings,
     handler: Arc<HboneInbound>,
 ) {
     loop {
@@ -234,7 +243,14 @@ pub async fn serve_hbone(
                 return;
             }
         };
-        let server = server.clone();
+        let config = match certs.server(&identity) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(src.addr = %peer, error = %e, "refusing HBONE connection: no certificate to present");
+                continue;
+            }
+        };
+        let server = Server::new(config, settings);
         let handler = handler.clone();
         tokio::spawn(async move {
             match server.handshake(tcp, peer).await {

@@ -6,6 +6,7 @@
 //! the config snapshot both read; [`certs`] supplies mTLS configs per identity.
 //! Config reaches this crate only as `cairn_api::model` values.
 
+pub mod ca;
 pub mod certs;
 pub mod inbound;
 pub mod outbound;

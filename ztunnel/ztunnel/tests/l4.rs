@@ -16,7 +16,6 @@ use cairn_api::model::{
 use cairn_hbone::{
     H2Settings,
     client::{Client, ClientError, PoolSettings},
-    server::Server,
     tls::WorkloadCertificate,
 };
 use cairn_identity::{SpiffeId, verify::MeshRoots};
@@ -277,10 +276,6 @@ async fn node(strict: bool, net: u8) -> Node {
         let listener = TcpListener::bind(SocketAddr::new(ip, 15008))
             .await
             .expect("bind hbone");
-        let server = Server::new(
-            certs.server(&sa(presents)).expect("server tls"),
-            H2Settings::default(),
-        );
         let uid = match name {
             "v1" => "Kubernetes//Pod/bookinfo/reviews-v1",
             "v2" => "Kubernetes//Pod/bookinfo/reviews-v2",
@@ -290,7 +285,13 @@ async fn node(strict: bool, net: u8) -> Node {
             state: state.clone(),
             workload_uid: uid.into(),
         });
-        tokio::spawn(inbound::serve_hbone(listener, server, handler));
+        tokio::spawn(inbound::serve_hbone(
+            listener,
+            certs.clone(),
+            sa(presents),
+            H2Settings::default(),
+            handler,
+        ));
     }
     let outbound = Arc::new(Outbound {
         state: state.clone(),

@@ -1,0 +1,233 @@
+//! The ztunnel's certificates from the real controller CA: issued for workloads on its
+//! node, rotated at half life, and a tunnel opened before a rotation keeps working after.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use cairn_api::model::{Address, TunnelProtocol, Workload};
+use cairn_controller::{
+    auth::{Caller, StaticTokens},
+    ca::CertificateAuthority,
+    compile::MeshConfig,
+    local::LocalSource,
+    runtime::Runtime,
+    server::{self, ServeConfig},
+    xds::Cache,
+};
+use cairn_hbone::{
+    H2Settings,
+    client::{Client, PoolKey, PoolSettings},
+};
+use cairn_identity::{SpiffeId, verify::MeshRoots};
+use cairn_ztunnel::{
+    SharedState,
+    ca::{CaConfig, CertManager, CertState},
+    certs::Certificates,
+    inbound::{self, HboneInbound},
+    state::ProxyState,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::watch,
+};
+
+const BOOKINFO: &str = include_str!("../controller/controller/tests/fixtures/bookinfo.yaml");
+const TTL: Duration = Duration::from_secs(4);
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("cluster.local", "bookinfo", sa).expect("id")
+}
+
+async fn controller(dir: &std::path::Path) -> (watch::Sender<bool>, SocketAddr, String) {
+    std::fs::create_dir_all(dir.join("config")).expect("mkdir");
+    std::fs::write(dir.join("config/app.yaml"), BOOKINFO).expect("write");
+    let ca = Arc::new(
+        CertificateAuthority::load_or_create(&dir.join("ca"), "cluster.local", TTL).expect("ca"),
+    );
+    let auth = Arc::new(StaticTokens::new([(
+        "node-a".to_string(),
+        Caller::Node("node-a".into()),
+    )]));
+    let runtime = Arc::new(Runtime::new(
+        MeshConfig::default(),
+        Arc::new(Cache::default()),
+    ));
+    runtime.scan(&mut LocalSource::new(dir.join("config")));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, mut stop_rx) = watch::channel(false);
+    let root = ca.root_pem().to_owned();
+    tokio::spawn(async move {
+        let _ = server::serve(
+            listener,
+            ServeConfig {
+                serving_names: vec!["localhost".into()],
+                cert_ttl: TTL,
+            },
+            runtime,
+            ca,
+            auth,
+            async move {
+                let _ = stop_rx.changed().await;
+            },
+        )
+        .await;
+    });
+    (stop, addr, root)
+}
+
+async fn generation_at_least(m: &CertManager, who: &SpiffeId, n: u64) {
+    for _ in 0..400 {
+        if let Some((CertState::Available { .. }, g)) = m.state(who)
+            && g >= n
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!(
+        "{who} never reached certificate generation {n}: {:?}",
+        m.state(who)
+    );
+}
+
+#[tokio::test]
+async fn certificates_rotate_without_breaking_established_tunnels() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_stop, addr, root) = controller(dir.path()).await;
+    let certs = CertManager::new(
+        CaConfig {
+            address: format!("https://{addr}"),
+            root_pem: root.clone(),
+            server_name: "localhost".into(),
+            token: "node-a".into(),
+            ttl: TTL,
+        },
+        MeshRoots::from_pem(root.as_bytes()).expect("roots"),
+    );
+    let (reviews, productpage) = (id("bookinfo-reviews"), id("bookinfo-productpage"));
+    let _tasks = [
+        certs.manage(reviews.clone()),
+        certs.manage(productpage.clone()),
+    ];
+    // ratings runs on node-b: node-a's ztunnel cannot get it.
+    let _ratings = certs.manage(id("bookinfo-ratings"));
+    generation_at_least(&certs, &reviews, 1).await;
+    generation_at_least(&certs, &productpage, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        matches!(certs.state(&id("bookinfo-ratings")), Some((CertState::Failed(e), 0)) if e.contains("node node-a runs no workload")),
+        "{:?}",
+        certs.state(&id("bookinfo-ratings"))
+    );
+
+    // reviews' pod: an app that echoes as it reads, and its HBONE listener.
+    let pod: SocketAddr = "127.9.0.12:9080".parse().expect("addr");
+    let app = TcpListener::bind(pod).await.expect("bind app");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let workload = Workload {
+        uid: "Kubernetes//Pod/bookinfo/reviews-v1".into(),
+        name: "reviews-v1".into(),
+        namespace: "bookinfo".into(),
+        addresses: vec![pod.ip()],
+        network: String::new(),
+        identity: reviews.clone(),
+        tunnel_protocol: TunnelProtocol::Hbone,
+        waypoint: None,
+        node: "node-a".into(),
+        canonical_name: "reviews".into(),
+        canonical_revision: "v1".into(),
+        workload_name: "reviews-v1".into(),
+        services: BTreeMap::new(),
+        authorization_policies: vec![],
+        healthy: true,
+        locality: None,
+        cluster_id: "Kubernetes".into(),
+    };
+    let state: SharedState = Arc::new(ArcSwap::from_pointee(ProxyState::new(
+        &BTreeMap::from([(workload.uid.clone(), Address::Workload(Box::new(workload)))]),
+        &BTreeMap::new(),
+    )));
+    let listener = TcpListener::bind("127.9.0.12:15008")
+        .await
+        .expect("bind hbone");
+    let dyn_certs: Arc<dyn Certificates> = certs.clone();
+    tokio::spawn(inbound::serve_hbone(
+        listener,
+        dyn_certs.clone(),
+        reviews.clone(),
+        H2Settings::default(),
+        Arc::new(HboneInbound {
+            state,
+            workload_uid: "Kubernetes//Pod/bookinfo/reviews-v1".into(),
+        }),
+    ));
+
+    let key = PoolKey {
+        source: productpage.clone(),
+        destination: reviews.clone(),
+        address: "127.9.0.12:15008".parse().expect("addr"),
+        source_ip: None,
+    };
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let mut tunnel = client
+        .connect(
+            &key,
+            dyn_certs
+                .client(&productpage, &reviews)
+                .expect("client tls"),
+            pod,
+        )
+        .await
+        .expect("tunnel");
+    let mut buf = [0u8; 16];
+    tunnel.write_all(b"before").await.expect("write");
+    let n = tunnel.read(&mut buf).await.expect("read");
+    assert_eq!(&buf[..n], b"before");
+
+    // Not before half of the 4 s lifetime (minus at most 10% jitter)...
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        certs.state(&reviews).map(|s| s.1),
+        Some(1),
+        "rotated too early"
+    );
+    // ...but soon after, both certificates have been replaced.
+    generation_at_least(&certs, &reviews, 2).await;
+    generation_at_least(&certs, &productpage, 2).await;
+
+    // The tunnel opened under the old certificates keeps working...
+    tunnel
+        .write_all(b"after")
+        .await
+        .expect("write after rotation");
+    let n = tunnel.read(&mut buf).await.expect("read after rotation");
+    assert_eq!(&buf[..n], b"after");
+    // ...and new connections use the new ones.
+    let fresh = Client::new(H2Settings::default(), PoolSettings::default());
+    let mut t2 = fresh
+        .connect(
+            &key,
+            dyn_certs
+                .client(&productpage, &reviews)
+                .expect("client tls"),
+            pod,
+        )
+        .await
+        .expect("tunnel with rotated certificates");
+    t2.write_all(b"new").await.expect("write");
+    let n = t2.read(&mut buf).await.expect("read");
+    assert_eq!(&buf[..n], b"new");
+}
