@@ -18,8 +18,32 @@ use tracing::{info, warn};
 use crate::{
     SharedState,
     certs::Certificates,
+    metrics::{ConnLabels, Reporter, SecurityPolicy},
     policy::{ConnInfo, Decision, authorize},
+    state::ProxyState,
 };
+
+/// Metric labels for a connection to local workload `dst`.
+fn labels(
+    state: &ProxyState,
+    src: SocketAddr,
+    identity: Option<&SpiffeId>,
+    dst: &Workload,
+    security: SecurityPolicy,
+) -> ConnLabels {
+    let source = state.workload_by_ip(src.ip());
+    ConnLabels {
+        reporter: Reporter::Destination,
+        source_workload: source.map(|w| w.workload_name.clone()).unwrap_or_default(),
+        source_workload_namespace: source.map(|w| w.namespace.clone()).unwrap_or_default(),
+        source_principal: identity.map(ToString::to_string).unwrap_or_default(),
+        destination_workload: dst.workload_name.clone(),
+        destination_workload_namespace: dst.namespace.clone(),
+        destination_principal: dst.identity.to_string(),
+        destination_service: String::new(),
+        connection_security_policy: security,
+    }
+}
 
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,6 +146,13 @@ impl Handler for HboneInbound {
             let Ok(mut tunnel) = responder.accept() else {
                 return;
             };
+            let labels = labels(
+                &state,
+                c.peer_addr,
+                Some(&c.peer_identity),
+                &dst,
+                SecurityPolicy::MutualTls,
+            );
             splice(
                 &mut tunnel,
                 app,
@@ -130,6 +161,7 @@ impl Handler for HboneInbound {
                 c.authority,
                 Some(&c.peer_identity),
                 &dst,
+                &labels,
             )
             .await;
         })
@@ -137,6 +169,7 @@ impl Handler for HboneInbound {
 }
 
 /// Copies both ways until both sides are done; each side's EOF half-closes the other.
+#[allow(clippy::too_many_arguments)]
 async fn splice<T>(
     peer: &mut T,
     mut app: TcpStream,
@@ -145,10 +178,15 @@ async fn splice<T>(
     dst: SocketAddr,
     identity: Option<&cairn_identity::SpiffeId>,
     w: &Workload,
+    labels: &ConnLabels,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match tokio::io::copy_bidirectional(peer, &mut app).await {
+    labels.opened();
+    let result = tokio::io::copy_bidirectional(peer, &mut app).await;
+    let (from_peer, from_app) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
+    labels.closed(from_app, from_peer);
+    match result {
         Ok((from_peer, from_app)) => {
             access(
                 direction,
@@ -202,6 +240,7 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
     }
     match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(dst_addr)).await {
         Ok(Ok(app)) => {
+            let labels = labels(&state, src, None, &dst, SecurityPolicy::None);
             splice(
                 &mut downstream,
                 app,
@@ -210,6 +249,7 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
                 dst_addr,
                 None,
                 &dst,
+                &labels,
             )
             .await
         }

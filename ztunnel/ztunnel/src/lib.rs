@@ -6,9 +6,11 @@
 //! the config snapshot both read; [`certs`] supplies mTLS configs per identity.
 //! Config reaches this crate only as `cairn_api::model` values.
 
+pub mod admin;
 pub mod ca;
 pub mod certs;
 pub mod inbound;
+pub mod metrics;
 pub mod outbound;
 pub mod policy;
 pub mod state;

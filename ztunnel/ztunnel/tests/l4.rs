@@ -413,3 +413,89 @@ async fn strict_rejects_plaintext_and_permissive_accepts_it() {
         );
     }
 }
+
+fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("install the metrics recorder once")
+        })
+        .clone()
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect admin");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test]
+async fn admin_reports_config_metrics_and_readiness() {
+    let handle = prometheus();
+    let n = node(true, 6).await;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let admin = cairn_ztunnel::admin::Admin {
+        state: n.state.clone(),
+        certs: None,
+        ready: ready.clone(),
+        prometheus: Some(handle),
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(admin.serve(listener));
+
+    assert!(
+        http_get(addr, "/healthz/ready")
+            .await
+            .starts_with("HTTP/1.1 503")
+    );
+    ready.store(true, std::sync::atomic::Ordering::Release);
+    assert!(
+        http_get(addr, "/healthz/ready")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+
+    let dump = http_get(addr, "/config_dump").await;
+    assert!(
+        dump.contains("\"uid\": \"Kubernetes//Pod/bookinfo/reviews-v1\""),
+        "{dump}"
+    );
+    assert!(dump.contains("\"name\": \"reviews-viewer\""), "{dump}");
+
+    let (out, res) = call(&n, "productpage", VIP, b"metrics").await;
+    res.expect("allowed");
+    assert!(out.ends_with(b"metrics"));
+    // The inbound side records the connection after both directions finished.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let metrics = http_get(addr, "/metrics").await;
+    let opened = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(
+                    "source_principal=\"spiffe://cluster.local/ns/bookinfo/sa/productpage\"",
+                )
+                && l.contains("source_workload=\"productpage\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+        })
+        .unwrap_or_else(|| panic!("no inbound connection metric in:\n{metrics}"));
+    assert!(
+        opened.contains("destination_workload=\"reviews-v"),
+        "{opened}"
+    );
+    assert!(
+        metrics.contains("istio_tcp_received_bytes_total{"),
+        "{metrics}"
+    );
+}
