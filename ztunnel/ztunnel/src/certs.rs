@@ -70,3 +70,16 @@ impl Certificates for StaticCertificates {
         })
     }
 }
+
+/// No certificates at all (local config without a CA): HBONE is refused, plainly.
+pub struct NoCertificates;
+
+impl Certificates for NoCertificates {
+    fn client(&self, source: &SpiffeId, _: &SpiffeId) -> Result<Arc<ClientConfig>, CertError> {
+        Err(CertError::Missing(source.clone()))
+    }
+
+    fn server(&self, identity: &SpiffeId) -> Result<Arc<ServerConfig>, CertError> {
+        Err(CertError::Missing(identity.clone()))
+    }
+}

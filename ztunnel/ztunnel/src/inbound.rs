@@ -47,6 +47,10 @@ fn labels(
 
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections being spliced right now (what a graceful drain waits for).
+pub static ACTIVE_CONNECTIONS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
 /// Serves HBONE CONNECTs for one local workload (the one whose certificate the
 /// listener presents): the authority must be one of its addresses.
 pub struct HboneInbound {
@@ -183,7 +187,9 @@ async fn splice<T>(
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     labels.opened();
+    ACTIVE_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     let result = tokio::io::copy_bidirectional(peer, &mut app).await;
+    ACTIVE_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let (from_peer, from_app) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
     labels.closed(from_app, from_peer);
     match result {

@@ -9,8 +9,11 @@
 pub mod admin;
 pub mod ca;
 pub mod certs;
+pub mod config;
 pub mod inbound;
+pub mod local;
 pub mod metrics;
+pub mod node;
 pub mod outbound;
 pub mod policy;
 pub mod state;

@@ -146,6 +146,8 @@ pub struct XdsClient {
     state: SharedState,
     held: Held,
     pub stats: Arc<XdsStats>,
+    /// Turns true once the first response has been applied.
+    pub synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl XdsClient {
@@ -155,6 +157,7 @@ impl XdsClient {
             state,
             held: Held::default(),
             stats: Arc::default(),
+            synced: Arc::default(),
         }
     }
 
@@ -243,6 +246,7 @@ impl XdsClient {
                         .resources_received
                         .fetch_add(n as u64, Ordering::Relaxed);
                     self.stats.acks.fetch_add(1, Ordering::Relaxed);
+                    self.synced.store(true, Ordering::Release);
                     DeltaDiscoveryRequest {
                         type_url: resp.type_url.clone(),
                         response_nonce: resp.nonce.clone(),

@@ -1,0 +1,156 @@
+//! `ztunnel`: Cairn's node proxy. Configured from the environment (see
+//! `cairn_ztunnel::config`); config from the controller over delta xDS, or from a local
+//! YAML file with `CAIRN_LOCAL_CONFIG`.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use cairn_identity::verify::MeshRoots;
+use cairn_ztunnel::{
+    admin::Admin,
+    ca::{CaConfig, CertManager},
+    certs::{Certificates, NoCertificates},
+    config::{Config, ConfigMode, Env},
+    inbound::ACTIVE_CONNECTIONS,
+    local::LocalConfig,
+    node::NodeProxy,
+    state::ProxyState,
+    xds::{XdsClient, XdsConfig},
+};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::from_source(&Env).context("configuration")?;
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let state = Arc::new(ArcSwap::from_pointee(ProxyState::default()));
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let (certs, manager): (Arc<dyn Certificates>, Option<Arc<CertManager>>) = match &config.mode {
+        ConfigMode::Local { file } => {
+            let local = LocalConfig::load(file).context("local config")?;
+            state.store(Arc::new(local.into_state()));
+            ready.store(true, Ordering::Release);
+            warn!(file = %file.display(), "local config mode: no CA, so HBONE connections are refused");
+            (Arc::new(NoCertificates), None)
+        }
+        ConfigMode::Controller {
+            address,
+            server_name,
+            root_cert,
+            token_file,
+        } => {
+            let root_pem = std::fs::read_to_string(root_cert)
+                .with_context(|| format!("reading CAIRN_ROOT_CERT {}", root_cert.display()))?;
+            let token = std::fs::read_to_string(token_file)
+                .with_context(|| format!("reading CAIRN_TOKEN_FILE {}", token_file.display()))?
+                .trim()
+                .to_owned();
+            let roots = MeshRoots::from_pem(root_pem.as_bytes()).context("mesh root")?;
+            let client = XdsClient::new(
+                XdsConfig {
+                    address: address.clone(),
+                    root_pem: root_pem.clone(),
+                    server_name: server_name.clone(),
+                    token: token.clone(),
+                    node_id: config.node_name.clone(),
+                    initial_backoff: Duration::from_millis(200),
+                    max_backoff: Duration::from_secs(15),
+                },
+                state.clone(),
+            );
+            let synced = client.synced.clone();
+            let ready = ready.clone();
+            tokio::spawn(client.run(stop_rx.clone()));
+            tokio::spawn(async move {
+                while !synced.load(Ordering::Acquire) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                ready.store(true, Ordering::Release);
+                info!("first config received; ready");
+            });
+            let manager = CertManager::new(
+                CaConfig {
+                    address: address.clone(),
+                    root_pem,
+                    server_name: server_name.clone(),
+                    token,
+                    ttl: config.cert_ttl,
+                },
+                roots,
+            );
+            (manager.clone(), Some(manager))
+        }
+    };
+
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin endpoint {}", config.admin_addr))?;
+    info!(addr = %config.admin_addr, "admin endpoint: /healthz/ready /config_dump /metrics");
+    tokio::spawn(
+        Admin {
+            state: state.clone(),
+            certs: manager.clone(),
+            ready,
+            prometheus: Some(prometheus),
+        }
+        .serve(admin_listener),
+    );
+
+    let mut node = NodeProxy::new(config.node_name.clone(), state, certs, manager);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => node.reconcile().await,
+            _ = &mut shutdown => break,
+        }
+    }
+    info!(drain = ?config.drain, "shutting down: no new connections; draining");
+    node.stop_listening();
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::Instant::now() + config.drain;
+    while ACTIVE_CONNECTIONS.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = ACTIVE_CONNECTIONS.load(Ordering::Acquire);
+    if left > 0 {
+        warn!(
+            connections = left,
+            "drain deadline reached; closing remaining connections"
+        );
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
