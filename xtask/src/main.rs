@@ -18,7 +18,7 @@ fn main() -> Result<()> {
         Some("test") => test(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str)),
         _ => {
-            eprintln!("usage: cargo xtask <test | bench [controller]>");
+            eprintln!("usage: cargo xtask <test | bench [controller|l4]>");
             bail!("unknown or missing command")
         }
     }
@@ -62,7 +62,10 @@ fn test(root: &Path) -> Result<()> {
     Ok(())
 }
 
-const BENCHES: &[(&str, &str, &str)] = &[("controller", "cairn-controller", "controller")];
+const BENCHES: &[(&str, &str, &str)] = &[
+    ("controller", "cairn-controller", "controller"),
+    ("l4", "cairn-ztunnel", "l4"),
+];
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     let doc_path = root.join("docs/benchmarks.md");

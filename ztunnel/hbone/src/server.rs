@@ -99,6 +99,12 @@ impl Server {
         }
     }
 
+    /// How long a client may take to finish the TLS handshake (default 10 s).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
     /// Terminates TLS on `tcp` and returns the stream with the client's identity.
     /// A peer that stalls mid-handshake is dropped after the handshake timeout.
     pub async fn handshake(

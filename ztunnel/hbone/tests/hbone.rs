@@ -389,3 +389,31 @@ async fn malformed_requests_are_answered_without_reaching_the_handler() {
         StatusCode::BAD_REQUEST
     );
 }
+
+#[tokio::test]
+async fn a_peer_that_stalls_the_handshake_is_dropped() {
+    let mesh = ca("mesh");
+    let roots = MeshRoots::from_pem(mesh.pem.as_bytes()).expect("roots");
+    let server = Server::new(
+        server_config(&workload(&mesh, SERVER), &roots).expect("config"),
+        H2Settings::default(),
+    )
+    .with_handshake_timeout(Duration::from_millis(200));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let result = tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        server.handshake(tcp, peer).await.map(|_| ())
+    });
+    // Connect and send half a ClientHello, then nothing.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .expect("write");
+    let err = tokio::time::timeout(Duration::from_secs(5), result)
+        .await
+        .expect("the server gives up on its own")
+        .expect("task")
+        .expect_err("stalled handshake");
+    assert!(err.to_string().contains("did not finish within"), "{err}");
+}

@@ -119,7 +119,10 @@ impl Handler for HboneInbound {
                 match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(c.authority))
                     .await
                 {
-                    Ok(Ok(s)) => s,
+                    Ok(Ok(s)) => {
+                        let _ = s.set_nodelay(true);
+                        s
+                    }
                     Ok(Err(e)) => {
                         access(
                             "inbound",
@@ -246,6 +249,7 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
     }
     match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(dst_addr)).await {
         Ok(Ok(app)) => {
+            let _ = app.set_nodelay(true);
             let labels = labels(&state, src, None, &dst, SecurityPolicy::None);
             splice(
                 &mut downstream,
@@ -296,6 +300,8 @@ pub async fn serve_hbone(
                 continue;
             }
         };
+        // Small frames (HEADERS, then DATA) must not wait on Nagle + delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let server = Server::new(config, settings);
         let handler = handler.clone();
         tokio::spawn(async move {

@@ -229,6 +229,7 @@ impl Outbound {
                             addr: *addr,
                             source,
                         })?;
+                let _ = upstream.set_nodelay(true);
                 tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
                     .await
                     .map_err(OutboundError::Copy)
