@@ -12,7 +12,9 @@ use std::{
 
 use cairn_api::{
     HBONE_PORT,
-    model::{GatewayDestination, Service, TunnelProtocol, Workload},
+    model::{
+        GatewayDestination, LoadBalancingMode, LocalityScope, Service, TunnelProtocol, Workload,
+    },
 };
 use cairn_hbone::client::{Client, ClientError, PoolKey};
 use cairn_identity::SpiffeId;
@@ -20,7 +22,12 @@ use rand::seq::IndexedRandom;
 use tokio::net::TcpStream;
 use tracing::{info, warn};
 
-use crate::{SharedState, certs::Certificates, state::ProxyState};
+use crate::{
+    SharedState,
+    certs::Certificates,
+    metrics::{ConnLabels, Reporter, SecurityPolicy},
+    state::ProxyState,
+};
 
 /// Where to send one outbound connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +126,63 @@ fn workload_route(w: &Workload, port: u16) -> Option<Route> {
     })
 }
 
+/// How closely `endpoint` matches `source` along the service's routing preference:
+/// the number of leading scopes that match (region, then zone, ...).
+fn locality_rank(source: &Workload, endpoint: &Workload, prefs: &[LocalityScope]) -> usize {
+    let (sl, el) = (
+        source.locality.clone().unwrap_or_default(),
+        endpoint.locality.clone().unwrap_or_default(),
+    );
+    prefs
+        .iter()
+        .take_while(|scope| match scope {
+            LocalityScope::Region => sl.region == el.region,
+            LocalityScope::Zone => sl.region == el.region && sl.zone == el.zone,
+            LocalityScope::Subzone => {
+                sl.region == el.region && sl.zone == el.zone && sl.subzone == el.subzone
+            }
+            LocalityScope::Node => source.node == endpoint.node,
+            LocalityScope::Cluster => source.cluster_id == endpoint.cluster_id,
+            LocalityScope::Network => source.network == endpoint.network,
+        })
+        .count()
+}
+
+/// The endpoints a connection may go to, per the service's `LoadBalancing`: without
+/// one, every healthy endpoint; FAILOVER, the healthy endpoints of the best locality
+/// rank available; STRICT, only endpoints matching every preferred scope.
+pub fn preferred_endpoints<'a>(
+    state: &'a ProxyState,
+    svc: &Service,
+    source: &Workload,
+) -> Vec<&'a Arc<Workload>> {
+    let only_healthy = svc.load_balancing.as_ref().is_none_or(|lb| lb.only_healthy);
+    let all: Vec<&Arc<Workload>> = state
+        .endpoints(&service_key(svc))
+        .filter(|w| !w.addresses.is_empty() && (w.healthy || !only_healthy))
+        .collect();
+    let Some(lb) = &svc.load_balancing else {
+        return all;
+    };
+    let prefs = &lb.routing_preference;
+    if prefs.is_empty() || lb.mode == LoadBalancingMode::Passthrough {
+        return all;
+    }
+    let ranked: Vec<(usize, &Arc<Workload>)> = all
+        .into_iter()
+        .map(|w| (locality_rank(source, w, prefs), w))
+        .collect();
+    let best = match lb.mode {
+        LoadBalancingMode::Strict => prefs.len(),
+        _ => ranked.iter().map(|(r, _)| *r).max().unwrap_or(0),
+    };
+    ranked
+        .into_iter()
+        .filter(|(r, _)| *r == best)
+        .map(|(_, w)| w)
+        .collect()
+}
+
 /// Decides where `source`'s connection to `original` goes.
 pub fn route(
     state: &ProxyState,
@@ -137,11 +201,8 @@ pub fn route(
                 port,
             });
         }
-        let healthy: Vec<&Arc<Workload>> = state
-            .endpoints(&service_key(svc))
-            .filter(|w| w.healthy && !w.addresses.is_empty())
-            .collect();
-        let endpoint = healthy
+        let candidates = preferred_endpoints(state, svc, source);
+        let endpoint = candidates
             .choose(&mut rand::rng())
             .ok_or_else(|| RouteError::NoEndpoint(svc.hostname.clone()))?;
         let target = target_port(svc, endpoint, port).unwrap_or(port);
@@ -202,7 +263,30 @@ impl Outbound {
             .bind_source_ip
             .then(|| source.addresses.first().copied())
             .flatten();
-        let result = match &route {
+        let labels = source_labels(&state, source, original, &route);
+        labels.opened();
+        let result = self.carry(&route, source, source_ip, &mut downstream).await;
+        let (sent, received) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
+        labels.closed(received, sent);
+        match &result {
+            Ok((sent, received)) => {
+                info!(target: "access", direction = "outbound", src.workload = %source.name, dst.addr = %original, route = ?route, bytes.sent = sent, bytes.received = received, "connection complete")
+            }
+            Err(e) => {
+                warn!(target: "access", direction = "outbound", src.workload = %source.name, dst.addr = %original, route = ?route, error = %e, "connection failed")
+            }
+        }
+        result
+    }
+
+    async fn carry(
+        &self,
+        route: &Route,
+        source: &Workload,
+        source_ip: Option<IpAddr>,
+        downstream: &mut TcpStream,
+    ) -> Result<(u64, u64), OutboundError> {
+        match route {
             Route::Hbone {
                 gateway,
                 authority,
@@ -217,7 +301,7 @@ impl Outbound {
                     source_ip,
                 };
                 let mut tunnel = self.client.connect(&key, tls, *authority).await?;
-                tokio::io::copy_bidirectional(&mut downstream, &mut tunnel)
+                tokio::io::copy_bidirectional(downstream, &mut tunnel)
                     .await
                     .map_err(OutboundError::Copy)
             }
@@ -230,19 +314,56 @@ impl Outbound {
                             source,
                         })?;
                 let _ = upstream.set_nodelay(true);
-                tokio::io::copy_bidirectional(&mut downstream, &mut upstream)
+                tokio::io::copy_bidirectional(downstream, &mut upstream)
                     .await
                     .map_err(OutboundError::Copy)
             }
-        };
-        match &result {
-            Ok((sent, received)) => {
-                info!(target: "access", direction = "outbound", src.workload = %source.name, dst.addr = %original, route = ?route, bytes.sent = sent, bytes.received = received, "connection complete")
-            }
-            Err(e) => {
-                warn!(target: "access", direction = "outbound", src.workload = %source.name, dst.addr = %original, route = ?route, error = %e, "connection failed")
-            }
         }
-        result
     }
 }
+
+/// Metric labels for an outbound connection (`reporter="source"`).
+fn source_labels(
+    state: &ProxyState,
+    source: &Workload,
+    original: SocketAddr,
+    route: &Route,
+) -> ConnLabels {
+    let (destination, security, principal) = match route {
+        Route::Hbone {
+            authority,
+            identity,
+            ..
+        } => (
+            state.workload_by_ip(authority.ip()),
+            SecurityPolicy::MutualTls,
+            identity.to_string(),
+        ),
+        Route::Passthrough(addr) => (
+            state.workload_by_ip(addr.ip()),
+            SecurityPolicy::None,
+            String::new(),
+        ),
+    };
+    ConnLabels {
+        reporter: Reporter::Source,
+        source_workload: source.workload_name.clone(),
+        source_workload_namespace: source.namespace.clone(),
+        source_principal: source.identity.to_string(),
+        destination_workload: destination
+            .map(|w| w.workload_name.clone())
+            .unwrap_or_default(),
+        destination_workload_namespace: destination
+            .map(|w| w.namespace.clone())
+            .unwrap_or_default(),
+        destination_principal: principal,
+        destination_service: state
+            .service_by_vip(original.ip())
+            .map(|s| s.hostname.clone())
+            .unwrap_or_default(),
+        connection_security_policy: security,
+    }
+}
+
+#[cfg(test)]
+mod tests;
