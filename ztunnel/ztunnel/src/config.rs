@@ -60,6 +60,8 @@ pub struct Config {
     pub cert_ttl: Duration,
     /// How long in-flight connections may take to finish after SIGTERM.
     pub drain: Duration,
+    /// Serve the explicit outbound entry (PROXY header on `<pod-ip>:15001`).
+    pub explicit_outbound: bool,
 }
 
 fn duration(key: &'static str, value: String) -> Result<Duration, ConfigError> {
@@ -136,6 +138,17 @@ impl Config {
                 "CAIRN_DRAIN",
                 src.get("CAIRN_DRAIN").unwrap_or_else(|| "5s".into()),
             )?,
+            explicit_outbound: match src.get("CAIRN_EXPLICIT_OUTBOUND").as_deref() {
+                None | Some("false") | Some("0") => false,
+                Some("true") | Some("1") => true,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        key: "CAIRN_EXPLICIT_OUTBOUND",
+                        value: other.into(),
+                        reason: "write true or false".into(),
+                    });
+                }
+            },
         })
     }
 }

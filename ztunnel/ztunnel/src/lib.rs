@@ -10,6 +10,7 @@ pub mod admin;
 pub mod ca;
 pub mod certs;
 pub mod config;
+pub mod explicit;
 pub mod inbound;
 pub mod local;
 pub mod metrics;

@@ -12,6 +12,10 @@ use std::{
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use cairn_hbone::{
+    H2Settings,
+    client::{Client, PoolSettings},
+};
 use cairn_identity::verify::MeshRoots;
 use cairn_ztunnel::{
     admin::Admin,
@@ -21,6 +25,7 @@ use cairn_ztunnel::{
     inbound::ACTIVE_CONNECTIONS,
     local::LocalConfig,
     node::NodeProxy,
+    outbound::Outbound,
     state::ProxyState,
     xds::{XdsClient, XdsConfig},
 };
@@ -113,7 +118,15 @@ async fn main() -> anyhow::Result<()> {
         .serve(admin_listener),
     );
 
-    let mut node = NodeProxy::new(config.node_name.clone(), state, certs, manager);
+    let outbound = config.explicit_outbound.then(|| {
+        Arc::new(Outbound {
+            state: state.clone(),
+            client: Client::new(H2Settings::default(), PoolSettings::default()),
+            certs: certs.clone(),
+            bind_source_ip: true,
+        })
+    });
+    let mut node = NodeProxy::new(config.node_name.clone(), state, certs, manager, outbound);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);

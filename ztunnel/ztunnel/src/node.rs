@@ -21,6 +21,7 @@ use crate::{
     ca::CertManager,
     certs::Certificates,
     inbound::{self, HboneInbound},
+    outbound::Outbound,
 };
 
 pub struct NodeProxy {
@@ -28,7 +29,9 @@ pub struct NodeProxy {
     state: SharedState,
     certs: Arc<dyn Certificates>,
     manager: Option<Arc<CertManager>>,
-    listeners: HashMap<String, (IpAddr, JoinHandle<()>)>,
+    /// When set, each local workload also gets the explicit outbound entry (15001).
+    outbound: Option<Arc<Outbound>>,
+    listeners: HashMap<String, (IpAddr, Vec<JoinHandle<()>>)>,
     managed: HashMap<SpiffeId, JoinHandle<()>>,
     /// Addresses we could not bind, so the failure is logged once.
     unbindable: HashSet<IpAddr>,
@@ -40,12 +43,14 @@ impl NodeProxy {
         state: SharedState,
         certs: Arc<dyn Certificates>,
         manager: Option<Arc<CertManager>>,
+        outbound: Option<Arc<Outbound>>,
     ) -> Self {
         Self {
             node,
             state,
             certs,
             manager,
+            outbound,
             listeners: HashMap::new(),
             managed: HashMap::new(),
             unbindable: HashSet::new(),
@@ -68,11 +73,11 @@ impl NodeProxy {
             .cloned()
             .collect();
         let wanted: HashSet<&str> = local.iter().map(|w| w.uid.as_str()).collect();
-        self.listeners.retain(|uid, (ip, task)| {
+        self.listeners.retain(|uid, (ip, tasks)| {
             let keep = wanted.contains(uid.as_str());
             if !keep {
-                info!(workload = %uid, addr = %ip, "workload left the node; closing its HBONE listener");
-                task.abort();
+                info!(workload = %uid, addr = %ip, "workload left the node; closing its listeners");
+                tasks.iter().for_each(JoinHandle::abort);
             }
             keep
         });
@@ -121,14 +126,28 @@ impl NodeProxy {
                 H2Settings::default(),
                 handler,
             ));
-            self.listeners.insert(w.uid.clone(), (ip, task));
+            let mut tasks = vec![task];
+            if let Some(outbound) = &self.outbound {
+                match TcpListener::bind(SocketAddr::new(ip, crate::explicit::PORT)).await {
+                    Ok(l) => tasks.push(tokio::spawn(crate::explicit::serve(
+                        l,
+                        outbound.clone(),
+                        self.state.clone(),
+                        w.uid.clone(),
+                    ))),
+                    Err(e) => {
+                        warn!(workload = %w.uid, addr = %ip, error = %e, "cannot listen for explicit outbound")
+                    }
+                }
+            }
+            self.listeners.insert(w.uid.clone(), (ip, tasks));
         }
     }
 
     /// Stops accepting: closes every listener (established connections go on).
     pub fn stop_listening(&mut self) {
-        for (_, (_, task)) in self.listeners.drain() {
-            task.abort();
+        for (_, (_, tasks)) in self.listeners.drain() {
+            tasks.iter().for_each(JoinHandle::abort);
         }
     }
 }
