@@ -1,2 +1,4 @@
-//! Cross-component tests live in this package's test targets (`ztunnel_xds.rs`, ...);
-//! the library is empty.
+//! Helpers for cross-component tests and benchmarks: a two-node lab in network
+//! namespaces running the real `controller` and `ztunnel` binaries.
+
+pub mod lab;
