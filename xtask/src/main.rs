@@ -18,7 +18,7 @@ fn main() -> Result<()> {
         Some("test") => test(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str)),
         _ => {
-            eprintln!("usage: cargo xtask <test | bench [controller|l4]>");
+            eprintln!("usage: cargo xtask <test | bench [controller|l4|l4-loopback]>");
             bail!("unknown or missing command")
         }
     }
@@ -105,13 +105,16 @@ fn cargo_test(root: &Path, args: &[&str]) -> Result<(u64, u64)> {
 
 const BENCHES: &[(&str, &str, &str)] = &[
     ("controller", "cairn-controller", "controller"),
-    ("l4", "cairn-ztunnel", "l4"),
+    ("l4", "cairn-tests", "l4"),
+    ("l4-loopback", "cairn-ztunnel", "l4"),
 ];
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     let doc_path = root.join("docs/benchmarks.md");
     let mut doc = std::fs::read_to_string(&doc_path)
         .with_context(|| format!("reading {}", doc_path.display()))?;
+    // Benchmarks that run the binaries (the l4 lab) find them next to themselves.
+    cargo(root, &["build", "--release", "--bins"])?;
     let mut ran = 0;
     for (name, package, target) in BENCHES {
         if only.is_some_and(|o| o != *name) {

@@ -3,7 +3,7 @@
 //! measured side by side in the same run.
 //!
 //! `cargo bench -p cairn-ztunnel --bench l4 -- --bench` for the full run (what
-//! `cargo xtask bench l4` does); under `cargo test` a small smoke run.
+//! `cargo xtask bench l4-loopback` does); under `cargo test` a small smoke run.
 //!
 //! Everything (client, both proxies, app) shares the machine's cores here, so ratios
 //! are pessimistic against a layout with one proxy per node.
@@ -255,7 +255,7 @@ async fn main() {
     let dc = connection_rate(app_addr, scale.connections).await;
     let mc = connection_rate(meshed, scale.connections).await;
 
-    println!("<!-- l4:begin -->");
+    println!("<!-- l4-loopback:begin -->");
     println!(
         "In one process on loopback (client, outbound proxy, inbound proxy and app share 2 cores); bulk = {} MiB echoed back.\n",
         scale.bulk_bytes >> 20
@@ -286,5 +286,5 @@ async fn main() {
         "| new connections per second | {mc:.0} | {dc:.0} | {:.0}% | >= 45% |",
         100.0 * mc / dc
     );
-    println!("<!-- l4:end -->");
+    println!("<!-- l4-loopback:end -->");
 }
