@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::{
-    SharedState,
+    SPLICE_BUFFER, SharedState,
     certs::Certificates,
     metrics::{ConnLabels, Reporter, SecurityPolicy},
     policy::{ConnInfo, Decision, authorize},
@@ -191,7 +191,9 @@ async fn splice<T>(
 {
     labels.opened();
     ACTIVE_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let result = tokio::io::copy_bidirectional(peer, &mut app).await;
+    let result =
+        tokio::io::copy_bidirectional_with_sizes(peer, &mut app, SPLICE_BUFFER, SPLICE_BUFFER)
+            .await;
     ACTIVE_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let (from_peer, from_app) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
     labels.closed(from_app, from_peer);

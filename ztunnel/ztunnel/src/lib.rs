@@ -20,5 +20,9 @@ pub mod policy;
 pub mod state;
 pub mod xds;
 
+/// Buffer per direction when splicing a connection: large reads become large HTTP/2
+/// DATA frames and TLS records (tokio's default is 8 KiB).
+pub const SPLICE_BUFFER: usize = 128 * 1024;
+
 /// The shared, atomically swapped config snapshot.
 pub type SharedState = std::sync::Arc<arc_swap::ArcSwap<state::ProxyState>>;

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::{
-    SharedState,
+    SPLICE_BUFFER, SharedState,
     certs::Certificates,
     metrics::{ConnLabels, Reporter, SecurityPolicy},
     state::ProxyState,
@@ -301,9 +301,14 @@ impl Outbound {
                     source_ip,
                 };
                 let mut tunnel = self.client.connect(&key, tls, *authority).await?;
-                tokio::io::copy_bidirectional(downstream, &mut tunnel)
-                    .await
-                    .map_err(OutboundError::Copy)
+                tokio::io::copy_bidirectional_with_sizes(
+                    downstream,
+                    &mut tunnel,
+                    SPLICE_BUFFER,
+                    SPLICE_BUFFER,
+                )
+                .await
+                .map_err(OutboundError::Copy)
             }
             Route::Passthrough(addr) => {
                 let mut upstream =
@@ -314,9 +319,14 @@ impl Outbound {
                             source,
                         })?;
                 let _ = upstream.set_nodelay(true);
-                tokio::io::copy_bidirectional(downstream, &mut upstream)
-                    .await
-                    .map_err(OutboundError::Copy)
+                tokio::io::copy_bidirectional_with_sizes(
+                    downstream,
+                    &mut upstream,
+                    SPLICE_BUFFER,
+                    SPLICE_BUFFER,
+                )
+                .await
+                .map_err(OutboundError::Copy)
             }
         }
     }
