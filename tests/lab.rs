@@ -21,6 +21,26 @@ pub const NODE_A: usize = 0;
 pub const NODE_B: usize = 1;
 pub const ADMIN: [&str; 2] = ["10.77.1.1:15020", "10.77.2.1:15020"];
 
+/// Lab namespaces are `cairn-lab-<pid>-a|b`.
+const NS_PREFIX: &str = "cairn-lab-";
+
+/// Deletes lab namespaces left by processes that were killed before they could clean
+/// up (their pid no longer exists).
+fn remove_stale_namespaces() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some((pid, _)) = name.strip_prefix(NS_PREFIX).and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
 pub struct Lab {
     pub ns: [String; 2],
     children: Vec<Child>,
@@ -96,9 +116,10 @@ impl Lab {
     /// config) and a ztunnel per node; returns once each ztunnel has `certs[i]`
     /// certificates available.
     pub fn start(manifests: &str, pods_a: &[&str], pods_b: &[&str], certs: [usize; 2]) -> Lab {
+        remove_stale_namespaces();
         let tag = std::process::id();
         let mut lab = Lab {
-            ns: [format!("cairn-{tag}-a"), format!("cairn-{tag}-b")],
+            ns: [format!("{NS_PREFIX}{tag}-a"), format!("{NS_PREFIX}{tag}-b")],
             children: Vec::new(),
             ztunnels: [0, 0],
             dir: tempfile::tempdir().expect("tempdir"),
