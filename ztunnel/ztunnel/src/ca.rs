@@ -49,6 +49,10 @@ pub struct Issued {
     pub cert: WorkloadCertificate,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// TLS configurations built from this certificate, made once and reused by every
+    /// connection until the next rotation replaces the whole `Issued`.
+    server: std::sync::OnceLock<Arc<ServerConfig>>,
+    clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
 /// One `CreateCertificate` call: fresh ECDSA P-256 key, CSR with the SPIFFE URI SAN,
@@ -125,6 +129,8 @@ pub async fn fetch(config: &CaConfig, id: &SpiffeId) -> Result<Issued, CaError> 
         not_before: to_time(x509.validity().not_before.timestamp()),
         not_after: to_time(x509.validity().not_after.timestamp()),
         cert,
+        server: std::sync::OnceLock::new(),
+        clients: Mutex::default(),
     })
 }
 
@@ -268,17 +274,30 @@ impl Certificates for CertManager {
         destination: &SpiffeId,
     ) -> Result<Arc<ClientConfig>, CertError> {
         let issued = self.current(source)?;
-        client_config(&issued.cert, &self.roots, destination.clone()).map_err(|e| CertError::Tls {
-            id: source.clone(),
-            source: e,
-        })
+        let mut clients = issued.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(config) = clients.get(destination) {
+            return Ok(config.clone());
+        }
+        let config =
+            client_config(&issued.cert, &self.roots, destination.clone()).map_err(|e| {
+                CertError::Tls {
+                    id: source.clone(),
+                    source: e,
+                }
+            })?;
+        clients.insert(destination.clone(), config.clone());
+        Ok(config)
     }
 
     fn server(&self, identity: &SpiffeId) -> Result<Arc<ServerConfig>, CertError> {
         let issued = self.current(identity)?;
-        server_config(&issued.cert, &self.roots).map_err(|e| CertError::Tls {
+        if let Some(config) = issued.server.get() {
+            return Ok(config.clone());
+        }
+        let config = server_config(&issued.cert, &self.roots).map_err(|e| CertError::Tls {
             id: identity.clone(),
             source: e,
-        })
+        })?;
+        Ok(issued.server.get_or_init(|| config).clone())
     }
 }
