@@ -102,17 +102,25 @@ impl Handler for HboneInbound {
                 destination_ip: c.authority.ip(),
                 destination_port: c.authority.port(),
             };
-            if let Decision::Deny { reason } = authorize(&state, &dst, &conn) {
+            // Every refusal is logged with the reason it was answered with.
+            let refuse = |responder: Responder, result: &str, status: StatusCode| {
                 access(
                     "inbound",
                     c.peer_addr,
                     c.authority,
                     Some(&c.peer_identity),
                     &dst.name,
-                    &format!("denied: {reason}"),
+                    result,
                     (0, 0),
                 );
-                responder.refuse(StatusCode::FORBIDDEN);
+                responder.refuse(status);
+            };
+            if let Decision::Deny { reason } = authorize(&state, &dst, &conn) {
+                refuse(
+                    responder,
+                    &format!("denied: {reason}"),
+                    StatusCode::FORBIDDEN,
+                );
                 return;
             }
             let app =
@@ -124,29 +132,19 @@ impl Handler for HboneInbound {
                         s
                     }
                     Ok(Err(e)) => {
-                        access(
-                            "inbound",
-                            c.peer_addr,
-                            c.authority,
-                            Some(&c.peer_identity),
-                            &dst.name,
+                        refuse(
+                            responder,
                             &format!("application unreachable: {e}"),
-                            (0, 0),
+                            StatusCode::SERVICE_UNAVAILABLE,
                         );
-                        responder.refuse(StatusCode::SERVICE_UNAVAILABLE);
                         return;
                     }
                     Err(_) => {
-                        access(
-                            "inbound",
-                            c.peer_addr,
-                            c.authority,
-                            Some(&c.peer_identity),
-                            &dst.name,
+                        refuse(
+                            responder,
                             "application connect timed out",
-                            (0, 0),
+                            StatusCode::GATEWAY_TIMEOUT,
                         );
-                        responder.refuse(StatusCode::GATEWAY_TIMEOUT);
                         return;
                     }
                 };
