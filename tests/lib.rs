@@ -1,4 +1,6 @@
-//! Helpers for cross-component tests and benchmarks: a two-node lab in network
-//! namespaces running the real `controller` and `ztunnel` binaries.
+//! Helpers for cross-component tests and benchmarks: the controller in process, and a
+//! two-node lab in network namespaces running the real `controller` and `ztunnel`
+//! binaries.
 
+pub mod in_process;
 pub mod lab;

@@ -5,20 +5,12 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use cairn_api::model::{Address, TunnelProtocol, Workload};
-use cairn_controller::{
-    auth::{Caller, StaticTokens},
-    ca::CertificateAuthority,
-    compile::MeshConfig,
-    local::LocalSource,
-    runtime::Runtime,
-    server::{self, ServeConfig},
-    xds::Cache,
-};
 use cairn_hbone::{
     H2Settings,
     client::{Client, PoolKey, PoolSettings},
 };
 use cairn_identity::{SpiffeId, verify::MeshRoots};
+use cairn_tests::in_process::{Controller, start_controller};
 use cairn_ztunnel::{
     SharedState,
     ca::{CaConfig, CertManager, CertState},
@@ -29,7 +21,6 @@ use cairn_ztunnel::{
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
-    sync::watch,
 };
 
 const BOOKINFO: &str = include_str!("../controller/controller/tests/fixtures/bookinfo.yaml");
@@ -39,42 +30,10 @@ fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("cluster.local", "bookinfo", sa).expect("id")
 }
 
-async fn controller(dir: &std::path::Path) -> (watch::Sender<bool>, SocketAddr, String) {
+async fn controller(dir: &std::path::Path) -> Controller {
     std::fs::create_dir_all(dir.join("config")).expect("mkdir");
     std::fs::write(dir.join("config/app.yaml"), BOOKINFO).expect("write");
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(&dir.join("ca"), "cluster.local", TTL).expect("ca"),
-    );
-    let auth = Arc::new(StaticTokens::new([(
-        "node-a".to_string(),
-        Caller::Node("node-a".into()),
-    )]));
-    let runtime = Arc::new(Runtime::new(
-        MeshConfig::default(),
-        Arc::new(Cache::default()),
-    ));
-    runtime.scan(&mut LocalSource::new(dir.join("config")));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (stop, mut stop_rx) = watch::channel(false);
-    let root = ca.root_pem().to_owned();
-    tokio::spawn(async move {
-        let _ = server::serve(
-            listener,
-            ServeConfig {
-                serving_names: vec!["localhost".into()],
-                cert_ttl: TTL,
-            },
-            runtime,
-            ca,
-            auth,
-            async move {
-                let _ = stop_rx.changed().await;
-            },
-        )
-        .await;
-    });
-    (stop, addr, root)
+    start_controller(dir, ([127, 0, 0, 1], 0).into(), TTL).await
 }
 
 async fn generation_at_least(m: &CertManager, who: &SpiffeId, n: u64) {
@@ -95,7 +54,8 @@ async fn generation_at_least(m: &CertManager, who: &SpiffeId, n: u64) {
 #[tokio::test]
 async fn certificates_rotate_without_breaking_established_tunnels() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_stop, addr, root) = controller(dir.path()).await;
+    let ctl = controller(dir.path()).await;
+    let (addr, root) = (ctl.addr, ctl.root.clone());
     let certs = CertManager::new(
         CaConfig {
             address: format!("https://{addr}"),

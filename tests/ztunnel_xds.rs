@@ -2,18 +2,11 @@
 //! config change, the controller going away (last good config kept) and coming back
 //! (resync of differences only).
 
-use std::{net::TcpListener as StdListener, path::Path, sync::Arc, time::Duration};
+use std::{net::TcpListener as StdListener, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
-use cairn_controller::{
-    auth::{Caller, StaticTokens},
-    ca::{CertificateAuthority, DEFAULT_TTL},
-    compile::MeshConfig,
-    local::LocalSource,
-    runtime::Runtime,
-    server::{self, ServeConfig},
-    xds::Cache,
-};
+use cairn_controller::ca::DEFAULT_TTL;
+use cairn_tests::in_process::start_controller;
 use cairn_ztunnel::{
     SharedState,
     state::ProxyState,
@@ -23,52 +16,6 @@ use tokio::sync::watch;
 
 const BOOKINFO: &str = include_str!("../controller/controller/tests/fixtures/bookinfo.yaml");
 const REVIEWS_V1: &str = "Kubernetes//Pod/bookinfo/reviews-v1-545db77b95-klmno";
-
-/// Starts a controller on `port` over `dir`; stops when the returned sender is dropped.
-async fn controller(dir: &Path, port: u16) -> (watch::Sender<bool>, String) {
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(&dir.join("ca"), "cluster.local", DEFAULT_TTL)
-            .expect("ca"),
-    );
-    let auth = Arc::new(StaticTokens::new([(
-        "node-a".to_string(),
-        Caller::Node("node-a".into()),
-    )]));
-    let runtime = Arc::new(Runtime::new(
-        MeshConfig::default(),
-        Arc::new(Cache::default()),
-    ));
-    let mut source = LocalSource::new(dir.join("config"));
-    runtime.scan(&mut source);
-    let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(
-        runtime
-            .clone()
-            .watch(source, Duration::from_millis(20), stop_rx.clone()),
-    );
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .expect("bind");
-    let root = ca.root_pem().to_owned();
-    let mut rx = stop_rx;
-    tokio::spawn(async move {
-        let _ = server::serve(
-            listener,
-            ServeConfig {
-                serving_names: vec!["localhost".into()],
-                cert_ttl: DEFAULT_TTL,
-            },
-            runtime,
-            ca,
-            auth,
-            async move {
-                let _ = rx.changed().await;
-            },
-        )
-        .await;
-    });
-    (stop, root)
-}
 
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..500 {
@@ -91,7 +38,9 @@ async fn ztunnel_follows_the_controller_and_survives_its_restart() {
         .local_addr()
         .expect("addr")
         .port();
-    let (stop, root) = controller(dir.path(), port).await;
+    let listen: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let controller = start_controller(dir.path(), listen, DEFAULT_TTL).await;
+    let root = controller.root.clone();
 
     let state: SharedState = Arc::new(ArcSwap::from_pointee(ProxyState::default()));
     let client = XdsClient::new(
@@ -139,7 +88,7 @@ async fn ztunnel_follows_the_controller_and_survives_its_restart() {
     .await;
 
     // The controller goes away: the proxy keeps its last good state.
-    drop(stop);
+    drop(controller);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(state.load().workloads().count(), 5);
 
@@ -153,7 +102,7 @@ async fn ztunnel_follows_the_controller_and_survives_its_restart() {
     let before = stats
         .resources_received
         .load(std::sync::atomic::Ordering::Relaxed);
-    let (_stop2, _) = controller(dir.path(), port).await;
+    let _second = start_controller(dir.path(), listen, DEFAULT_TTL).await;
     eventually("resync after restart", || {
         state.load().workloads().count() == 4
     })
