@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use crate::{H2Settings, stream::H2Stream};
+use crate::{H2Settings, stream::H2Stream, transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -236,10 +236,13 @@ impl Client {
         // The server is identified by its SPIFFE id, not a name: SNI is not used for
         // verification (the verifier checks the identity).
         let name = ServerName::from(addr.ip());
-        let tls = tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp))
-            .await
-            .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
-            .map_err(|source| ClientError::Tls { addr, source })?;
+        let tls = tokio::time::timeout(
+            timeout,
+            TlsConnector::from(tls).connect(name, transport(tcp)),
+        )
+        .await
+        .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
+        .map_err(|source| ClientError::Tls { addr, source })?;
         let s = self.h2;
         let (send, connection) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)

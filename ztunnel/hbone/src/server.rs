@@ -19,7 +19,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::{debug, warn};
 
-use crate::{H2Settings, stream::H2Stream};
+use crate::{H2Settings, Transport, stream::H2Stream, transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -111,9 +111,9 @@ impl Server {
         &self,
         tcp: TcpStream,
         peer: SocketAddr,
-    ) -> Result<(TlsStream<TcpStream>, SpiffeId), ServerError> {
+    ) -> Result<(TlsStream<Transport>, SpiffeId), ServerError> {
         let timeout = self.handshake_timeout;
-        let tls = tokio::time::timeout(timeout, self.acceptor.accept(tcp))
+        let tls = tokio::time::timeout(timeout, self.acceptor.accept(transport(tcp)))
             .await
             .map_err(|_| ServerError::HandshakeTimeout { peer, timeout })?
             .map_err(|source| ServerError::Handshake { peer, source })?;

@@ -31,7 +31,7 @@ impl std::fmt::Debug for H2Stream {
     }
 }
 
-fn to_io(e: h2::Error) -> io::Error {
+pub(crate) fn to_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e
             .into_io()
@@ -56,6 +56,28 @@ impl H2Stream {
             pending: Bytes::new(),
             write_closed: false,
             _guard: guard,
+        }
+    }
+}
+
+/// What [`H2Stream::into_parts`] returns: the two h2 halves, bytes already received
+/// but not yet read, and the pool guard (hold it while the parts are in use).
+pub(crate) struct Parts {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub pending: Bytes,
+    pub write_closed: bool,
+    pub guard: Option<Box<dyn Send + Sync>>,
+}
+
+impl H2Stream {
+    pub(crate) fn into_parts(self) -> Parts {
+        Parts {
+            send: self.send,
+            recv: self.recv,
+            pending: self.pending,
+            write_closed: self.write_closed,
+            guard: self._guard,
         }
     }
 }

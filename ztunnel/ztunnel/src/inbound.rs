@@ -148,7 +148,7 @@ impl Handler for HboneInbound {
                         return;
                     }
                 };
-            let Ok(mut tunnel) = responder.accept() else {
+            let Ok(tunnel) = responder.accept() else {
                 return;
             };
             let labels = labels(
@@ -158,9 +158,13 @@ impl Handler for HboneInbound {
                 &dst,
                 SecurityPolicy::MutualTls,
             );
+            let mut app = app;
+            let copy = async {
+                let (from_app, from_peer) = cairn_hbone::splice::splice(&mut app, tunnel).await?;
+                Ok((from_peer, from_app))
+            };
             splice(
-                &mut tunnel,
-                app,
+                copy,
                 "inbound",
                 c.peer_addr,
                 c.authority,
@@ -173,25 +177,22 @@ impl Handler for HboneInbound {
     }
 }
 
-/// Copies both ways until both sides are done; each side's EOF half-closes the other.
+/// Runs `copy` (both directions until both sides are done, each side's EOF
+/// half-closing the other; it yields `(from peer, from app)` byte counts) and
+/// accounts for the connection: gauge, metrics, access log.
 #[allow(clippy::too_many_arguments)]
-async fn splice<T>(
-    peer: &mut T,
-    mut app: TcpStream,
+async fn splice(
+    copy: impl Future<Output = std::io::Result<(u64, u64)>>,
     direction: &'static str,
     src: SocketAddr,
     dst: SocketAddr,
     identity: Option<&cairn_identity::SpiffeId>,
     w: &Workload,
     labels: &ConnLabels,
-) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
+) {
     labels.opened();
     ACTIVE_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-    let result =
-        tokio::io::copy_bidirectional_with_sizes(peer, &mut app, SPLICE_BUFFER, SPLICE_BUFFER)
-            .await;
+    let result = copy.await;
     ACTIVE_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let (from_peer, from_app) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
     labels.closed(from_app, from_peer);
@@ -248,12 +249,17 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
         return;
     }
     match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(dst_addr)).await {
-        Ok(Ok(app)) => {
+        Ok(Ok(mut app)) => {
             let _ = app.set_nodelay(true);
             let labels = labels(&state, src, None, &dst, SecurityPolicy::None);
-            splice(
+            let copy = tokio::io::copy_bidirectional_with_sizes(
                 &mut downstream,
-                app,
+                &mut app,
+                SPLICE_BUFFER,
+                SPLICE_BUFFER,
+            );
+            splice(
+                copy,
                 "inbound_plaintext",
                 src,
                 dst_addr,

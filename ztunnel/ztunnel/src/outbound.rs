@@ -300,15 +300,10 @@ impl Outbound {
                     address: *gateway,
                     source_ip,
                 };
-                let mut tunnel = self.client.connect(&key, tls, *authority).await?;
-                tokio::io::copy_bidirectional_with_sizes(
-                    downstream,
-                    &mut tunnel,
-                    SPLICE_BUFFER,
-                    SPLICE_BUFFER,
-                )
-                .await
-                .map_err(OutboundError::Copy)
+                let tunnel = self.client.connect(&key, tls, *authority).await?;
+                cairn_hbone::splice::splice(downstream, tunnel)
+                    .await
+                    .map_err(OutboundError::Copy)
             }
             Route::Passthrough(addr) => {
                 let mut upstream =

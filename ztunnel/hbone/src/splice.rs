@@ -1,0 +1,99 @@
+//! Splicing a TCP connection and a CONNECT stream without copying through an
+//! intermediate buffer.
+//!
+//! `tokio::io::copy_bidirectional` over [`H2Stream`]'s `AsyncRead`/`AsyncWrite` copies
+//! every byte twice more than needed: once from the copy buffer into a fresh `Bytes`
+//! for h2, and once from h2's `Bytes` into the copy buffer on the way out. Here bytes
+//! read from TCP are frozen and handed to h2 as they are, and DATA payloads from h2
+//! are written to TCP as they are. Per direction, at most one read chunk and h2's
+//! flow-control windows are in flight, so memory stays bounded.
+
+use std::{future::poll_fn, io};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
+
+use crate::stream::{H2Stream, to_io};
+
+/// Bytes read from TCP per syscall at most (and so the largest DATA frame we send).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Carries bytes both ways between `tcp` and `tunnel` until both directions are done.
+/// An EOF on either side half-closes the other (FIN <-> END_STREAM); an error on
+/// either side ends both (the tunnel is reset when dropped). Returns
+/// `(tcp -> tunnel, tunnel -> tcp)` byte counts.
+pub async fn splice(tcp: &mut TcpStream, tunnel: H2Stream) -> io::Result<(u64, u64)> {
+    let parts = tunnel.into_parts();
+    let _guard = parts.guard;
+    let (read, write) = tcp.split();
+    tokio::try_join!(
+        tcp_to_tunnel(read, parts.send, parts.write_closed),
+        tunnel_to_tcp(parts.recv, parts.pending, write)
+    )
+}
+
+async fn tcp_to_tunnel(
+    mut tcp: ReadHalf<'_>,
+    mut send: SendStream<Bytes>,
+    write_closed: bool,
+) -> io::Result<u64> {
+    if write_closed {
+        return Ok(0);
+    }
+    let mut buf = BytesMut::new();
+    let mut total = 0u64;
+    loop {
+        // Reclaims the previous allocation when h2 has already written it out.
+        buf.reserve(READ_CHUNK);
+        let n = tcp.read_buf(&mut buf).await?;
+        if n == 0 {
+            send.send_data(Bytes::new(), true).map_err(to_io)?;
+            return Ok(total);
+        }
+        total += n as u64;
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(to_io(e)),
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "tunnel closed by peer",
+                    ));
+                }
+            };
+            let chunk = data.split_to(granted.min(data.len()));
+            send.send_data(chunk, false).map_err(to_io)?;
+        }
+    }
+}
+
+async fn tunnel_to_tcp(
+    mut recv: RecvStream,
+    pending: Bytes,
+    mut tcp: WriteHalf<'_>,
+) -> io::Result<u64> {
+    tcp.write_all(&pending).await?;
+    let mut total = pending.len() as u64;
+    while let Some(data) = poll_fn(|cx| recv.poll_data(cx)).await {
+        let data = data.map_err(to_io)?;
+        let len = data.len();
+        // The window comes back once the bytes are ours; writing them is bounded by
+        // this one chunk.
+        recv.flow_control().release_capacity(len).map_err(to_io)?;
+        tcp.write_all(&data).await?;
+        total += len as u64;
+    }
+    tcp.shutdown().await?;
+    Ok(total)
+}
