@@ -45,8 +45,8 @@ pub struct H2Settings {
 impl Default for H2Settings {
     fn default() -> Self {
         Self {
-            stream_window: 4 * 1024 * 1024,
-            connection_window: 16 * 1024 * 1024,
+            stream_window: 1024 * 1024,
+            connection_window: 4 * 1024 * 1024,
             max_frame_size: 1024 * 1024,
             max_header_list_size: 16 * 1024,
             max_concurrent_streams: 100,
