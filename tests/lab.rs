@@ -170,6 +170,9 @@ impl Lab {
                     ("CAIRN_TOKEN_FILE", d(token)),
                     ("CAIRN_ADMIN_ADDR", ADMIN[i].into()),
                     ("CAIRN_EXPLICIT_OUTBOUND", "true".into()),
+                    // Two simulated nodes share this machine: each ztunnel gets one
+                    // core's worth, as a DaemonSet pod with a 1-CPU limit would.
+                    ("CAIRN_WORKER_THREADS", "1".into()),
                     ("RUST_LOG", "info".into()),
                 ],
                 log,

@@ -62,6 +62,9 @@ pub struct Config {
     pub drain: Duration,
     /// Serve the explicit outbound entry (PROXY header on `<pod-ip>:15001`).
     pub explicit_outbound: bool,
+    /// Runtime worker threads (`CAIRN_WORKER_THREADS`; default 2, as Istio's ztunnel,
+    /// or fewer when the process may use fewer CPUs, e.g. under a 1-CPU cgroup limit).
+    pub worker_threads: usize,
 }
 
 fn duration(key: &'static str, value: String) -> Result<Duration, ConfigError> {
@@ -138,6 +141,18 @@ impl Config {
                 "CAIRN_DRAIN",
                 src.get("CAIRN_DRAIN").unwrap_or_else(|| "5s".into()),
             )?,
+            worker_threads: match src.get("CAIRN_WORKER_THREADS") {
+                None => std::thread::available_parallelism().map_or(2, |n| n.get().min(2)),
+                Some(v) => v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=64).contains(n))
+                    .ok_or_else(|| ConfigError::Invalid {
+                        key: "CAIRN_WORKER_THREADS",
+                        value: v.clone(),
+                        reason: "write a number of threads from 1 to 64".into(),
+                    })?,
+            },
             explicit_outbound: match src.get("CAIRN_EXPLICIT_OUTBOUND").as_deref() {
                 None | Some("false") | Some("0") => false,
                 Some("true") | Some("1") => true,

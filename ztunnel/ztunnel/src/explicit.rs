@@ -48,8 +48,31 @@ pub fn parse_v1(line: &str) -> Result<(SocketAddr, SocketAddr), HeaderError> {
     Ok((src, dst))
 }
 
-/// Reads the header byte by byte, so nothing after it is consumed.
+/// Reads the header and nothing after it. Senders write the header in one segment
+/// (the PROXY protocol asks them to), so it is normally found with one `peek` and
+/// taken with one read; a header split across segments is read byte by byte.
 pub async fn read_header(s: &mut TcpStream) -> Result<SocketAddr, HeaderError> {
+    let mut peeked = [0u8; MAX_HEADER + 2];
+    let n = s
+        .peek(&mut peeked)
+        .await
+        .map_err(|_| HeaderError::Truncated)?;
+    if n == 0 {
+        return Err(HeaderError::Truncated);
+    }
+    if let Some(end) = peeked[..n].windows(2).position(|w| w == b"\r\n") {
+        let mut line = vec![0u8; end + 2];
+        s.read_exact(&mut line)
+            .await
+            .map_err(|_| HeaderError::Truncated)?;
+        line.truncate(end);
+        let line = String::from_utf8(line).map_err(|e| HeaderError::Malformed(e.to_string()))?;
+        return parse_v1(&line).map(|(_, dst)| dst);
+    }
+    read_header_slowly(s).await
+}
+
+async fn read_header_slowly(s: &mut TcpStream) -> Result<SocketAddr, HeaderError> {
     let mut buf = Vec::with_capacity(MAX_HEADER);
     loop {
         let b = s.read_u8().await.map_err(|_| HeaderError::Truncated)?;
@@ -109,6 +132,52 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connected pair on loopback: (what the client writes to, what the proxy reads).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn reads_exactly_the_header_whole_or_split() {
+        use tokio::io::AsyncWriteExt;
+        let dst: SocketAddr = "10.96.0.12:9080".parse().expect("addr");
+        // Whole header and payload in one segment: the payload stays unread.
+        let (mut c, mut s) = pair().await;
+        c.write_all(b"PROXY TCP4 10.0.0.1 10.96.0.12 40000 9080\r\nhello")
+            .await
+            .expect("write");
+        assert_eq!(read_header(&mut s).await, Ok(dst));
+        let mut rest = [0u8; 5];
+        s.read_exact(&mut rest).await.expect("payload");
+        assert_eq!(&rest, b"hello");
+        // Split across segments: still read, still nothing beyond it.
+        let (mut c, mut s) = pair().await;
+        let writer = tokio::spawn(async move {
+            c.write_all(b"PROXY TCP4 10.0.0.1 ").await.expect("write");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            c.write_all(b"10.96.0.12 40000 9080\r\nhi")
+                .await
+                .expect("write");
+            c
+        });
+        assert_eq!(read_header(&mut s).await, Ok(dst));
+        let mut rest = [0u8; 2];
+        s.read_exact(&mut rest).await.expect("payload");
+        assert_eq!(&rest, b"hi");
+        drop(writer.await);
+        // Endless garbage is cut off at the limit; an early close is reported.
+        let (mut c, mut s) = pair().await;
+        c.write_all(&[b'A'; 300]).await.expect("write");
+        assert_eq!(read_header(&mut s).await, Err(HeaderError::TooLong));
+        let (c, mut s) = pair().await;
+        drop(c);
+        assert_eq!(read_header(&mut s).await, Err(HeaderError::Truncated));
+    }
 
     #[test]
     fn parses_v1_headers() {

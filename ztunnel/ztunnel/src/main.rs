@@ -34,11 +34,18 @@ use tracing::{info, warn};
 
 fn main() -> anyhow::Result<()> {
     tune_malloc();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = Config::from_source(&Env).context("configuration")?;
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
         .context("starting the runtime")?
-        .block_on(run())
+        .block_on(run(config))
 }
 
 /// glibc's malloc defaults cost the data path dearly: h2 reads each DATA frame into a
@@ -62,13 +69,7 @@ fn tune_malloc() {
 #[cfg(not(target_env = "gnu"))]
 fn tune_malloc() {}
 
-async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let config = Config::from_source(&Env).context("configuration")?;
+async fn run(config: Config) -> anyhow::Result<()> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
