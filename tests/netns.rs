@@ -115,25 +115,63 @@ fn two_nodes_service_vip_through_both_ztunnels() {
 
     // Node B saw the client's identity over mutual TLS.
     let metrics = lab.get(NODE_B, &format!("http://{}/metrics", ADMIN[NODE_B]));
-    let line = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("istio_tcp_connections_opened_total{")
-                && l.contains("source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"")
-                && l.contains("connection_security_policy=\"mutual_tls\"")
-                && l.contains("reporter=\"destination\"")
-        })
-        .unwrap_or_else(|| panic!("no inbound metric at node B:\n{metrics}"));
-    let count: f64 = line
-        .rsplit(' ')
-        .next()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    assert!(count >= 1.0, "{line}");
+    let count = metric(
+        &metrics,
+        "istio_tcp_connections_opened_total",
+        &[
+            "source_principal=\"spiffe://cluster.local/ns/demo/sa/client\"",
+            "connection_security_policy=\"mutual_tls\"",
+            "reporter=\"destination\"",
+        ],
+    );
+    assert!(count >= 1.0, "no inbound metric at node B:\n{metrics}");
+    // The three denials are counted on both sides, flagged DENY.
+    let other = "source_principal=\"spiffe://cluster.local/ns/demo/sa/other\"";
+    let deny = "response_flags=\"DENY\"";
+    for (node, reporter) in [(NODE_B, "destination"), (NODE_A, "source")] {
+        let metrics = lab.get(node, &format!("http://{}/metrics", ADMIN[node]));
+        let reporter = format!("reporter=\"{reporter}\"");
+        assert_eq!(
+            metric(
+                &metrics,
+                "istio_tcp_connections_failed_total",
+                &[other, deny, &reporter]
+            ),
+            3.0,
+            "denials at {reporter}:\n{metrics}"
+        );
+    }
+    // Control-plane and certificate health.
+    assert_eq!(
+        metric(&metrics, "cairn_xds_connected", &[]),
+        1.0,
+        "{metrics}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let expiry = metric(
+        &metrics,
+        "cairn_certificate_earliest_expiry_timestamp_seconds",
+        &[],
+    );
+    assert!(expiry > now, "certificate expiry {expiry} not after {now}");
     let log_b = lab.log("ztunnel-b.log");
     assert!(
         log_b.contains("denied: no ALLOW policy matched")
             && log_b.contains("spiffe://cluster.local/ns/demo/sa/other"),
         "denial logged at node B:\n{log_b}"
     );
+}
+
+/// The value of the sample of `name` whose labels contain every one of `labels`
+/// (0 when there is none).
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -18,7 +18,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tracing::{info, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::certs::{CertError, Certificates};
+use crate::{
+    certs::{CertError, Certificates},
+    metrics::health,
+};
 
 /// How to reach the CA.
 #[derive(Clone, Debug)]
@@ -196,6 +199,14 @@ impl CertManager {
         Ok(issued)
     }
 
+    /// Drops `id`'s certificate (its last local workload left; the task managing it
+    /// must be aborted first).
+    pub fn forget(&self, id: &SpiffeId) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.remove(id);
+        publish_earliest_expiry(&entries);
+    }
+
     /// Keeps `id`'s certificate fresh until the returned task is aborted: fetches now
     /// (retrying with backoff), then again at half life (minus up to 10% jitter).
     pub fn manage(self: &Arc<Self>, id: SpiffeId) -> tokio::task::JoinHandle<()> {
@@ -225,6 +236,7 @@ impl CertManager {
                         let refresh_at =
                             received + remaining.mul_f64(0.5 - rand::random::<f64>() * 0.1);
                         info!(identity = %id, not_after = ?issued.not_after, "workload certificate issued");
+                        health::certificate_fetched(true);
                         {
                             let mut entries = me.entries.lock().unwrap_or_else(|e| e.into_inner());
                             if let Some(e) = entries.get_mut(&id) {
@@ -234,6 +246,7 @@ impl CertManager {
                                 e.issued = Some(Arc::new(issued));
                                 e.generation += 1;
                             }
+                            publish_earliest_expiry(&entries);
                         }
                         let wait = refresh_at
                             .duration_since(SystemTime::now())
@@ -242,6 +255,7 @@ impl CertManager {
                     }
                     Err(e) => {
                         warn!(identity = %id, error = %e, retry_in = ?backoff, "certificate fetch failed");
+                        health::certificate_fetched(false);
                         if let Some(entry) = me
                             .entries
                             .lock()
@@ -300,4 +314,12 @@ impl Certificates for CertManager {
         })?;
         Ok(issued.server.get_or_init(|| config).clone())
     }
+}
+
+fn publish_earliest_expiry(entries: &HashMap<SpiffeId, Entry>) {
+    let earliest = entries
+        .values()
+        .filter_map(|e| e.issued.as_ref().map(|i| i.not_after))
+        .min();
+    health::earliest_certificate_expiry(earliest);
 }

@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::{
     SPLICE_BUFFER, SharedState,
     certs::Certificates,
-    metrics::{ConnLabels, Reporter, SecurityPolicy},
+    metrics::{ConnLabels, Reporter, ResponseFlags, SecurityPolicy},
     policy::{ConnInfo, Decision, authorize},
     state::ProxyState,
 };
@@ -102,8 +102,22 @@ impl Handler for HboneInbound {
                 destination_ip: c.authority.ip(),
                 destination_port: c.authority.port(),
             };
-            // Every refusal is logged with the reason it was answered with.
+            let labels = labels(
+                &state,
+                c.peer_addr,
+                Some(&c.peer_identity),
+                &dst,
+                SecurityPolicy::MutualTls,
+            );
+            // Every refusal is logged with the reason it was answered with, and counted.
             let refuse = |responder: Responder, result: &str, status: StatusCode| {
+                labels.opened();
+                let flags = if status == StatusCode::FORBIDDEN {
+                    ResponseFlags::Denied
+                } else {
+                    ResponseFlags::ConnectFailure
+                };
+                labels.closed(0, 0, flags);
                 access(
                     "inbound",
                     c.peer_addr,
@@ -151,13 +165,6 @@ impl Handler for HboneInbound {
             let Ok(tunnel) = responder.accept() else {
                 return;
             };
-            let labels = labels(
-                &state,
-                c.peer_addr,
-                Some(&c.peer_identity),
-                &dst,
-                SecurityPolicy::MutualTls,
-            );
             let mut app = app;
             let copy = async {
                 let (from_app, from_peer) = cairn_hbone::splice::splice(&mut app, tunnel).await?;
@@ -195,7 +202,7 @@ async fn splice(
     let result = copy.await;
     ACTIVE_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     let (from_peer, from_app) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
-    labels.closed(from_app, from_peer);
+    labels.closed(from_app, from_peer, ResponseFlags::None);
     match result {
         Ok((from_peer, from_app)) => {
             access(
@@ -236,7 +243,13 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
         destination_ip: dst_addr.ip(),
         destination_port: dst_addr.port(),
     };
+    let labels = labels(&state, src, None, &dst, SecurityPolicy::None);
+    let refused = |flags| {
+        labels.opened();
+        labels.closed(0, 0, flags);
+    };
     if let Decision::Deny { reason } = authorize(&state, &dst, &conn) {
+        refused(ResponseFlags::Denied);
         access(
             "inbound_plaintext",
             src,
@@ -251,7 +264,6 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
     match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(dst_addr)).await {
         Ok(Ok(mut app)) => {
             let _ = app.set_nodelay(true);
-            let labels = labels(&state, src, None, &dst, SecurityPolicy::None);
             let copy = tokio::io::copy_bidirectional_with_sizes(
                 &mut downstream,
                 &mut app,
@@ -269,15 +281,18 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
             )
             .await
         }
-        _ => access(
-            "inbound_plaintext",
-            src,
-            dst_addr,
-            None,
-            &dst.name,
-            "application unreachable",
-            (0, 0),
-        ),
+        _ => {
+            refused(ResponseFlags::ConnectFailure);
+            access(
+                "inbound_plaintext",
+                src,
+                dst_addr,
+                None,
+                &dst.name,
+                "application unreachable",
+                (0, 0),
+            )
+        }
     }
 }
 

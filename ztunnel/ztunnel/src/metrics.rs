@@ -35,6 +35,27 @@ impl SecurityPolicy {
     }
 }
 
+/// Why a connection ended badly (`response_flags`, Istio's values).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResponseFlags {
+    /// Nothing to report.
+    None,
+    /// Refused by authorization policy (or STRICT mTLS).
+    Denied,
+    /// The next hop (peer ztunnel, waypoint or application) could not be reached.
+    ConnectFailure,
+}
+
+impl ResponseFlags {
+    fn as_str(self) -> &'static str {
+        match self {
+            ResponseFlags::None => "-",
+            ResponseFlags::Denied => "DENY",
+            ResponseFlags::ConnectFailure => "CONNECT",
+        }
+    }
+}
+
 /// The labels of one connection. Unknown values are `unknown`, as in Istio.
 #[derive(Clone, Debug)]
 pub struct ConnLabels {
@@ -58,8 +79,9 @@ fn or_unknown(s: &str) -> String {
 }
 
 impl ConnLabels {
-    fn labels(&self) -> Vec<Label> {
+    fn labels(&self, flags: ResponseFlags) -> Vec<Label> {
         vec![
+            Label::new("response_flags", flags.as_str()),
             Label::new("reporter", self.reporter.as_str()),
             Label::new("source_workload", or_unknown(&self.source_workload)),
             Label::new(
@@ -88,15 +110,62 @@ impl ConnLabels {
     }
 
     pub fn opened(&self) {
-        counter!("istio_tcp_connections_opened_total", self.labels()).increment(1);
+        counter!(
+            "istio_tcp_connections_opened_total",
+            self.labels(ResponseFlags::None)
+        )
+        .increment(1);
     }
 
     /// `sent` and `received` are from the reporter's point of view of the client:
-    /// bytes the destination sent back, and bytes it received.
-    pub fn closed(&self, sent: u64, received: u64) {
-        let labels = self.labels();
+    /// bytes the destination sent back, and bytes it received. A connection that
+    /// never reached its destination also counts in `istio_tcp_connections_failed_total`.
+    pub fn closed(&self, sent: u64, received: u64, flags: ResponseFlags) {
+        let labels = self.labels(flags);
+        if flags != ResponseFlags::None {
+            counter!("istio_tcp_connections_failed_total", labels.clone()).increment(1);
+        }
         counter!("istio_tcp_connections_closed_total", labels.clone()).increment(1);
         counter!("istio_tcp_sent_bytes_total", labels.clone()).increment(sent);
         counter!("istio_tcp_received_bytes_total", labels).increment(received);
+    }
+}
+
+/// Control-plane and certificate health, under Cairn's own names (Istio's ztunnel
+/// has no stable equivalents): alert on `cairn_xds_connected == 0` for long, on NACKs,
+/// and on `cairn_certificate_earliest_expiry_timestamp_seconds - time()` getting short.
+pub mod health {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use metrics::{counter, gauge};
+
+    pub fn xds_connected() {
+        gauge!("cairn_xds_connected").set(1.0);
+    }
+
+    /// The xDS stream ended; `reason` is a short fixed word (`error`, `closed`).
+    pub fn xds_terminated(reason: &'static str) {
+        gauge!("cairn_xds_connected").set(0.0);
+        counter!("cairn_xds_stream_terminations_total", "reason" => reason).increment(1);
+    }
+
+    pub fn xds_response(type_url: &str, accepted: bool) {
+        let result = if accepted { "ack" } else { "nack" };
+        counter!("cairn_xds_responses_total", "type_url" => type_url.to_owned(), "result" => result)
+            .increment(1);
+    }
+
+    /// A certificate fetch finished, successfully or not.
+    pub fn certificate_fetched(ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        counter!("cairn_certificate_fetches_total", "result" => result).increment(1);
+    }
+
+    /// The earliest expiry among the certificates this ztunnel serves (0 when none).
+    pub fn earliest_certificate_expiry(at: Option<SystemTime>) {
+        let secs = at
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        gauge!("cairn_certificate_earliest_expiry_timestamp_seconds").set(secs);
     }
 }

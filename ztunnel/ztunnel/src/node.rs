@@ -87,6 +87,7 @@ impl NodeProxy {
                 let keep = identities.contains(id);
                 if !keep {
                     task.abort();
+                    manager.forget(id);
                 }
                 keep
             });

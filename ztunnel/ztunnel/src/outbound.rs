@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::{
     SPLICE_BUFFER, SharedState,
     certs::Certificates,
-    metrics::{ConnLabels, Reporter, SecurityPolicy},
+    metrics::{ConnLabels, Reporter, ResponseFlags, SecurityPolicy},
     state::ProxyState,
 };
 
@@ -267,7 +267,16 @@ impl Outbound {
         labels.opened();
         let result = self.carry(&route, source, source_ip, &mut downstream).await;
         let (sent, received) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
-        labels.closed(received, sent);
+        let flags = match &result {
+            Ok(_) | Err(OutboundError::Copy(_)) => ResponseFlags::None,
+            Err(OutboundError::Hbone(ClientError::Refused { status, .. }))
+                if *status == http::StatusCode::FORBIDDEN =>
+            {
+                ResponseFlags::Denied
+            }
+            Err(_) => ResponseFlags::ConnectFailure,
+        };
+        labels.closed(received, sent, flags);
         match &result {
             Ok((sent, received)) => {
                 info!(target: "access", direction = "outbound", src.workload = %source.name, dst.addr = %original, route = ?route, bytes.sent = sent, bytes.received = received, "connection complete")

@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use tracing::{info, warn};
 
-use crate::{SharedState, state::ProxyState};
+use crate::{SharedState, metrics::health, state::ProxyState};
 
 /// How to reach the controller.
 #[derive(Clone, Debug)]
@@ -171,8 +171,9 @@ impl XdsClient {
                 _ = shutdown.changed() => return,
             };
             match result {
-                Ok(()) => {}
+                Ok(()) => health::xds_terminated("closed"),
                 Err(e) => {
+                    health::xds_terminated("error");
                     warn!(error = %e, retry_in = ?backoff, "xDS stream failed; serving the last good config")
                 }
             }
@@ -233,6 +234,7 @@ impl XdsClient {
             .await?
             .into_inner();
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        health::xds_connected();
         info!(controller = %self.config.address, "xDS stream established");
         while let Some(resp) = responses.message().await? {
             // `apply` converts everything before changing anything.
@@ -246,6 +248,7 @@ impl XdsClient {
                         .resources_received
                         .fetch_add(n as u64, Ordering::Relaxed);
                     self.stats.acks.fetch_add(1, Ordering::Relaxed);
+                    health::xds_response(&resp.type_url, true);
                     self.synced.store(true, Ordering::Release);
                     DeltaDiscoveryRequest {
                         type_url: resp.type_url.clone(),
@@ -256,6 +259,7 @@ impl XdsClient {
                 Err(message) => {
                     warn!(type_url = %resp.type_url, nonce = %resp.nonce, error = %message, "rejecting (NACK) config; keeping the previous version");
                     self.stats.nacks.fetch_add(1, Ordering::Relaxed);
+                    health::xds_response(&resp.type_url, false);
                     DeltaDiscoveryRequest {
                         type_url: resp.type_url.clone(),
                         response_nonce: resp.nonce.clone(),
