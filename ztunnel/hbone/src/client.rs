@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
-use crate::{H2Settings, stream::H2Stream, transport};
+use crate::{H2Settings, keepalive, stream::H2Stream, transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -170,17 +170,17 @@ impl Client {
                 addr,
                 source: std::io::Error::other(e),
             })?;
-        let mut send = conn
-            .send
-            .clone()
-            .ready()
+        // A peer that accepted the connection but never answers the CONNECT must not
+        // hold the caller forever.
+        let timeout = self.pool.connect_timeout;
+        let exchange = async {
+            let mut send = conn.send.clone().ready().await?;
+            let (response, send_stream) = send.send_request(request, false)?;
+            Ok::<_, h2::Error>((response.await?, send_stream))
+        };
+        let (response, send_stream) = tokio::time::timeout(timeout, exchange)
             .await
-            .map_err(|source| ClientError::H2 { addr, source })?;
-        let (response, send_stream) = send
-            .send_request(request, false)
-            .map_err(|source| ClientError::H2 { addr, source })?;
-        let response = response
-            .await
+            .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
             .map_err(|source| ClientError::H2 { addr, source })?;
         if response.status() != StatusCode::OK {
             return Err(ClientError::Refused {
@@ -244,7 +244,7 @@ impl Client {
         .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
         .map_err(|source| ClientError::Tls { addr, source })?;
         let s = self.h2;
-        let (send, connection) = h2::client::Builder::new()
+        let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
@@ -254,10 +254,24 @@ impl Client {
             .map_err(|source| ClientError::H2 { addr, source })?;
         let closed = Arc::new(AtomicBool::new(false));
         let closed_by_task = closed.clone();
+        let ping = connection.ping_pong();
         tokio::spawn(async move {
-            match connection.await {
-                Ok(()) => debug!(%addr, "HBONE connection closed"),
-                Err(e) => warn!(%addr, error = %e, "HBONE connection failed"),
+            let keepalive = async {
+                match ping {
+                    Some(p) => {
+                        keepalive::unresponsive(p, s.keepalive_interval, s.keepalive_timeout).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                result = &mut connection => match result {
+                    Ok(()) => debug!(%addr, "HBONE connection closed"),
+                    Err(e) => warn!(%addr, error = %e, "HBONE connection failed"),
+                },
+                reason = keepalive => {
+                    warn!(%addr, %reason, "HBONE peer unresponsive; closing the connection");
+                }
             }
             closed_by_task.store(true, Ordering::Release);
         });

@@ -10,6 +10,7 @@
 //! The ztunnel and the waypoint both build on this crate.
 
 pub mod client;
+mod keepalive;
 pub mod server;
 pub mod splice;
 pub mod stream;
@@ -40,6 +41,11 @@ pub struct H2Settings {
     pub max_header_list_size: u32,
     /// Concurrent CONNECT streams a server accepts per connection.
     pub max_concurrent_streams: u32,
+    /// A PING is sent this often on every HBONE connection...
+    pub keepalive_interval: std::time::Duration,
+    /// ...and the connection is closed if the answer takes longer than this: a peer
+    /// that vanished (host down, path black-holed) does not hold streams forever.
+    pub keepalive_timeout: std::time::Duration,
 }
 
 impl Default for H2Settings {
@@ -50,6 +56,8 @@ impl Default for H2Settings {
             max_frame_size: 1024 * 1024,
             max_header_list_size: 16 * 1024,
             max_concurrent_streams: 100,
+            keepalive_interval: std::time::Duration::from_secs(10),
+            keepalive_timeout: std::time::Duration::from_secs(20),
         }
     }
 }

@@ -19,7 +19,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tracing::{debug, warn};
 
-use crate::{H2Settings, Transport, stream::H2Stream, transport};
+use crate::{H2Settings, Transport, keepalive, stream::H2Stream, transport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -159,7 +159,24 @@ impl Server {
                 peer: peer_addr,
                 source,
             })?;
-        while let Some(next) = conn.accept().await {
+        let ping = conn.ping_pong();
+        let mut keepalive = std::pin::pin!(async {
+            match ping {
+                Some(p) => {
+                    keepalive::unresponsive(p, s.keepalive_interval, s.keepalive_timeout).await
+                }
+                None => std::future::pending().await,
+            }
+        });
+        loop {
+            let next = tokio::select! {
+                next = conn.accept() => next,
+                reason = &mut keepalive => {
+                    warn!(peer = %peer_addr, %reason, "HBONE client unresponsive; closing the connection");
+                    return Ok(());
+                }
+            };
+            let Some(next) = next else { break };
             let (request, mut respond) = match next {
                 Ok(r) => r,
                 Err(source) if source.is_go_away() || source.is_remote() => {

@@ -417,3 +417,161 @@ async fn a_peer_that_stalls_the_handshake_is_dropped() {
         .expect_err("stalled handshake");
     assert!(err.to_string().contains("did not finish within"), "{err}");
 }
+
+#[tokio::test]
+async fn splice_carries_a_tcp_connection_through_a_tunnel_with_half_close() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let tunnel = client
+        .connect(&key(srv.addr), tls, "10.0.0.7:8080".parse().expect("addr"))
+        .await
+        .expect("tunnel");
+    // `app` stands for the captured application connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let mut app = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (mut proxied, _) = listener.accept().await.expect("accept");
+    let splice =
+        tokio::spawn(async move { cairn_hbone::splice::splice(&mut proxied, tunnel).await });
+    // 300 KiB: several read chunks, more than one flow-control grant.
+    let msg: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+    app.write_all(&msg).await.expect("write");
+    app.shutdown().await.expect("half-close");
+    let mut out = Vec::new();
+    app.read_to_end(&mut out).await.expect("read to EOF");
+    let head = format!("{CLIENT} -> 10.0.0.7:8080: ");
+    assert_eq!(&out[..head.len()], head.as_bytes());
+    assert!(out[head.len()..] == msg[..], "echoed bytes differ");
+    let (up, down) = splice.await.expect("task").expect("splice");
+    assert_eq!((up, down), (msg.len() as u64, out.len() as u64));
+}
+
+#[tokio::test]
+async fn a_connect_that_is_never_answered_times_out() {
+    let mesh = ca("mesh");
+    let roots = MeshRoots::from_pem(mesh.pem.as_bytes()).expect("roots");
+    let config = server_config(&workload(&mesh, SERVER), &roots).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Completes TLS and HTTP/2, takes the CONNECT, never answers it.
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .expect("tls");
+        let mut conn = h2::server::handshake(tls).await.expect("h2");
+        let mut held = Vec::new();
+        while let Some(Ok(request)) = conn.accept().await {
+            held.push(request);
+        }
+    });
+    let client = Client::new(
+        H2Settings::default(),
+        PoolSettings {
+            connect_timeout: Duration::from_millis(300),
+            ..PoolSettings::default()
+        },
+    );
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let err = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.connect(&key(addr), tls, "10.0.0.7:8080".parse().expect("addr")),
+    )
+    .await
+    .expect("the client gives up on its own")
+    .expect_err("no answer");
+    assert!(matches!(err, ClientError::ConnectTimeout { .. }), "{err}");
+}
+
+/// Forwards TCP to `to`; `freeze` makes every pair accepted so far stop forwarding
+/// (sockets stay open: a black-holed path), while new pairs work.
+struct Relay {
+    addr: SocketAddr,
+    pairs: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let pairs: Arc<Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> = Arc::default();
+        let list = pairs.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                let up = tokio::net::TcpStream::connect(to).await.expect("upstream");
+                let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                list.lock().expect("lock").push(frozen.clone());
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                tokio::spawn(forward(dr, uw, frozen.clone()));
+                tokio::spawn(forward(ur, dw, frozen));
+            }
+        });
+        Relay { addr, pairs }
+    }
+
+    fn freeze(&self) {
+        for f in self.pairs.lock().expect("lock").iter() {
+            f.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || frozen.load(Ordering::SeqCst) {
+            break;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    // Frozen or done: hold both halves open without moving bytes.
+    if frozen.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[tokio::test]
+async fn an_unresponsive_peer_is_detected_by_keepalive() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let relay = Relay::start(srv.addr).await;
+    let settings = H2Settings {
+        keepalive_interval: Duration::from_millis(100),
+        keepalive_timeout: Duration::from_millis(200),
+        ..H2Settings::default()
+    };
+    let client = Client::new(settings, PoolSettings::default());
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let k = key(relay.addr);
+    // Healthy: keepalives are answered, the connection stays and is reused.
+    round_trip(&client, &k, tls.clone(), b"a").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    round_trip(&client, &k, tls.clone(), b"b").await;
+    assert_eq!(client.connections_opened(), 1);
+    // A tunnel is open when the path goes dark: it ends instead of hanging.
+    let mut stuck = client
+        .connect(&k, tls.clone(), "10.0.0.7:8080".parse().expect("addr"))
+        .await
+        .expect("tunnel");
+    relay.freeze();
+    let mut buf = [0u8; 16];
+    let ended = tokio::time::timeout(Duration::from_secs(5), stuck.read(&mut buf)).await;
+    assert!(ended.is_ok(), "a tunnel over a dead connection hangs");
+    // The dead connection left the pool: the next tunnel dials a new one.
+    let out = tokio::time::timeout(Duration::from_secs(5), round_trip(&client, &k, tls, b"c"))
+        .await
+        .expect("the pool hands out a dead connection");
+    assert!(out.ends_with(b"c"));
+    assert_eq!(client.connections_opened(), 2);
+}
