@@ -99,8 +99,10 @@ pub async fn serve(
         let (mut s, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                warn!(error = %e, "explicit outbound listener failed");
-                return;
+                // Transient (out of descriptors, aborted while queued): keep serving.
+                warn!(error = %e, "explicit outbound accept failed; retrying in 100ms");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
             }
         };
         let _ = s.set_nodelay(true);

@@ -296,7 +296,13 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
     }
 }
 
-/// Accepts HBONE on `listener` for one local workload until the listener fails. The
+/// TLS handshakes in progress per HBONE listener at most. Past that, new connections
+/// are closed at once: a flood of half-open connections (connect, then silence) costs
+/// a bounded number of sockets for at most the handshake timeout, and connections
+/// already established are unaffected.
+pub const MAX_PENDING_HANDSHAKES: usize = 128;
+
+/// Accepts HBONE on `listener` for one local workload until the task is aborted. The
 /// server certificate is taken from `certs` per connection, so rotations apply to new
 /// connections while established ones keep their session.
 pub async fn serve_hbone(
@@ -305,14 +311,29 @@ pub async fn serve_hbone(
     identity: SpiffeId,
     settings: H2Settings,
     handler: Arc<HboneInbound>,
+    max_pending_handshakes: usize,
 ) {
+    let pending = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));
+    let mut shed = 0u64;
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                warn!(error = %e, "HBONE listener failed");
-                return;
+                // Out of file descriptors or memory, or a connection aborted while
+                // queued: all pass. Giving up would cut the workload off for good.
+                warn!(error = %e, "HBONE accept failed; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            shed += 1;
+            metrics::counter!("cairn_hbone_connections_shed_total").increment(1);
+            // 1st, 2nd, 4th, 8th...: visible without flooding the log in turn.
+            if shed.is_power_of_two() {
+                warn!(src.addr = %peer, shed, max_pending_handshakes, "too many HBONE handshakes in progress; closing new connections");
+            }
+            continue;
         };
         let config = match certs.server(&identity) {
             Ok(c) => c,
@@ -326,7 +347,9 @@ pub async fn serve_hbone(
         let server = Server::new(config, settings);
         let handler = handler.clone();
         tokio::spawn(async move {
-            match server.handshake(tcp, peer).await {
+            let handshake = server.handshake(tcp, peer).await;
+            drop(permit);
+            match handshake {
                 Ok((tls, identity)) => {
                     if let Err(e) = server.serve(tls, peer, identity, handler).await {
                         warn!(error = %e, "HBONE connection ended with an error");

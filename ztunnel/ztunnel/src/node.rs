@@ -126,6 +126,7 @@ impl NodeProxy {
                 w.identity.clone(),
                 H2Settings::default(),
                 handler,
+                inbound::MAX_PENDING_HANDSHAKES,
             ));
             let mut tasks = vec![task];
             if let Some(outbound) = &self.outbound {

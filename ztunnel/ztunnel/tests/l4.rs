@@ -256,9 +256,14 @@ async fn app(addr: SocketAddr, name: &'static str) {
 struct Node {
     state: SharedState,
     outbound: Arc<Outbound>,
+    certs: Arc<dyn Certificates>,
 }
 
 async fn node(strict: bool, net: u8) -> Node {
+    node_with(strict, net, inbound::MAX_PENDING_HANDSHAKES).await
+}
+
+async fn node_with(strict: bool, net: u8, max_pending_handshakes: usize) -> Node {
     let m = mesh();
     let ids = ["productpage", "details", "reviews", "ratings"].map(sa);
     let certs: Arc<dyn Certificates> = Arc::new(StaticCertificates::new(
@@ -291,15 +296,20 @@ async fn node(strict: bool, net: u8) -> Node {
             sa(presents),
             H2Settings::default(),
             handler,
+            max_pending_handshakes,
         ));
     }
     let outbound = Arc::new(Outbound {
         state: state.clone(),
         client: Client::new(H2Settings::default(), PoolSettings::default()),
-        certs,
+        certs: certs.clone(),
         bind_source_ip: true,
     });
-    Node { state, outbound }
+    Node {
+        state,
+        outbound,
+        certs,
+    }
 }
 
 /// Connects "from" `source` to `dst` through the outbound proxy; returns what came back
@@ -498,4 +508,53 @@ async fn admin_reports_config_metrics_and_readiness() {
         metrics.contains("istio_tcp_received_bytes_total{"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_flood_of_half_open_connections_is_shed_without_hurting_traffic() {
+    const LIMIT: usize = 4;
+    let n = node_with(false, 9, LIMIT).await;
+    let v1 = "127.9.0.12:9080";
+    let hbone: SocketAddr = "127.9.0.12:15008".parse().expect("addr");
+    // An established, pooled HBONE connection to v1.
+    let (out, res) = call(&n, "productpage", v1, b"before").await;
+    res.expect("allowed");
+    assert_eq!(out, b"v1:before");
+    // LIMIT connections that never start TLS take every handshake slot...
+    let mut silent = Vec::new();
+    for _ in 0..LIMIT {
+        silent.push(TcpStream::connect(hbone).await.expect("connect"));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // ...so more are closed at once instead of piling up.
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(hbone).await.expect("connect");
+        let mut b = [0u8; 1];
+        let closed = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut b)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "shed connection left open: {closed:?}"
+        );
+    }
+    // Traffic on the established connection goes on during the flood.
+    let (out, res) = call(&n, "productpage", v1, b"during").await;
+    res.expect("allowed during the flood");
+    assert_eq!(out, b"v1:during");
+    // Once the flood stops, new HBONE connections are accepted again.
+    drop(silent);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let fresh = Node {
+        state: n.state.clone(),
+        outbound: Arc::new(Outbound {
+            state: n.state.clone(),
+            client: Client::new(H2Settings::default(), PoolSettings::default()),
+            certs: n.certs.clone(),
+            bind_source_ip: true,
+        }),
+        certs: n.certs.clone(),
+    };
+    let (out, res) = call(&fresh, "productpage", v1, b"after").await;
+    res.expect("allowed after the flood");
+    assert_eq!(out, b"v1:after");
+    assert_eq!(fresh.outbound.client.connections_opened(), 1);
 }
