@@ -135,6 +135,7 @@ async fn mesh(app_addr: SocketAddr) -> SocketAddr {
             state: state.clone(),
             workload_uid: s.uid.clone(),
         }),
+        inbound::MAX_PENDING_HANDSHAKES,
     ));
     let outbound = Arc::new(Outbound {
         state,
