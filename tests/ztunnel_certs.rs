@@ -133,6 +133,7 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
             state,
             workload_uid: "Kubernetes//Pod/bookinfo/reviews-v1".into(),
         }),
+        inbound::MAX_PENDING_HANDSHAKES,
     ));
 
     let key = PoolKey {
