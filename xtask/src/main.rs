@@ -18,7 +18,7 @@ fn main() -> Result<()> {
         Some("test") => test(&root),
         Some("bench") => bench(&root, args.get(1).map(String::as_str)),
         _ => {
-            eprintln!("usage: cargo xtask <test | bench [controller|l4|l4-loopback]>");
+            eprintln!("usage: cargo xtask <test | bench [controller|l4|l4-loopback|lb]>");
             bail!("unknown or missing command")
         }
     }
@@ -107,6 +107,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("controller", "cairn-controller", "controller"),
     ("l4", "cairn-tests", "l4"),
     ("l4-loopback", "cairn-ztunnel", "l4"),
+    ("lb", "cairn-ztunnel", "lb"),
 ];
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {

@@ -7,6 +7,7 @@
 //! Config reaches this crate only as `cairn_api::model` values.
 
 pub mod admin;
+pub mod balance;
 pub mod ca;
 pub mod certs;
 pub mod config;

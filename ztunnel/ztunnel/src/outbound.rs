@@ -1,7 +1,7 @@
 //! Outbound: where a captured connection from a local workload goes.
 //!
-//! [`route`] is pure (state in, decision out): a service VIP becomes one healthy
-//! endpoint (or the service's waypoint); a workload that speaks HBONE is reached by
+//! [`route`] decides from the state (and the per-service round-robin counters): a
+//! service VIP becomes one healthy endpoint (or the service's waypoint); a workload that speaks HBONE is reached by
 //! tunnelling to `<its ip>:15008` as the source identity; anything else passes through
 //! as plain TCP. [`Outbound::proxy`] carries the decision out.
 
@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::{
-    SPLICE_BUFFER, SharedState,
+    SPLICE_BUFFER, SharedState, balance,
     certs::Certificates,
     metrics::{ConnLabels, Reporter, ResponseFlags, SecurityPolicy},
     state::ProxyState,
@@ -202,8 +202,8 @@ pub fn route(
             });
         }
         let candidates = preferred_endpoints(state, svc, source);
-        let endpoint = candidates
-            .choose(&mut rand::rng())
+        let endpoint = balance::ENDPOINTS
+            .pick(&(&svc.namespace, &svc.hostname), &candidates)
             .ok_or_else(|| RouteError::NoEndpoint(svc.hostname.clone()))?;
         let target = target_port(svc, endpoint, port).unwrap_or(port);
         return workload_route(endpoint, target)
