@@ -125,7 +125,8 @@ fn two_nodes_service_vip_through_both_ztunnels() {
         ],
     );
     assert!(count >= 1.0, "no inbound metric at node B:\n{metrics}");
-    // The three denials are counted on both sides, flagged DENY.
+    // The three denials are counted on both sides, flagged DENY (summed over the
+    // endpoints they were spread across).
     let other = "source_principal=\"spiffe://cluster.local/ns/demo/sa/other\"";
     let deny = "response_flags=\"DENY\"";
     for (node, reporter) in [(NODE_B, "destination"), (NODE_A, "source")] {
@@ -165,13 +166,12 @@ fn two_nodes_service_vip_through_both_ztunnels() {
     );
 }
 
-/// The value of the sample of `name` whose labels contain every one of `labels`
+/// The sum of the samples of `name` whose labels contain every one of `labels`
 /// (0 when there is none).
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -63,6 +63,7 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
             server_name: "localhost".into(),
             token: "node-a".into(),
             ttl: TTL,
+            timeout: cairn_ztunnel::ca::CA_TIMEOUT,
         },
         MeshRoots::from_pem(root.as_bytes()).expect("roots"),
     );
@@ -191,4 +192,55 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
     t2.write_all(b"new").await.expect("write");
     let n = t2.read(&mut buf).await.expect("read");
     assert_eq!(&buf[..n], b"new");
+}
+
+#[tokio::test]
+async fn a_stalled_ca_fails_the_fetch_which_is_then_retried() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ctl = controller(dir.path()).await;
+    let root = ctl.root.clone();
+    // Takes connections and never says a word (no TLS, no gRPC).
+    let stalled = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = stalled.local_addr().expect("addr");
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = attempts.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = stalled.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let certs = CertManager::new(
+        CaConfig {
+            address: format!("https://{addr}"),
+            root_pem: root.clone(),
+            server_name: "localhost".into(),
+            token: "node-a".into(),
+            ttl: TTL,
+            timeout: Duration::from_millis(300),
+        },
+        MeshRoots::from_pem(root.as_bytes()).expect("roots"),
+    );
+    let reviews = id("bookinfo-reviews");
+    let _task = certs.manage(reviews.clone());
+    // Each attempt gives up after the timeout and a new one follows after the backoff.
+    for _ in 0..100 {
+        if attempts.load(Ordering::SeqCst) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        attempts.load(Ordering::SeqCst) >= 3,
+        "fetches hang on a stalled CA: {} attempts, {:?}",
+        attempts.load(Ordering::SeqCst),
+        certs.state(&reviews)
+    );
+    assert!(
+        matches!(certs.state(&reviews), Some((CertState::Failed(_), 0))),
+        "{:?}",
+        certs.state(&reviews)
+    );
 }

@@ -86,20 +86,62 @@ async fn serve_http(listener: TcpListener) {
     }
 }
 
+// === relay mode ===
+
+/// Ports the plain relays listen on: the target port plus this, on node A...
+const RELAY_A: u16 = 10_000;
+/// ...and plus this on node B.
+const RELAY_B: u16 = 20_000;
+
+/// A plain TCP relay in a ztunnel's place (same hops, no mTLS, no HTTP/2, one worker
+/// thread like the lab's ztunnels): the floor the extra hops alone cost. Listens on
+/// `listen`:`port + from` for each bench port and forwards to `next`:`port + to`.
+async fn relay(listen: &str, from: u16, next: &str, to: u16) {
+    for port in [ECHO_PORT, SINK_PORT, HTTP_PORT] {
+        let listener = TcpListener::bind((listen, port + from))
+            .await
+            .expect("bind relay");
+        let next: SocketAddr = format!("{next}:{}", port + to).parse().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut down, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut up) = TcpStream::connect(next).await else {
+                        return;
+                    };
+                    let _ = (down.set_nodelay(true), up.set_nodelay(true));
+                    let _ = tokio::io::copy_bidirectional_with_sizes(
+                        &mut down,
+                        &mut up,
+                        128 * 1024,
+                        128 * 1024,
+                    )
+                    .await;
+                });
+            }
+        });
+    }
+    std::future::pending::<()>().await;
+}
+
 // === client mode ===
 
-/// Where the client connects: straight to the server pod, or to the client pod's
-/// explicit outbound entry with a PROXY header naming the server pod.
+/// Where the client connects: straight to the server pod, to the client pod's
+/// explicit outbound entry with a PROXY header naming the server pod, or to the
+/// plain relay on A.
 #[derive(Clone, Copy)]
 enum Path {
     Direct,
     Mesh,
+    Relay,
 }
 
 async fn open(path: Path, port: u16) -> TcpStream {
     let dst: SocketAddr = format!("{SERVER_POD}:{port}").parse().expect("addr");
     let s = match path {
         Path::Direct => TcpStream::connect(dst).await.expect("connect"),
+        Path::Relay => TcpStream::connect((CLIENT_POD, port + RELAY_A))
+            .await
+            .expect("connect relay"),
         Path::Mesh => {
             let mut s = TcpStream::connect((CLIENT_POD, 15001))
                 .await
@@ -224,6 +266,7 @@ async fn http(path: Path, connections: usize, run: Duration) -> f64 {
 async fn client(args: &[String]) {
     let path = match args[0].as_str() {
         "direct" => Path::Direct,
+        "relay" => Path::Relay,
         _ => Path::Mesh,
     };
     let num = |i: usize| args[i].parse::<u64>().expect("number");
@@ -297,9 +340,27 @@ fn run(lab: &Lab, args: &[&str]) -> Vec<f64> {
         .collect()
 }
 
-fn ztunnel_cpu(lab: &Lab) -> f64 {
-    lab.ztunnels.iter().map(|p| cpu_seconds(*p)).sum()
+/// The processes whose CPU a path costs: the ztunnels for the mesh, the relays for
+/// the relay path, nothing for direct.
+struct Procs {
+    ztunnels: [u32; 2],
+    relays: [u32; 2],
 }
+
+impl Procs {
+    fn cpu(&self, path: &str) -> f64 {
+        let pids: &[u32] = match path {
+            "mesh" => &self.ztunnels,
+            "relay" => &self.relays,
+            _ => &[],
+        };
+        pids.iter().map(|p| cpu_seconds(*p)).sum()
+    }
+}
+
+/// Direct, through the ztunnels, through the plain relays: every measurement runs
+/// on each, in this order, back to back.
+const PATHS: [&str; 3] = ["direct", "mesh", "relay"];
 
 fn peak_rss(lab: &Lab) -> f64 {
     lab.ztunnels
@@ -313,32 +374,56 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Bulk throughput (bytes/s) of both paths, alternating direct and mesh runs so that
-/// both see the same background load; medians, and the ztunnels' CPU per GB over
-/// the mesh runs.
-fn bulk_both(lab: &Lab, scale: &Scale, streams: &str) -> (f64, f64, f64) {
-    let b = scale.bulk.to_string();
-    let (mut direct, mut mesh, mut cpu) = (Vec::new(), Vec::new(), 0.0);
-    for _ in 0..scale.rounds {
-        direct.push(run(lab, &["direct", "bulk", &b, streams])[0]);
-        let cpu0 = ztunnel_cpu(lab);
-        mesh.push(run(lab, &["mesh", "bulk", &b, streams])[0]);
-        cpu += ztunnel_cpu(lab) - cpu0;
-    }
-    let gb = (scale.bulk * scale.rounds as u64) as f64 / 1e9;
-    (median(direct), median(mesh), cpu / gb)
+/// One figure per path, and the CPU its processes spent per unit of work.
+#[derive(Clone, Copy, Default)]
+struct Figure {
+    value: f64,
+    cpu_per_unit: f64,
 }
 
-/// Keep-alive HTTP req/s of both paths on `connections` connections, and the
-/// ztunnels' CPU per request (µs) over the mesh run.
-fn http_both(lab: &Lab, scale: &Scale, connections: &str) -> (f64, f64, f64) {
+/// Bulk throughput (bytes/s) per path: rounds alternate between the paths so that
+/// all see the same background load; medians, and CPU-s per GB.
+fn bulk_all(lab: &Lab, procs: &Procs, scale: &Scale, streams: &str) -> [Figure; 3] {
+    let b = scale.bulk.to_string();
+    let mut rates: [Vec<f64>; 3] = Default::default();
+    let mut cpu = [0.0; 3];
+    for _ in 0..scale.rounds {
+        for (i, path) in PATHS.iter().enumerate() {
+            let cpu0 = procs.cpu(path);
+            rates[i].push(run(lab, &[path, "bulk", &b, streams])[0]);
+            cpu[i] += procs.cpu(path) - cpu0;
+        }
+    }
+    let gb = (scale.bulk * scale.rounds as u64) as f64 / 1e9;
+    std::array::from_fn(|i| Figure {
+        value: median(rates[i].clone()),
+        cpu_per_unit: cpu[i] / gb,
+    })
+}
+
+/// Keep-alive HTTP req/s per path on `connections` connections, and CPU µs per request.
+fn http_all(lab: &Lab, procs: &Procs, scale: &Scale, connections: &str) -> [Figure; 3] {
     let ms = scale.http_ms.to_string();
-    let direct = run(lab, &["direct", "http", connections, &ms])[0];
-    let cpu0 = ztunnel_cpu(lab);
-    let mesh = run(lab, &["mesh", "http", connections, &ms])[0];
-    let cpu = ztunnel_cpu(lab) - cpu0;
-    let requests = mesh * scale.http_ms as f64 / 1000.0;
-    (direct, mesh, cpu / requests * 1e6)
+    PATHS.map(|path| {
+        let cpu0 = procs.cpu(path);
+        let rate = run(lab, &[path, "http", connections, &ms])[0];
+        let requests = rate * scale.http_ms as f64 / 1000.0;
+        Figure {
+            value: rate,
+            cpu_per_unit: (procs.cpu(path) - cpu0) / requests * 1e6,
+        }
+    })
+}
+
+/// 64-byte ping-pong p50 and p99 per path, and CPU µs per round trip.
+fn ping_all(lab: &Lab, procs: &Procs, scale: &Scale) -> [(f64, f64, f64); 3] {
+    let n = scale.pings.to_string();
+    PATHS.map(|path| {
+        let cpu0 = procs.cpu(path);
+        let r = run(lab, &[path, "ping", &n]);
+        let cpu = (procs.cpu(path) - cpu0) / scale.pings as f64 * 1e6;
+        (r[0], r[1], cpu)
+    })
 }
 
 fn orchestrate(full: bool) {
@@ -369,76 +454,113 @@ fn orchestrate(full: bool) {
     let mut lab = Lab::start(&manifests, &[CLIENT_POD], &[SERVER_POD], [1, 1]);
     let me = std::env::current_exe().expect("exe").display().to_string();
     lab.spawn(NODE_B, &[&me, "serve"], &[], "server.log");
+    let (a, b) = (RELAY_A.to_string(), RELAY_B.to_string());
+    let relays = [
+        lab.spawn(
+            NODE_A,
+            &[&me, "relay", CLIENT_POD, &a, SERVER_POD, &b],
+            &[],
+            "relay-a.log",
+        ),
+        lab.spawn(
+            NODE_B,
+            &[&me, "relay", SERVER_POD, &b, SERVER_POD, "0"],
+            &[],
+            "relay-b.log",
+        ),
+    ];
+    let procs = Procs {
+        ztunnels: lab.ztunnels,
+        relays,
+    };
     std::thread::sleep(Duration::from_millis(300));
     let idle: f64 = lab.ztunnels.iter().map(|p| kib(*p, "VmRSS:")).sum::<f64>() / 2.0;
 
-    let (d1, m1, cpu_per_gb) = bulk_both(&lab, &scale, "1");
+    let [d1, m1, r1] = bulk_all(&lab, &procs, &scale, "1");
     let hwm1 = peak_rss(&lab);
-    let (d4, m4, _) = bulk_both(&lab, &scale, "4");
+    let [d4, m4, r4] = bulk_all(&lab, &procs, &scale, "4");
     let hwm4 = peak_rss(&lab);
-    let p = scale.pings.to_string();
-    let dp = run(&lab, &["direct", "ping", &p]);
-    let cpu0 = ztunnel_cpu(&lab);
-    let mp = run(&lab, &["mesh", "ping", &p]);
-    let cpu_per_rtt_us = (ztunnel_cpu(&lab) - cpu0) / scale.pings as f64 * 1e6;
-    let (dh1, mh1, _) = http_both(&lab, &scale, "1");
-    let (dh16, mh16, cpu_per_req_us) = http_both(&lab, &scale, "16");
+    let [dp, mp, rp] = ping_all(&lab, &procs, &scale);
+    let [dh1, mh1, rh1] = http_all(&lab, &procs, &scale, "1");
+    let [dh16, mh16, rh16] = http_all(&lab, &procs, &scale, "16");
     let c = scale.conns.to_string();
-    let dc = run(&lab, &["direct", "conns", &c])[0];
-    let mc = run(&lab, &["mesh", "conns", &c])[0];
+    let [dc, mc, rc] = PATHS.map(|path| run(&lab, &[path, "conns", &c])[0]);
 
     let gbit = |v: f64| format!("{:.2} Gbit/s", v * 8.0 / 1e9);
+    let pct = |m: f64, d: f64| format!("{:.0}%", 100.0 * m / d);
     println!("<!-- l4:begin -->");
     println!(
-        "Two network namespaces joined by a veth pair, one ztunnel per namespace (release build under `cargo xtask bench`), client pod on A, server pod on B. Bulk: {} MiB to a sink, {} alternating direct/mesh rounds, medians. HTTP: keep-alive HTTP/1.1 GETs to a hyper server for {} ms. CPU is both ztunnels' user+system time; RSS per ztunnel.\n",
+        "Two network namespaces joined by a veth pair, one ztunnel per namespace (release build under `cargo xtask bench`, one worker thread each), client pod on A, server pod on B. Bulk: {} MiB to a sink, {} rounds alternating the paths, medians. HTTP: keep-alive HTTP/1.1 GETs to a hyper server for {} ms. CPU is both ztunnels' user+system time; RSS per ztunnel. Last column: the same hops through two plain TCP relays (tokio, one worker, no mTLS, no HTTP/2) in the ztunnels' places: what the extra hops alone cost on this machine.\n",
         scale.bulk >> 20,
         scale.rounds,
         scale.http_ms
     );
-    println!("| figure | through both ztunnels | direct TCP (same run) | ratio | goal |");
-    println!("| --- | --- | --- | --- | --- |");
     println!(
-        "| bulk throughput, 1 stream | {} | {} | {:.0}% | >= 40% |",
-        gbit(m1),
-        gbit(d1),
-        100.0 * m1 / d1
+        "| figure | through both ztunnels | direct TCP (same run) | ratio | goal | plain relays (ratio to direct) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| bulk throughput, 1 stream | {} | {} | {} | >= 40% | {} ({}) |",
+        gbit(m1.value),
+        gbit(d1.value),
+        pct(m1.value, d1.value),
+        gbit(r1.value),
+        pct(r1.value, d1.value)
     );
     println!(
-        "| bulk throughput, 4 streams | {} | {} | {:.0}% | >= 30% |",
-        gbit(m4),
-        gbit(d4),
-        100.0 * m4 / d4
+        "| bulk throughput, 4 streams | {} | {} | {} | >= 30% | {} ({}) |",
+        gbit(m4.value),
+        gbit(d4.value),
+        pct(m4.value, d4.value),
+        gbit(r4.value),
+        pct(r4.value, d4.value)
     );
     println!(
-        "| 64 B ping-pong p50 / p99 | {:.1} / {:.1} µs | {:.1} / {:.1} µs | +{:.1} µs at p50 | <= +60 µs |",
-        mp[0],
-        mp[1],
-        dp[0],
-        dp[1],
-        mp[0] - dp[0]
+        "| 64 B ping-pong p50 / p99 | {:.1} / {:.1} µs | {:.1} / {:.1} µs | +{:.1} µs at p50 | <= +60 µs | {:.1} / {:.1} µs (+{:.1} µs) |",
+        mp.0,
+        mp.1,
+        dp.0,
+        dp.1,
+        mp.0 - dp.0,
+        rp.0,
+        rp.1,
+        rp.0 - dp.0
     );
     println!(
-        "| keep-alive HTTP req/s, 1 connection | {mh1:.0} | {dh1:.0} | {:.0}% | - |",
-        100.0 * mh1 / dh1
+        "| keep-alive HTTP req/s, 1 connection | {:.0} | {:.0} | {} | - | {:.0} ({}) |",
+        mh1.value,
+        dh1.value,
+        pct(mh1.value, dh1.value),
+        rh1.value,
+        pct(rh1.value, dh1.value)
     );
     println!(
-        "| keep-alive HTTP req/s, 16 connections | {mh16:.0} | {dh16:.0} | {:.0}% | >= 35% |",
-        100.0 * mh16 / dh16
+        "| keep-alive HTTP req/s, 16 connections | {:.0} | {:.0} | {} | >= 35% | {:.0} ({}) |",
+        mh16.value,
+        dh16.value,
+        pct(mh16.value, dh16.value),
+        rh16.value,
+        pct(rh16.value, dh16.value)
     );
     println!(
-        "| new connections per second | {mc:.0} | {dc:.0} | {:.0}% | >= 45% |",
-        100.0 * mc / dc
-    );
-    println!("| ztunnel CPU per GB (1 stream) | {cpu_per_gb:.2} CPU-s | - | - | <= 1.4 CPU-s |");
-    println!(
-        "| ztunnel CPU per request (HTTP, 16 connections) | {cpu_per_req_us:.1} µs ({:.1} ms per 1,000) | - | - | <= 25 µs |",
-        cpu_per_req_us
+        "| new connections per second | {mc:.0} | {dc:.0} | {} | >= 45% | {rc:.0} ({}) |",
+        pct(mc, dc),
+        pct(rc, dc)
     );
     println!(
-        "| ztunnel CPU per 64 B round trip (one connection, no batching) | {cpu_per_rtt_us:.1} µs | - | - | - |"
+        "| CPU per GB (1 stream) | {:.2} CPU-s | - | - | <= 1.4 CPU-s | {:.2} CPU-s |",
+        m1.cpu_per_unit, r1.cpu_per_unit
     );
     println!(
-        "| ztunnel RSS idle / peak under 1 stream / under 4 | {:.1} / {:.1} / {:.1} MB | - | - | <= 8 MB idle, <= 16 MB under one stream |",
+        "| CPU per request (HTTP, 16 connections) | {:.1} µs ({:.1} ms per 1,000) | - | - | <= 25 µs | {:.1} µs |",
+        mh16.cpu_per_unit, mh16.cpu_per_unit, rh16.cpu_per_unit
+    );
+    println!(
+        "| CPU per 64 B round trip (one connection, no batching) | {:.1} µs | - | - | - | {:.1} µs |",
+        mp.2, rp.2
+    );
+    println!(
+        "| ztunnel RSS idle / peak under 1 stream / under 4 | {:.1} / {:.1} / {:.1} MB | - | - | <= 8 MB idle, <= 16 MB under one stream | - |",
         idle / 1024.0,
         hwm1 / 1024.0,
         hwm4 / 1024.0
@@ -452,6 +574,17 @@ fn main() {
         Some("serve") => tokio::runtime::Runtime::new()
             .expect("runtime")
             .block_on(serve()),
+        Some("relay") => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(relay(
+                &args[1],
+                args[2].parse().expect("port offset"),
+                &args[3],
+                args[4].parse().expect("port offset"),
+            )),
         Some("client") => tokio::runtime::Runtime::new()
             .expect("runtime")
             .block_on(client(&args[1..])),

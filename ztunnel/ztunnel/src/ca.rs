@@ -32,12 +32,23 @@ pub struct CaConfig {
     pub token: String,
     /// Requested lifetime.
     pub ttl: Duration,
+    /// How long connecting, and then one `CreateCertificate` call, may take before the
+    /// fetch fails and is retried with backoff: a stalled CA must not leave a
+    /// workload waiting forever. [`CA_TIMEOUT`] unless a test wants it short.
+    pub timeout: Duration,
 }
+
+/// The default [`CaConfig::timeout`].
+pub const CA_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
     #[error("building the CSR for {id}: {reason}")]
     Csr { id: SpiffeId, reason: String },
+    #[error("CA address {0}")]
+    Address(String),
+    #[error("the CA did not answer within {0:?}")]
+    Timeout(Duration),
     #[error("connecting to the CA: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("CA refused {id}: {status}")]
@@ -58,9 +69,24 @@ pub struct Issued {
     clients: Mutex<HashMap<SpiffeId, Arc<ClientConfig>>>,
 }
 
-/// One `CreateCertificate` call: fresh ECDSA P-256 key, CSR with the SPIFFE URI SAN,
-/// `ImpersonatedIdentity` set as Istio's node proxies do.
-pub async fn fetch(config: &CaConfig, id: &SpiffeId) -> Result<Issued, CaError> {
+/// The channel to the CA: one HTTP/2 connection, opened on first use and reopened by
+/// tonic when it drops, shared by every certificate fetch.
+pub fn ca_channel(config: &CaConfig) -> Result<Channel, CaError> {
+    Ok(Channel::from_shared(config.address.clone())
+        .map_err(|e| CaError::Address(format!("{}: {e}", config.address)))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&config.root_pem))
+                .domain_name(config.server_name.clone()),
+        )?
+        .connect_timeout(config.timeout)
+        .timeout(config.timeout)
+        .connect_lazy())
+}
+
+/// One `CreateCertificate` call over `channel`: fresh ECDSA P-256 key, CSR with the
+/// SPIFFE URI SAN, `ImpersonatedIdentity` set as Istio's node proxies do.
+pub async fn fetch(config: &CaConfig, channel: Channel, id: &SpiffeId) -> Result<Issued, CaError> {
     let csr_err = |reason: String| CaError::Csr {
         id: id.clone(),
         reason,
@@ -76,16 +102,6 @@ pub async fn fetch(config: &CaConfig, id: &SpiffeId) -> Result<Issued, CaError> 
         .serialize_request(&key)
         .and_then(|c| c.pem())
         .map_err(|e| csr_err(e.to_string()))?;
-    let channel = Channel::from_shared(config.address.clone())
-        .map_err(|e| csr_err(format!("CA address: {e}")))?
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(&config.root_pem))
-                .domain_name(config.server_name.clone()),
-        )?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
     let mut request = tonic::Request::new(IstioCertificateRequest {
         csr,
         validity_duration: i64::try_from(config.ttl.as_secs()).unwrap_or(i64::MAX),
@@ -157,6 +173,9 @@ pub struct CertManager {
     config: CaConfig,
     roots: MeshRoots,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
+    /// Built on the first fetch (building can fail on a bad address, which is then
+    /// reported and retried like any failed fetch).
+    channel: Mutex<Option<Channel>>,
 }
 
 impl CertManager {
@@ -165,7 +184,22 @@ impl CertManager {
             config,
             roots,
             entries: Mutex::default(),
+            channel: Mutex::default(),
         })
+    }
+
+    fn reset_channel(&self) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn channel(&self) -> Result<Channel, CaError> {
+        let mut slot = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = ca_channel(&self.config)?;
+        *slot = Some(c.clone());
+        Ok(c)
     }
 
     pub fn state(&self, id: &SpiffeId) -> Option<(CertState, u64)> {
@@ -223,7 +257,19 @@ impl CertManager {
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
-                match fetch(&me.config, &id).await {
+                let timeout = me.config.timeout;
+                let fetched = match me.channel() {
+                    Ok(channel) => tokio::time::timeout(timeout, fetch(&me.config, channel, &id))
+                        .await
+                        .unwrap_or(Err(CaError::Timeout(timeout))),
+                    Err(e) => Err(e),
+                };
+                if fetched.is_err() {
+                    // Whatever went wrong, the next attempt starts on a new connection
+                    // rather than one that may be wedged mid-handshake.
+                    me.reset_channel();
+                }
+                match fetched {
                     Ok(issued) => {
                         backoff = Duration::from_millis(200);
                         // Half of the remaining life from now (CAs back-date notBefore

@@ -127,6 +127,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     server_name: server_name.clone(),
                     token,
                     ttl: config.cert_ttl,
+                    timeout: cairn_ztunnel::ca::CA_TIMEOUT,
                 },
                 roots,
             );

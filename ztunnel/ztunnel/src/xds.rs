@@ -63,6 +63,8 @@ pub enum XdsError {
     Status(#[from] tonic::Status),
     #[error("controller closed the stream")]
     Closed,
+    #[error("connecting to the controller timed out")]
+    ConnectTimeout,
 }
 
 /// Counters the admin page and tests read.
@@ -198,12 +200,20 @@ impl XdsClient {
             .map_err(|_| XdsError::Address(self.config.address.clone()))?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(5))
+            // An idle xDS stream is normal; a controller that vanished without closing
+            // is found by HTTP/2 PINGs, and the stream reconnects.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(true)
             .connect()
             .await?)
     }
 
     async fn stream_once(&mut self) -> Result<(), XdsError> {
-        let channel = self.channel().await?;
+        // The TLS handshake is not covered by the connect timeout: bound it all.
+        let channel = tokio::time::timeout(Duration::from_secs(10), self.channel())
+            .await
+            .map_err(|_| XdsError::ConnectTimeout)??;
         let (tx, rx) = mpsc::channel(16);
         let node = Node {
             id: self.config.node_id.clone(),

@@ -513,9 +513,9 @@ async fn admin_reports_config_metrics_and_readiness() {
 #[tokio::test]
 async fn a_flood_of_half_open_connections_is_shed_without_hurting_traffic() {
     const LIMIT: usize = 4;
-    let n = node_with(false, 9, LIMIT).await;
-    let v1 = "127.9.0.12:9080";
-    let hbone: SocketAddr = "127.9.0.12:15008".parse().expect("addr");
+    let n = node_with(false, 29, LIMIT).await;
+    let v1 = "127.29.0.12:9080";
+    let hbone: SocketAddr = "127.29.0.12:15008".parse().expect("addr");
     // An established, pooled HBONE connection to v1.
     let (out, res) = call(&n, "productpage", v1, b"before").await;
     res.expect("allowed");
