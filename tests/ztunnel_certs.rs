@@ -51,22 +51,27 @@ async fn generation_at_least(m: &CertManager, who: &SpiffeId, n: u64) {
     );
 }
 
+/// node-a's certificate manager against the CA at `addr`.
+fn node_a_certificates(addr: SocketAddr, root: &str, timeout: Duration) -> Arc<CertManager> {
+    CertManager::new(
+        CaConfig {
+            address: format!("https://{addr}"),
+            root_pem: root.to_owned(),
+            server_name: "localhost".into(),
+            token: "node-a".into(),
+            ttl: TTL,
+            timeout,
+        },
+        MeshRoots::from_pem(root.as_bytes()).expect("roots"),
+    )
+}
+
 #[tokio::test]
 async fn certificates_rotate_without_breaking_established_tunnels() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ctl = controller(dir.path()).await;
     let (addr, root) = (ctl.addr, ctl.root.clone());
-    let certs = CertManager::new(
-        CaConfig {
-            address: format!("https://{addr}"),
-            root_pem: root.clone(),
-            server_name: "localhost".into(),
-            token: "node-a".into(),
-            ttl: TTL,
-            timeout: cairn_ztunnel::ca::CA_TIMEOUT,
-        },
-        MeshRoots::from_pem(root.as_bytes()).expect("roots"),
-    );
+    let certs = node_a_certificates(addr, &root, cairn_ztunnel::ca::CA_TIMEOUT);
     let (reviews, productpage) = (id("bookinfo-reviews"), id("bookinfo-productpage"));
     let _tasks = [
         certs.manage(reviews.clone()),
@@ -212,17 +217,7 @@ async fn a_stalled_ca_fails_the_fetch_which_is_then_retried() {
             held.push(s);
         }
     });
-    let certs = CertManager::new(
-        CaConfig {
-            address: format!("https://{addr}"),
-            root_pem: root.clone(),
-            server_name: "localhost".into(),
-            token: "node-a".into(),
-            ttl: TTL,
-            timeout: Duration::from_millis(300),
-        },
-        MeshRoots::from_pem(root.as_bytes()).expect("roots"),
-    );
+    let certs = node_a_certificates(addr, &root, Duration::from_millis(300));
     let reviews = id("bookinfo-reviews");
     let _task = certs.manage(reviews.clone());
     // Each attempt gives up after the timeout and a new one follows after the backoff.

@@ -499,21 +499,29 @@ fn orchestrate(full: bool) {
         "| figure | through both ztunnels | direct TCP (same run) | ratio | goal | plain relays (ratio to direct) |"
     );
     println!("| --- | --- | --- | --- | --- | --- |");
-    println!(
-        "| bulk throughput, 1 stream | {} | {} | {} | >= 40% | {} ({}) |",
-        gbit(m1.value),
-        gbit(d1.value),
-        pct(m1.value, d1.value),
-        gbit(r1.value),
-        pct(r1.value, d1.value)
+    // A rate row: mesh, direct, ratio, goal, relays (ratio).
+    let rate_row = |what: &str, [d, m, r]: [f64; 3], show: &dyn Fn(f64) -> String, goal: &str| {
+        println!(
+            "| {what} | {} | {} | {} | {goal} | {} ({}) |",
+            show(m),
+            show(d),
+            pct(m, d),
+            show(r),
+            pct(r, d)
+        );
+    };
+    let count = |v: f64| format!("{v:.0}");
+    rate_row(
+        "bulk throughput, 1 stream",
+        [d1.value, m1.value, r1.value],
+        &gbit,
+        ">= 40%",
     );
-    println!(
-        "| bulk throughput, 4 streams | {} | {} | {} | >= 30% | {} ({}) |",
-        gbit(m4.value),
-        gbit(d4.value),
-        pct(m4.value, d4.value),
-        gbit(r4.value),
-        pct(r4.value, d4.value)
+    rate_row(
+        "bulk throughput, 4 streams",
+        [d4.value, m4.value, r4.value],
+        &gbit,
+        ">= 30%",
     );
     println!(
         "| 64 B ping-pong p50 / p99 | {:.1} / {:.1} µs | {:.1} / {:.1} µs | +{:.1} µs at p50 | <= +60 µs | {:.1} / {:.1} µs (+{:.1} µs) |",
@@ -526,27 +534,19 @@ fn orchestrate(full: bool) {
         rp.1,
         rp.0 - dp.0
     );
-    println!(
-        "| keep-alive HTTP req/s, 1 connection | {:.0} | {:.0} | {} | - | {:.0} ({}) |",
-        mh1.value,
-        dh1.value,
-        pct(mh1.value, dh1.value),
-        rh1.value,
-        pct(rh1.value, dh1.value)
+    rate_row(
+        "keep-alive HTTP req/s, 1 connection",
+        [dh1.value, mh1.value, rh1.value],
+        &count,
+        "-",
     );
-    println!(
-        "| keep-alive HTTP req/s, 16 connections | {:.0} | {:.0} | {} | >= 35% | {:.0} ({}) |",
-        mh16.value,
-        dh16.value,
-        pct(mh16.value, dh16.value),
-        rh16.value,
-        pct(rh16.value, dh16.value)
+    rate_row(
+        "keep-alive HTTP req/s, 16 connections",
+        [dh16.value, mh16.value, rh16.value],
+        &count,
+        ">= 35%",
     );
-    println!(
-        "| new connections per second | {mc:.0} | {dc:.0} | {} | >= 45% | {rc:.0} ({}) |",
-        pct(mc, dc),
-        pct(rc, dc)
-    );
+    rate_row("new connections per second", [dc, mc, rc], &count, ">= 45%");
     println!(
         "| CPU per GB (1 stream) | {:.2} CPU-s | - | - | <= 1.4 CPU-s | {:.2} CPU-s |",
         m1.cpu_per_unit, r1.cpu_per_unit

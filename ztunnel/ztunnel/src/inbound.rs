@@ -244,21 +244,22 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
         destination_port: dst_addr.port(),
     };
     let labels = labels(&state, src, None, &dst, SecurityPolicy::None);
-    let refused = |flags| {
+    // Every refusal is counted and logged with its reason.
+    let refused = |flags, result: &str| {
         labels.opened();
         labels.closed(0, 0, flags);
-    };
-    if let Decision::Deny { reason } = authorize(&state, &dst, &conn) {
-        refused(ResponseFlags::Denied);
         access(
             "inbound_plaintext",
             src,
             dst_addr,
             None,
             &dst.name,
-            &format!("denied: {reason}"),
+            result,
             (0, 0),
         );
+    };
+    if let Decision::Deny { reason } = authorize(&state, &dst, &conn) {
+        refused(ResponseFlags::Denied, &format!("denied: {reason}"));
         return;
     }
     match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(dst_addr)).await {
@@ -281,18 +282,7 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
             )
             .await
         }
-        _ => {
-            refused(ResponseFlags::ConnectFailure);
-            access(
-                "inbound_plaintext",
-                src,
-                dst_addr,
-                None,
-                &dst.name,
-                "application unreachable",
-                (0, 0),
-            )
-        }
+        _ => refused(ResponseFlags::ConnectFailure, "application unreachable"),
     }
 }
 
