@@ -21,8 +21,8 @@ pub mod policy;
 pub mod state;
 pub mod xds;
 
-/// Buffer per direction when splicing a connection: large reads become large HTTP/2
-/// DATA frames and TLS records (tokio's default is 8 KiB).
+/// Buffer per direction when copying plain TCP to plain TCP (passthrough, inbound
+/// plaintext); tokio's default is 8 KiB. Tunnels use `cairn_hbone::splice` instead.
 pub const SPLICE_BUFFER: usize = 128 * 1024;
 
 /// The shared, atomically swapped config snapshot.
