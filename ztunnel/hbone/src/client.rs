@@ -19,7 +19,10 @@ use std::{
 
 use bytes::Bytes;
 use cairn_identity::SpiffeId;
-use h2::client::SendRequest;
+use h2::{
+    RecvStream, SendStream,
+    client::{ResponseFuture, SendRequest},
+};
 use http::{Method, Request, StatusCode};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -92,7 +95,7 @@ struct Connection {
 
 /// One reserved stream slot on a connection, released when the tunnel (or a failed
 /// attempt) is dropped; the last one out starts the idle clock.
-struct StreamGuard {
+pub(crate) struct StreamGuard {
     conn: Arc<Connection>,
 }
 
@@ -147,14 +150,30 @@ impl Client {
         self.opened.load(Ordering::Relaxed)
     }
 
-    /// Opens a CONNECT to `authority` through the HBONE endpoint in `key`.
-    /// `tls` must prove `key.source` and expect `key.destination`.
+    /// Opens a CONNECT to `authority` through the HBONE endpoint in `key` and waits
+    /// for the answer. `tls` must prove `key.source` and expect `key.destination`.
     pub async fn connect(
         &self,
         key: &PoolKey,
         tls: Arc<ClientConfig>,
         authority: SocketAddr,
     ) -> Result<H2Stream, ClientError> {
+        let early = self.connect_early(key, tls, authority).await?;
+        let (guard, send) = (early.guard, early.send);
+        let recv = answer(early.response, early.addr, authority, early.timeout).await?;
+        Ok(H2Stream::new(send, recv, Some(Box::new(guard))))
+    }
+
+    /// Sends a CONNECT and returns without waiting for the answer, so the caller can
+    /// send the first bytes right behind the request (one round trip less before
+    /// they arrive; the peer holds them until it has decided). The answer is awaited
+    /// by [`crate::splice::splice_early`].
+    pub async fn connect_early(
+        &self,
+        key: &PoolKey,
+        tls: Arc<ClientConfig>,
+        authority: SocketAddr,
+    ) -> Result<EarlyTunnel, ClientError> {
         let conn = match self.pooled(key) {
             Some(c) => c,
             None => self.dial(key, tls).await?,
@@ -170,30 +189,24 @@ impl Client {
                 addr,
                 source: std::io::Error::other(e),
             })?;
-        // A peer that accepted the connection but never answers the CONNECT must not
-        // hold the caller forever.
+        // A connection without room for the stream must not hold the caller forever.
         let timeout = self.pool.connect_timeout;
-        let exchange = async {
+        let send = async {
             let mut send = conn.send.clone().ready().await?;
-            let (response, send_stream) = send.send_request(request, false)?;
-            Ok::<_, h2::Error>((response.await?, send_stream))
+            send.send_request(request, false)
         };
-        let (response, send_stream) = tokio::time::timeout(timeout, exchange)
+        let (response, send) = tokio::time::timeout(timeout, send)
             .await
             .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
             .map_err(|source| ClientError::H2 { addr, source })?;
-        if response.status() != StatusCode::OK {
-            return Err(ClientError::Refused {
-                addr,
-                authority,
-                status: response.status(),
-            });
-        }
-        Ok(H2Stream::new(
-            send_stream,
-            response.into_body(),
-            Some(Box::new(guard)),
-        ))
+        Ok(EarlyTunnel {
+            send,
+            response,
+            guard,
+            addr,
+            authority,
+            timeout,
+        })
     }
 
     /// A live connection with room for one more stream (reserved on return).
@@ -291,4 +304,37 @@ impl Client {
             .push(conn.clone());
         Ok(conn)
     }
+}
+
+/// A CONNECT sent but not yet answered (see [`Client::connect_early`]).
+pub struct EarlyTunnel {
+    pub(crate) send: SendStream<Bytes>,
+    pub(crate) response: ResponseFuture,
+    pub(crate) guard: StreamGuard,
+    pub(crate) addr: SocketAddr,
+    pub(crate) authority: SocketAddr,
+    /// How long the answer may take.
+    pub(crate) timeout: Duration,
+}
+
+/// Waits for the answer to a CONNECT: the tunnel's receive side on 200, else why not.
+/// A peer that accepted the connection but never answers fails after `timeout`.
+pub(crate) async fn answer(
+    response: ResponseFuture,
+    addr: SocketAddr,
+    authority: SocketAddr,
+    timeout: Duration,
+) -> Result<RecvStream, ClientError> {
+    let response = tokio::time::timeout(timeout, response)
+        .await
+        .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
+        .map_err(|source| ClientError::H2 { addr, source })?;
+    if response.status() != StatusCode::OK {
+        return Err(ClientError::Refused {
+            addr,
+            authority,
+            status: response.status(),
+        });
+    }
+    Ok(response.into_body())
 }

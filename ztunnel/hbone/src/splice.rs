@@ -20,7 +20,10 @@ use tokio::{
     },
 };
 
-use crate::stream::{H2Stream, to_io};
+use crate::{
+    client::{ClientError, EarlyTunnel, answer},
+    stream::{H2Stream, to_io},
+};
 
 /// Bytes read from TCP per syscall at most (and so the largest DATA frame we send).
 const READ_CHUNK: usize = 64 * 1024;
@@ -33,28 +36,99 @@ pub async fn splice(tcp: &mut TcpStream, tunnel: H2Stream) -> io::Result<(u64, u
     let parts = tunnel.into_parts();
     let _guard = parts.guard;
     let (read, write) = tcp.split();
-    tokio::try_join!(
-        tcp_to_tunnel(read, parts.send, parts.write_closed),
-        tunnel_to_tcp(parts.recv, parts.pending, write)
-    )
+    let up = async {
+        tcp_to_tunnel(read, parts.send, parts.write_closed)
+            .await
+            .map_err(UpError::into_io)
+    };
+    tokio::try_join!(up, tunnel_to_tcp(parts.recv, parts.pending, write))
+}
+
+/// Why [`splice_early`] ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// The CONNECT was refused, timed out or failed: nothing reached the destination.
+    #[error(transparent)]
+    Tunnel(#[from] ClientError),
+    /// The tunnel was up; copying failed (a reset, a closed socket).
+    #[error("copying: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// [`splice`] for a CONNECT whose answer has not arrived yet: bytes from `tcp` go out
+/// at once (the peer holds them until it accepts), bytes back start after the 200.
+/// A refusal is reported as [`SpliceError::Tunnel`], as [`Client::connect`] would.
+pub async fn splice_early(
+    tcp: &mut TcpStream,
+    tunnel: EarlyTunnel,
+) -> Result<(u64, u64), SpliceError> {
+    let EarlyTunnel {
+        send,
+        response,
+        guard: _guard,
+        addr,
+        authority,
+        timeout,
+    } = tunnel;
+    let (read, write) = tcp.split();
+    let down = async {
+        let recv = answer(response, addr, authority, timeout).await?;
+        Ok::<_, SpliceError>(tunnel_to_tcp(recv, Bytes::new(), write).await?)
+    };
+    let up = tcp_to_tunnel(read, send, false);
+    tokio::pin!(up, down);
+    let (mut sent, mut received) = (None, None);
+    while sent.is_none() || received.is_none() {
+        tokio::select! {
+            r = &mut up, if sent.is_none() => match r {
+                Ok(n) => sent = Some(n),
+                Err(UpError::Tcp(e)) => return Err(SpliceError::Io(e)),
+                // h2 refused the bytes (the peer reset the stream): its answer, if any,
+                // says why (a 403 is a policy refusal, not a copy error).
+                Err(UpError::Tunnel(e)) => {
+                    return Err(match (&mut down).await {
+                        Err(why) => why,
+                        Ok(_) => SpliceError::Io(e),
+                    });
+                }
+            },
+            r = &mut down, if received.is_none() => received = Some(r?),
+        }
+    }
+    Ok((sent.unwrap_or(0), received.unwrap_or(0)))
+}
+
+/// Which side of [`tcp_to_tunnel`] failed.
+enum UpError {
+    Tcp(io::Error),
+    Tunnel(io::Error),
+}
+
+impl UpError {
+    fn into_io(self) -> io::Error {
+        match self {
+            UpError::Tcp(e) | UpError::Tunnel(e) => e,
+        }
+    }
 }
 
 async fn tcp_to_tunnel(
     mut tcp: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     write_closed: bool,
-) -> io::Result<u64> {
+) -> Result<u64, UpError> {
     if write_closed {
         return Ok(0);
     }
+    let h2 = |e| UpError::Tunnel(to_io(e));
     let mut buf = BytesMut::new();
     let mut total = 0u64;
     loop {
         // Reclaims the previous allocation when h2 has already written it out.
         buf.reserve(READ_CHUNK);
-        let n = tcp.read_buf(&mut buf).await?;
+        let n = tcp.read_buf(&mut buf).await.map_err(UpError::Tcp)?;
         if n == 0 {
-            send.send_data(Bytes::new(), true).map_err(to_io)?;
+            send.send_data(Bytes::new(), true).map_err(h2)?;
             return Ok(total);
         }
         total += n as u64;
@@ -64,16 +138,16 @@ async fn tcp_to_tunnel(
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(to_io(e)),
+                Some(Err(e)) => return Err(h2(e)),
                 None => {
-                    return Err(io::Error::new(
+                    return Err(UpError::Tunnel(io::Error::new(
                         io::ErrorKind::BrokenPipe,
                         "tunnel closed by peer",
-                    ));
+                    )));
                 }
             };
             let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(to_io)?;
+            send.send_data(chunk, false).map_err(h2)?;
         }
     }
 }

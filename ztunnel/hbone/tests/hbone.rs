@@ -418,6 +418,65 @@ async fn a_peer_that_stalls_the_handshake_is_dropped() {
     assert!(err.to_string().contains("did not finish within"), "{err}");
 }
 
+/// A connected loopback pair: (the application's end, the proxy's end).
+async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let app = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (proxied, _) = listener.accept().await.expect("accept");
+    (app, proxied)
+}
+
+#[tokio::test]
+async fn early_splice_sends_before_the_answer_and_reports_refusals() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    // Accepted: the bytes written before any answer arrive, the echo comes back.
+    let tunnel = client
+        .connect_early(
+            &key(srv.addr),
+            tls.clone(),
+            "10.0.0.7:8080".parse().expect("a"),
+        )
+        .await
+        .expect("CONNECT sent");
+    let (mut app, mut proxied) = tcp_pair().await;
+    app.write_all(b"early").await.expect("write");
+    app.shutdown().await.expect("half-close");
+    let (up, down) = cairn_hbone::splice::splice_early(&mut proxied, tunnel)
+        .await
+        .expect("splice");
+    drop(proxied);
+    let mut out = Vec::new();
+    app.read_to_end(&mut out).await.expect("read");
+    assert_eq!(out, format!("{CLIENT} -> 10.0.0.7:8080: early").as_bytes());
+    assert_eq!((up, down), (5, out.len() as u64));
+    // Refused (port 9999 answers 403) after the client already sent: still reported
+    // as the refusal, not as a copy error.
+    let tunnel = client
+        .connect_early(&key(srv.addr), tls, "10.0.0.7:9999".parse().expect("a"))
+        .await
+        .expect("CONNECT sent");
+    let (mut app, mut proxied) = tcp_pair().await;
+    app.write_all(b"too early").await.expect("write");
+    let result = cairn_hbone::splice::splice_early(&mut proxied, tunnel).await;
+    assert!(
+        matches!(
+            result,
+            Err(cairn_hbone::splice::SpliceError::Tunnel(
+                ClientError::Refused {
+                    status: StatusCode::FORBIDDEN,
+                    ..
+                }
+            ))
+        ),
+        "{result:?}"
+    );
+}
+
 #[tokio::test]
 async fn splice_carries_a_tcp_connection_through_a_tunnel_with_half_close() {
     let mesh = ca("mesh");
@@ -428,12 +487,7 @@ async fn splice_carries_a_tcp_connection_through_a_tunnel_with_half_close() {
         .connect(&key(srv.addr), tls, "10.0.0.7:8080".parse().expect("addr"))
         .await
         .expect("tunnel");
-    // `app` stands for the captured application connection.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let mut app = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
-        .await
-        .expect("connect");
-    let (mut proxied, _) = listener.accept().await.expect("accept");
+    let (mut app, mut proxied) = tcp_pair().await;
     let splice =
         tokio::spawn(async move { cairn_hbone::splice::splice(&mut proxied, tunnel).await });
     // 300 KiB: several read chunks, more than one flow-control grant.

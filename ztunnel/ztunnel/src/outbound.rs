@@ -16,7 +16,10 @@ use cairn_api::{
         GatewayDestination, LoadBalancingMode, LocalityScope, Service, TunnelProtocol, Workload,
     },
 };
-use cairn_hbone::client::{Client, ClientError, PoolKey};
+use cairn_hbone::{
+    client::{Client, ClientError, PoolKey},
+    splice::{SpliceError, splice_early},
+};
 use cairn_identity::SpiffeId;
 use rand::seq::IndexedRandom;
 use tokio::net::TcpStream;
@@ -309,10 +312,12 @@ impl Outbound {
                     address: *gateway,
                     source_ip,
                 };
-                let tunnel = self.client.connect(&key, tls, *authority).await?;
-                cairn_hbone::splice::splice(downstream, tunnel)
-                    .await
-                    .map_err(OutboundError::Copy)
+                // The client's first bytes travel right behind the CONNECT.
+                let tunnel = self.client.connect_early(&key, tls, *authority).await?;
+                splice_early(downstream, tunnel).await.map_err(|e| match e {
+                    SpliceError::Tunnel(e) => OutboundError::Hbone(e),
+                    SpliceError::Io(e) => OutboundError::Copy(e),
+                })
             }
             Route::Passthrough(addr) => {
                 let mut upstream =
