@@ -174,13 +174,31 @@ impl Client {
         tls: Arc<ClientConfig>,
         authority: SocketAddr,
     ) -> Result<EarlyTunnel, ClientError> {
-        let conn = match self.pooled(key) {
-            Some(c) => c,
-            None => self.dial(key, tls).await?,
-        };
+        if let Some(conn) = self.pooled(key) {
+            match self.open_stream(conn.clone(), key.address, authority).await {
+                Ok(t) => return Ok(t),
+                // A pooled connection the peer is closing (GOAWAY while draining) or
+                // that died since its last use: retire it and dial a fresh one.
+                Err(ClientError::H2 { source, .. }) => {
+                    debug!(addr = %key.address, error = %source, "pooled HBONE connection unusable; dialing anew");
+                    conn.closed.store(true, Ordering::Release);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let conn = self.dial(key, tls).await?;
+        self.open_stream(conn, key.address, authority).await
+    }
+
+    /// Sends the CONNECT on `conn`, whose stream slot is already reserved.
+    async fn open_stream(
+        &self,
+        conn: Arc<Connection>,
+        addr: SocketAddr,
+        authority: SocketAddr,
+    ) -> Result<EarlyTunnel, ClientError> {
         // From here on the slot is released on every path, success or not.
         let guard = StreamGuard { conn: conn.clone() };
-        let addr = key.address;
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(authority.to_string())

@@ -88,6 +88,9 @@ pub struct Server {
     acceptor: TlsAcceptor,
     settings: H2Settings,
     handshake_timeout: Duration,
+    /// Turns true when the process drains: connections then send GOAWAY, so peers
+    /// open new streams elsewhere while the ones in flight finish.
+    drain: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Server {
@@ -96,7 +99,14 @@ impl Server {
             acceptor: TlsAcceptor::from(config),
             settings,
             handshake_timeout: Duration::from_secs(10),
+            drain: None,
         }
+    }
+
+    /// Drain (GOAWAY, let streams in flight finish) once `drain` turns true.
+    pub fn with_drain(mut self, drain: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.drain = Some(drain);
+        self
     }
 
     /// How long a client may take to finish the TLS handshake (default 10 s).
@@ -168,12 +178,30 @@ impl Server {
                 None => std::future::pending().await,
             }
         });
+        // Connections from before the drain began get GOAWAY; one accepted after it
+        // (a race with closing the listener) is served: the drain deadline bounds it.
+        let mut drain = self.drain.clone().filter(|rx| !*rx.borrow());
+        let draining = async |drain: &mut Option<tokio::sync::watch::Receiver<bool>>| match drain {
+            // A drain signal that can no longer come never drains.
+            Some(rx) => {
+                if rx.wait_for(|d| *d).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        };
         loop {
             let next = tokio::select! {
                 next = conn.accept() => next,
                 reason = &mut keepalive => {
                     warn!(peer = %peer_addr, %reason, "HBONE client unresponsive; closing the connection");
                     return Ok(());
+                }
+                () = draining(&mut drain) => {
+                    debug!(peer = %peer_addr, "draining: GOAWAY sent, streams in flight go on");
+                    conn.graceful_shutdown();
+                    drain = None;
+                    continue;
                 }
             };
             let Some(next) = next else { break };

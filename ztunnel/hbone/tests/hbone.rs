@@ -97,12 +97,23 @@ struct TestServer {
 }
 
 async fn start_server(ca: &Ca) -> TestServer {
+    start_server_with(ca, None).await
+}
+
+/// [`start_server`] whose connections drain once `drain` turns true.
+async fn start_server_with(
+    ca: &Ca,
+    drain: Option<tokio::sync::watch::Receiver<bool>>,
+) -> TestServer {
     let roots = MeshRoots::from_pem(ca.pem.as_bytes()).expect("roots");
     let cert = workload(ca, SERVER);
-    let server = Server::new(
+    let mut server = Server::new(
         server_config(&cert, &roots).expect("server config"),
         H2Settings::default(),
     );
+    if let Some(drain) = drain {
+        server = server.with_drain(drain);
+    }
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
@@ -628,4 +639,85 @@ async fn an_unresponsive_peer_is_detected_by_keepalive() {
         .expect("the pool hands out a dead connection");
     assert!(out.ends_with(b"c"));
     assert_eq!(client.connections_opened(), 2);
+}
+
+#[tokio::test]
+async fn a_draining_peer_gets_new_streams_on_a_new_connection() {
+    let mesh = ca("mesh");
+    let roots = MeshRoots::from_pem(mesh.pem.as_bytes()).expect("roots");
+    let config = server_config(&workload(&mesh, SERVER), &roots).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Answers every CONNECT with 200 and holds it; the first connection starts
+    // draining (GOAWAY) right after its first stream, as a peer shutting down would.
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, first) = (config.clone(), n == 0);
+            n += 1;
+            tokio::spawn(async move {
+                let tls = tokio_rustls::TlsAcceptor::from(config)
+                    .accept(tcp)
+                    .await
+                    .expect("tls");
+                let mut conn = h2::server::handshake(tls).await.expect("h2");
+                let mut held = Vec::new();
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    let send = respond
+                        .send_response(http::Response::new(()), false)
+                        .expect("200");
+                    held.push((request, send));
+                    if first {
+                        conn.graceful_shutdown();
+                    }
+                }
+            });
+        }
+    });
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let authority: SocketAddr = "10.0.0.7:8080".parse().expect("addr");
+    let _first = client
+        .connect(&key(addr), tls.clone(), authority)
+        .await
+        .expect("first tunnel");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client
+        .connect(&key(addr), tls, authority)
+        .await
+        .expect("a tunnel despite the peer draining its connection");
+    assert_eq!(client.connections_opened(), 2);
+}
+
+#[tokio::test]
+async fn a_draining_server_lets_tunnels_finish_and_sends_new_ones_elsewhere() {
+    let mesh = ca("mesh");
+    let (drain, rx) = tokio::sync::watch::channel(false);
+    let srv = start_server_with(&mesh, Some(rx)).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let mut open = client
+        .connect(
+            &key(srv.addr),
+            tls.clone(),
+            "10.0.0.7:8080".parse().expect("a"),
+        )
+        .await
+        .expect("tunnel");
+    open.write_all(b"in flight").await.expect("write");
+    drain.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New tunnels go over a new connection (the drained one refuses new streams)...
+    let out = round_trip(&client, &key(srv.addr), tls, b"new").await;
+    assert!(out.ends_with(b"new"));
+    assert_eq!(client.connections_opened(), 2);
+    // ...while the one in flight finishes normally.
+    open.shutdown().await.expect("half-close");
+    let mut out = Vec::new();
+    open.read_to_end(&mut out).await.expect("read to EOF");
+    assert!(
+        out.ends_with(b"in flight"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
 }

@@ -47,6 +47,16 @@ fn labels(
 
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Turns true when the process drains (see [`begin_drain`]).
+static DRAIN: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::Sender::new(false));
+
+/// Starts draining every HBONE connection: each sends GOAWAY, so peers open new
+/// streams elsewhere, while the streams in flight finish.
+pub fn begin_drain() {
+    DRAIN.send_replace(true);
+}
+
 /// Connections being spliced right now (what a graceful drain waits for).
 pub static ACTIVE_CONNECTIONS: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
@@ -334,7 +344,7 @@ pub async fn serve_hbone(
         };
         // Small frames (HEADERS, then DATA) must not wait on Nagle + delayed ACK.
         let _ = tcp.set_nodelay(true);
-        let server = Server::new(config, settings);
+        let server = Server::new(config, settings).with_drain(DRAIN.subscribe());
         let handler = handler.clone();
         tokio::spawn(async move {
             let handshake = server.handshake(tcp, peer).await;

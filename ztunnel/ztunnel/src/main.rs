@@ -169,6 +169,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     info!(drain = ?config.drain, "shutting down: no new connections; draining");
     node.stop_listening();
+    cairn_ztunnel::inbound::begin_drain();
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + config.drain;
     while ACTIVE_CONNECTIONS.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
