@@ -148,17 +148,15 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
         address: "127.9.0.12:15008".parse().expect("addr"),
         source_ip: None,
     };
+    // A tunnel from productpage to reviews with the certificates current right now.
+    let open = async |client: &Client| {
+        let tls = dyn_certs
+            .client(&productpage, &reviews)
+            .expect("client tls");
+        client.connect(&key, tls, pod).await
+    };
     let client = Client::new(H2Settings::default(), PoolSettings::default());
-    let mut tunnel = client
-        .connect(
-            &key,
-            dyn_certs
-                .client(&productpage, &reviews)
-                .expect("client tls"),
-            pod,
-        )
-        .await
-        .expect("tunnel");
+    let mut tunnel = open(&client).await.expect("tunnel");
     let mut buf = [0u8; 16];
     tunnel.write_all(b"before").await.expect("write");
     let n = tunnel.read(&mut buf).await.expect("read");
@@ -184,14 +182,7 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
     assert_eq!(&buf[..n], b"after");
     // ...and new connections use the new ones.
     let fresh = Client::new(H2Settings::default(), PoolSettings::default());
-    let mut t2 = fresh
-        .connect(
-            &key,
-            dyn_certs
-                .client(&productpage, &reviews)
-                .expect("client tls"),
-            pod,
-        )
+    let mut t2 = open(&fresh)
         .await
         .expect("tunnel with rotated certificates");
     t2.write_all(b"new").await.expect("write");

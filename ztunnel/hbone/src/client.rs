@@ -287,14 +287,7 @@ impl Client {
         let closed_by_task = closed.clone();
         let ping = connection.ping_pong();
         tokio::spawn(async move {
-            let keepalive = async {
-                match ping {
-                    Some(p) => {
-                        keepalive::unresponsive(p, s.keepalive_interval, s.keepalive_timeout).await
-                    }
-                    None => std::future::pending().await,
-                }
-            };
+            let keepalive = keepalive::unresponsive(ping, s);
             tokio::select! {
                 result = &mut connection => match result {
                     Ok(()) => debug!(%addr, "HBONE connection closed"),

@@ -1,17 +1,19 @@
 //! HTTP/2 PING keepalive: detects a peer that stopped answering without closing.
 
-use std::time::Duration;
-
 use h2::{Ping, PingPong};
 
-/// Pings every `interval`; returns (the reason) once a PING goes unanswered for
-/// `timeout` or the connection can no longer carry one. Run it alongside the
-/// connection and drop the connection when it returns.
-pub(crate) async fn unresponsive(
-    mut ping: PingPong,
-    interval: Duration,
-    timeout: Duration,
-) -> String {
+use crate::H2Settings;
+
+/// Pings every `settings.keepalive_interval`; returns (the reason) once a PING goes
+/// unanswered for `settings.keepalive_timeout` or the connection can no longer carry
+/// one. `ping` is the connection's `ping_pong()` (`None` if already taken: then it
+/// never returns). Run it alongside the connection and drop the connection when it
+/// returns.
+pub(crate) async fn unresponsive(ping: Option<PingPong>, settings: H2Settings) -> String {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    let (interval, timeout) = (settings.keepalive_interval, settings.keepalive_timeout);
     loop {
         tokio::time::sleep(interval).await;
         match tokio::time::timeout(timeout, ping.ping(Ping::opaque())).await {

@@ -170,14 +170,7 @@ impl Server {
                 source,
             })?;
         let ping = conn.ping_pong();
-        let mut keepalive = std::pin::pin!(async {
-            match ping {
-                Some(p) => {
-                    keepalive::unresponsive(p, s.keepalive_interval, s.keepalive_timeout).await
-                }
-                None => std::future::pending().await,
-            }
-        });
+        let mut keepalive = std::pin::pin!(keepalive::unresponsive(ping, s));
         // Connections from before the drain began get GOAWAY; one accepted after it
         // (a race with closing the listener) is served: the drain deadline bounds it.
         let mut drain = self.drain.clone().filter(|rx| !*rx.borrow());

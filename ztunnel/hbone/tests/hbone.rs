@@ -514,26 +514,50 @@ async fn splice_carries_a_tcp_connection_through_a_tunnel_with_half_close() {
     assert_eq!((up, down), (msg.len() as u64, out.len() as u64));
 }
 
+type RawConnection =
+    h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, bytes::Bytes>;
+
+/// A bare mesh-TLS HTTP/2 server whose behaviour the test writes: `serve(n, conn)`
+/// runs for the n-th connection (from 0), after the TLS and HTTP/2 handshakes.
+async fn raw_h2_server<F, Fut>(ca: &Ca, serve: F) -> SocketAddr
+where
+    F: Fn(usize, RawConnection) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let roots = MeshRoots::from_pem(ca.pem.as_bytes()).expect("roots");
+    let config = server_config(&workload(ca, SERVER), &roots).expect("config");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let serve = Arc::new(serve);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, serve) = (config.clone(), serve.clone());
+            tokio::spawn(async move {
+                let tls = tokio_rustls::TlsAcceptor::from(config)
+                    .accept(tcp)
+                    .await
+                    .expect("tls");
+                let conn = h2::server::handshake(tls).await.expect("h2");
+                serve(n, conn).await;
+            });
+            n += 1;
+        }
+    });
+    addr
+}
+
 #[tokio::test]
 async fn a_connect_that_is_never_answered_times_out() {
     let mesh = ca("mesh");
-    let roots = MeshRoots::from_pem(mesh.pem.as_bytes()).expect("roots");
-    let config = server_config(&workload(&mesh, SERVER), &roots).expect("config");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     // Completes TLS and HTTP/2, takes the CONNECT, never answers it.
-    tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let tls = tokio_rustls::TlsAcceptor::from(config)
-            .accept(tcp)
-            .await
-            .expect("tls");
-        let mut conn = h2::server::handshake(tls).await.expect("h2");
+    let addr = raw_h2_server(&mesh, |_, mut conn| async move {
         let mut held = Vec::new();
         while let Some(Ok(request)) = conn.accept().await {
             held.push(request);
         }
-    });
+    })
+    .await;
     let client = Client::new(
         H2Settings::default(),
         PoolSettings {
@@ -644,36 +668,21 @@ async fn an_unresponsive_peer_is_detected_by_keepalive() {
 #[tokio::test]
 async fn a_draining_peer_gets_new_streams_on_a_new_connection() {
     let mesh = ca("mesh");
-    let roots = MeshRoots::from_pem(mesh.pem.as_bytes()).expect("roots");
-    let config = server_config(&workload(&mesh, SERVER), &roots).expect("config");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
     // Answers every CONNECT with 200 and holds it; the first connection starts
     // draining (GOAWAY) right after its first stream, as a peer shutting down would.
-    tokio::spawn(async move {
-        let mut n = 0;
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (config, first) = (config.clone(), n == 0);
-            n += 1;
-            tokio::spawn(async move {
-                let tls = tokio_rustls::TlsAcceptor::from(config)
-                    .accept(tcp)
-                    .await
-                    .expect("tls");
-                let mut conn = h2::server::handshake(tls).await.expect("h2");
-                let mut held = Vec::new();
-                while let Some(Ok((request, mut respond))) = conn.accept().await {
-                    let send = respond
-                        .send_response(http::Response::new(()), false)
-                        .expect("200");
-                    held.push((request, send));
-                    if first {
-                        conn.graceful_shutdown();
-                    }
-                }
-            });
+    let addr = raw_h2_server(&mesh, |n, mut conn| async move {
+        let mut held = Vec::new();
+        while let Some(Ok((request, mut respond))) = conn.accept().await {
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("200");
+            held.push((request, send));
+            if n == 0 {
+                conn.graceful_shutdown();
+            }
         }
-    });
+    })
+    .await;
     let client = Client::new(H2Settings::default(), PoolSettings::default());
     let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
     let authority: SocketAddr = "10.0.0.7:8080".parse().expect("addr");

@@ -32,9 +32,10 @@ pub struct CaConfig {
     pub token: String,
     /// Requested lifetime.
     pub ttl: Duration,
-    /// How long connecting, and then one `CreateCertificate` call, may take before the
-    /// fetch fails and is retried with backoff: a stalled CA must not leave a
-    /// workload waiting forever. [`CA_TIMEOUT`] unless a test wants it short.
+    /// How long one fetch (connecting, the TLS handshake and the `CreateCertificate`
+    /// call together) may take before it fails and is retried with backoff: a stalled
+    /// CA must not leave a workload waiting forever. [`CA_TIMEOUT`] unless a test
+    /// wants it short.
     pub timeout: Duration,
 }
 
@@ -70,8 +71,9 @@ pub struct Issued {
 }
 
 /// The channel to the CA: one HTTP/2 connection, opened on first use and reopened by
-/// tonic when it drops, shared by every certificate fetch.
-pub fn ca_channel(config: &CaConfig) -> Result<Channel, CaError> {
+/// tonic when it drops, shared by every certificate fetch. Each fetch is bounded by
+/// `config.timeout` as a whole (connect, TLS handshake and call) where it is made.
+fn ca_channel(config: &CaConfig) -> Result<Channel, CaError> {
     Ok(Channel::from_shared(config.address.clone())
         .map_err(|e| CaError::Address(format!("{}: {e}", config.address)))?
         .tls_config(
@@ -79,8 +81,6 @@ pub fn ca_channel(config: &CaConfig) -> Result<Channel, CaError> {
                 .ca_certificate(Certificate::from_pem(&config.root_pem))
                 .domain_name(config.server_name.clone()),
         )?
-        .connect_timeout(config.timeout)
-        .timeout(config.timeout)
         .connect_lazy())
 }
 

@@ -122,12 +122,7 @@ impl Handler for HboneInbound {
             // Every refusal is logged with the reason it was answered with, and counted.
             let refuse = |responder: Responder, result: &str, status: StatusCode| {
                 labels.opened();
-                let flags = if status == StatusCode::FORBIDDEN {
-                    ResponseFlags::Denied
-                } else {
-                    ResponseFlags::ConnectFailure
-                };
-                labels.closed(0, 0, flags);
+                labels.closed(0, 0, ResponseFlags::for_refusal(status));
                 access(
                     "inbound",
                     c.peer_addr,

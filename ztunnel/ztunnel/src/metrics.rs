@@ -47,6 +47,16 @@ pub enum ResponseFlags {
 }
 
 impl ResponseFlags {
+    /// The flag for a CONNECT answered with `status` instead of 200: 403 is a policy
+    /// refusal, anything else means the destination could not be reached.
+    pub fn for_refusal(status: http::StatusCode) -> Self {
+        if status == http::StatusCode::FORBIDDEN {
+            ResponseFlags::Denied
+        } else {
+            ResponseFlags::ConnectFailure
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             ResponseFlags::None => "-",

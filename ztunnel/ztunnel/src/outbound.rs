@@ -272,10 +272,8 @@ impl Outbound {
         let (sent, received) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
         let flags = match &result {
             Ok(_) | Err(OutboundError::Copy(_)) => ResponseFlags::None,
-            Err(OutboundError::Hbone(ClientError::Refused { status, .. }))
-                if *status == http::StatusCode::FORBIDDEN =>
-            {
-                ResponseFlags::Denied
+            Err(OutboundError::Hbone(ClientError::Refused { status, .. })) => {
+                ResponseFlags::for_refusal(*status)
             }
             Err(_) => ResponseFlags::ConnectFailure,
         };
