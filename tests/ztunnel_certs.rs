@@ -138,6 +138,7 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
         Arc::new(HboneInbound {
             state,
             workload_uid: "Kubernetes//Pod/bookinfo/reviews-v1".into(),
+            dialer: Default::default(),
         }),
         inbound::MAX_PENDING_HANDSHAKES,
     ));
@@ -147,6 +148,7 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
         destination: reviews.clone(),
         address: "127.9.0.12:15008".parse().expect("addr"),
         source_ip: None,
+        dialer: Default::default(),
     };
     // A tunnel from productpage to reviews with the certificates current right now.
     let open = async |client: &Client| {

@@ -12,7 +12,7 @@ mod pods;
 pub use cairn_capture_common::{
     Counter, HBONE_PORT, INBOUND_PLAINTEXT_PORT, ListenerKind, OUTBOUND_PORT,
 };
-pub use loader::{Capture, CaptureError, PodNet};
+pub use loader::{Capture, CaptureError, Lookups, PodNet};
 pub use netns::{Netns, NetnsError, netns_cookie};
 pub use pods::{PodRecord, PodRecordError, PodRecords};
 

@@ -26,7 +26,6 @@ use h2::{
 use http::{Method, Request, StatusCode};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
@@ -67,6 +66,9 @@ pub struct PoolKey {
     /// Local address to connect from (the source workload's IP when the proxy's
     /// sockets live in the pod's network namespace); `None` lets the kernel choose.
     pub source_ip: Option<std::net::IpAddr>,
+    /// Where the connection's socket is made (part of the key: connections from two
+    /// pods' namespaces are never shared).
+    pub dialer: crate::dialer::Dialer,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -109,21 +111,6 @@ impl Drop for StreamGuard {
                 .unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
     }
-}
-
-async fn connect_from(
-    source_ip: Option<std::net::IpAddr>,
-    addr: SocketAddr,
-) -> std::io::Result<TcpStream> {
-    let Some(ip) = source_ip else {
-        return TcpStream::connect(addr).await;
-    };
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.bind(SocketAddr::new(ip, 0))?;
-    socket.connect(addr).await
 }
 
 /// Opens HBONE tunnels, reusing connections.
@@ -259,7 +246,7 @@ impl Client {
     ) -> Result<Arc<Connection>, ClientError> {
         let addr = key.address;
         let timeout = self.pool.connect_timeout;
-        let tcp = tokio::time::timeout(timeout, connect_from(key.source_ip, addr))
+        let tcp = tokio::time::timeout(timeout, key.dialer.connect(key.source_ip, addr))
             .await
             .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
             .map_err(|source| ClientError::Connect { addr, source })?;

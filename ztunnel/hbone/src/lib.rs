@@ -6,10 +6,12 @@
 //! - [`client`]: opens CONNECT streams over pooled, multiplexed connections.
 //! - [`server`]: accepts mTLS connections and hands each CONNECT to a handler.
 //! - [`splice`]: carries bytes between a TCP connection and a CONNECT stream.
+//! - [`dialer`]: where outgoing sockets are made (the proxy's or a pod's namespace).
 //!
 //! The ztunnel and the waypoint both build on this crate.
 
 pub mod client;
+pub mod dialer;
 mod keepalive;
 pub mod server;
 pub mod splice;

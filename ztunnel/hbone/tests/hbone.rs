@@ -152,6 +152,7 @@ fn key(addr: SocketAddr) -> PoolKey {
         destination: id(SERVER),
         address: addr,
         source_ip: None,
+        dialer: Default::default(),
     }
 }
 

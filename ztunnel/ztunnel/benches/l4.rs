@@ -134,6 +134,7 @@ async fn mesh(app_addr: SocketAddr) -> SocketAddr {
         Arc::new(HboneInbound {
             state: state.clone(),
             workload_uid: s.uid.clone(),
+            dialer: cairn_hbone::dialer::Dialer::host(),
         }),
         inbound::MAX_PENDING_HANDSHAKES,
     ));
@@ -153,7 +154,9 @@ async fn mesh(app_addr: SocketAddr) -> SocketAddr {
             let ob = outbound.clone();
             let source = c.clone();
             tokio::spawn(async move {
-                let _ = ob.proxy(&source, app_addr, s).await;
+                let _ = ob
+                    .proxy(&source, app_addr, s, &cairn_hbone::dialer::Dialer::host())
+                    .await;
             });
         }
     });

@@ -65,6 +65,30 @@ pub struct Config {
     /// Runtime worker threads (`CAIRN_WORKER_THREADS`; default 2, as Istio's ztunnel,
     /// or fewer when the process may use fewer CPUs, e.g. under a 1-CPU cgroup limit).
     pub worker_threads: usize,
+    /// In-pod capture with eBPF (`CAIRN_CAPTURE=true`): enroll and adopt the pods the
+    /// CNI plugin recorded. `None` = explicit addressing only.
+    pub capture: Option<CaptureConfig>,
+}
+
+/// Where the capture state lives (see docs/capture.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// `CAIRN_CAPTURE_PIN_ROOT`, default `/sys/fs/bpf/cairn`.
+    pub pin_root: PathBuf,
+    /// `CAIRN_CAPTURE_STATE_DIR`, default `/var/run/cairn/pods`.
+    pub state_dir: PathBuf,
+}
+
+fn boolean(src: &dyn Source, key: &'static str) -> Result<bool, ConfigError> {
+    match src.get(key).as_deref() {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(other) => Err(ConfigError::Invalid {
+            key,
+            value: other.into(),
+            reason: "write true or false".into(),
+        }),
+    }
 }
 
 fn duration(key: &'static str, value: String) -> Result<Duration, ConfigError> {
@@ -153,17 +177,17 @@ impl Config {
                         reason: "write a number of threads from 1 to 64".into(),
                     })?,
             },
-            explicit_outbound: match src.get("CAIRN_EXPLICIT_OUTBOUND").as_deref() {
-                None | Some("false") | Some("0") => false,
-                Some("true") | Some("1") => true,
-                Some(other) => {
-                    return Err(ConfigError::Invalid {
-                        key: "CAIRN_EXPLICIT_OUTBOUND",
-                        value: other.into(),
-                        reason: "write true or false".into(),
-                    });
-                }
-            },
+            explicit_outbound: boolean(src, "CAIRN_EXPLICIT_OUTBOUND")?,
+            capture: boolean(src, "CAIRN_CAPTURE")?.then(|| CaptureConfig {
+                pin_root: src
+                    .get("CAIRN_CAPTURE_PIN_ROOT")
+                    .unwrap_or_else(|| "/sys/fs/bpf/cairn".into())
+                    .into(),
+                state_dir: src
+                    .get("CAIRN_CAPTURE_STATE_DIR")
+                    .unwrap_or_else(|| "/var/run/cairn/pods".into())
+                    .into(),
+            }),
         })
     }
 }

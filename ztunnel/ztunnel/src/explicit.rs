@@ -7,6 +7,8 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
+use cairn_hbone::dialer::Dialer;
+
 use tokio::{
     io::AsyncReadExt,
     net::{TcpListener, TcpStream},
@@ -126,7 +128,7 @@ pub async fn serve(
                 return;
             };
             // Errors are logged by the proxy's access log.
-            let _ = ob.proxy(&source, dst, s).await;
+            let _ = ob.proxy(&source, dst, s, &Dialer::host()).await;
         });
     }
 }

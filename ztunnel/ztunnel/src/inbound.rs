@@ -8,6 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use cairn_api::model::Workload;
 use cairn_hbone::{
     H2Settings,
+    dialer::Dialer,
     server::{Connect, Handler, HandlerFuture, Responder, Server},
 };
 use cairn_identity::SpiffeId;
@@ -66,6 +67,9 @@ pub static ACTIVE_CONNECTIONS: std::sync::atomic::AtomicUsize =
 pub struct HboneInbound {
     pub state: SharedState,
     pub workload_uid: String,
+    /// Makes the connection to the application (inside the pod's network namespace
+    /// when the pod is captured, so the connection is not captured again).
+    pub dialer: Dialer,
 }
 
 fn access(
@@ -95,6 +99,7 @@ impl Handler for HboneInbound {
     fn handle(&self, c: Connect, responder: Responder) -> HandlerFuture {
         let state = self.state.load_full();
         let uid = self.workload_uid.clone();
+        let dialer = self.dialer.clone();
         Box::pin(async move {
             let Some(dst) = state.workload(&uid).cloned() else {
                 warn!(workload = %uid, "inbound for a workload not in config");
@@ -143,7 +148,7 @@ impl Handler for HboneInbound {
                 return;
             }
             let app =
-                match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(c.authority))
+                match tokio::time::timeout(APP_CONNECT_TIMEOUT, dialer.connect(None, c.authority))
                     .await
                 {
                     Ok(Ok(s)) => {
@@ -233,7 +238,12 @@ async fn splice(
 }
 
 /// A plaintext connection to a local workload (PERMISSIVE): policy without identity.
-pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr: SocketAddr) {
+pub async fn plaintext(
+    state: &SharedState,
+    mut downstream: TcpStream,
+    dst_addr: SocketAddr,
+    dialer: &Dialer,
+) {
     let state = state.load_full();
     let src = downstream
         .peer_addr()
@@ -267,7 +277,7 @@ pub async fn plaintext(state: &SharedState, mut downstream: TcpStream, dst_addr:
         refused(ResponseFlags::Denied, &format!("denied: {reason}"));
         return;
     }
-    match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(dst_addr)).await {
+    match tokio::time::timeout(APP_CONNECT_TIMEOUT, dialer.connect(None, dst_addr)).await {
         Ok(Ok(mut app)) => {
             let _ = app.set_nodelay(true);
             let copy = tokio::io::copy_bidirectional_with_sizes(

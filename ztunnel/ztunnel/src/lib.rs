@@ -13,6 +13,7 @@ pub mod certs;
 pub mod config;
 pub mod explicit;
 pub mod inbound;
+pub mod inpod;
 pub mod local;
 pub mod metrics;
 pub mod node;

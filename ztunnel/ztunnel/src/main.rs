@@ -23,6 +23,7 @@ use cairn_ztunnel::{
     certs::{Certificates, NoCertificates},
     config::{Config, ConfigMode, Env},
     inbound::ACTIVE_CONNECTIONS,
+    inpod::InPod,
     local::LocalConfig,
     node::NodeProxy,
     outbound::Outbound,
@@ -75,6 +76,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     let state = Arc::new(ArcSwap::from_pointee(ProxyState::default()));
     let ready = Arc::new(AtomicBool::new(false));
+    // Set once the first config arrived (local mode: at once).
+    let synced = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (certs, manager): (Arc<dyn Certificates>, Option<Arc<CertManager>>) = match &config.mode {
@@ -82,6 +85,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let local = LocalConfig::load(file).context("local config")?;
             state.store(Arc::new(local.into_state()));
             ready.store(true, Ordering::Release);
+            synced.store(true, Ordering::Release);
             warn!(file = %file.display(), "local config mode: no CA, so HBONE connections are refused");
             (Arc::new(NoCertificates), None)
         }
@@ -110,13 +114,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 },
                 state.clone(),
             );
-            let synced = client.synced.clone();
+            let xds_synced = client.synced.clone();
             let ready = ready.clone();
+            let synced = synced.clone();
             tokio::spawn(client.run(stop_rx.clone()));
             tokio::spawn(async move {
-                while !synced.load(Ordering::Acquire) {
+                while !xds_synced.load(Ordering::Acquire) {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+                synced.store(true, Ordering::Release);
                 ready.store(true, Ordering::Release);
                 info!("first config received; ready");
             });
@@ -157,18 +163,55 @@ async fn run(config: Config) -> anyhow::Result<()> {
             bind_source_ip: true,
         })
     });
+    let mut inpod = match &config.capture {
+        None => None,
+        Some(capture) => {
+            let outbound = Arc::new(Outbound {
+                state: state.clone(),
+                client: Client::new(H2Settings::default(), PoolSettings::default()),
+                certs: certs.clone(),
+                // The socket is made in the pod's namespace: the pod IP is its source.
+                bind_source_ip: false,
+            });
+            Some(
+                InPod::new(
+                    config.node_name.clone(),
+                    capture,
+                    state.clone(),
+                    synced.clone(),
+                    certs.clone(),
+                    outbound,
+                )
+                .context("in-pod capture (CAIRN_CAPTURE)")?,
+            )
+        }
+    };
     let mut node = NodeProxy::new(config.node_name.clone(), state, certs, manager, outbound);
+    if inpod.is_some() {
+        // Captured pods are served from listeners inside their namespaces.
+        node = node.without_listeners();
+    }
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // Pods enrolled by the CNI plugin are adopted within this much of appearing.
+    let mut pod_tick = tokio::time::interval(Duration::from_millis(100));
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = tick.tick() => node.reconcile().await,
+            _ = pod_tick.tick(), if inpod.is_some() => {
+                if let Some(inpod) = &mut inpod {
+                    inpod.reconcile();
+                }
+            }
             _ = &mut shutdown => break,
         }
     }
     info!(drain = ?config.drain, "shutting down: no new connections; draining");
     node.stop_listening();
+    if let Some(inpod) = &mut inpod {
+        inpod.stop_listening();
+    }
     cairn_ztunnel::inbound::begin_drain();
     let _ = stop_tx.send(true);
     let deadline = tokio::time::Instant::now() + config.drain;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use cairn_api::HBONE_PORT;
-use cairn_hbone::H2Settings;
+use cairn_hbone::{H2Settings, dialer::Dialer};
 use cairn_identity::SpiffeId;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tracing::{info, warn};
@@ -35,6 +35,9 @@ pub struct NodeProxy {
     managed: HashMap<SpiffeId, JoinHandle<()>>,
     /// Addresses we could not bind, so the failure is logged once.
     unbindable: HashSet<IpAddr>,
+    /// Whether to bind listeners on the pod addresses (explicit addressing); off when
+    /// in-pod capture serves the pods.
+    listen: bool,
 }
 
 impl NodeProxy {
@@ -54,7 +57,14 @@ impl NodeProxy {
             listeners: HashMap::new(),
             managed: HashMap::new(),
             unbindable: HashSet::new(),
+            listen: true,
         }
+    }
+
+    /// Certificates only: the pods' listeners live in their namespaces (`inpod`).
+    pub fn without_listeners(mut self) -> Self {
+        self.listen = false;
+        self
     }
 
     /// UIDs of workloads with a listener.
@@ -98,6 +108,9 @@ impl NodeProxy {
                 }
             }
         }
+        if !self.listen {
+            return;
+        }
         for w in local {
             if self.listeners.contains_key(&w.uid) {
                 continue;
@@ -119,6 +132,7 @@ impl NodeProxy {
             let handler = Arc::new(HboneInbound {
                 state: self.state.clone(),
                 workload_uid: w.uid.clone(),
+                dialer: Dialer::host(),
             });
             let task = tokio::spawn(inbound::serve_hbone(
                 listener,

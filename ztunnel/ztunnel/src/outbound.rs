@@ -18,6 +18,7 @@ use cairn_api::{
 };
 use cairn_hbone::{
     client::{Client, ClientError, PoolKey},
+    dialer::Dialer,
     splice::{SpliceError, splice_early},
 };
 use cairn_identity::SpiffeId;
@@ -254,11 +255,15 @@ pub struct Outbound {
 impl Outbound {
     /// Proxies one captured connection from `source` to `original` until both sides
     /// are done. Returns the bytes `(sent, received)` from the client's side.
+    ///
+    /// `dialer` makes the outgoing socket (in the source pod's network namespace when
+    /// the connection was captured there).
     pub async fn proxy(
         &self,
         source: &Workload,
         original: SocketAddr,
         mut downstream: TcpStream,
+        dialer: &Dialer,
     ) -> Result<(u64, u64), OutboundError> {
         let state = self.state.load_full();
         let route = route(&state, source, original)?;
@@ -268,7 +273,9 @@ impl Outbound {
             .flatten();
         let labels = source_labels(&state, source, original, &route);
         labels.opened();
-        let result = self.carry(&route, source, source_ip, &mut downstream).await;
+        let result = self
+            .carry(&route, source, source_ip, dialer, &mut downstream)
+            .await;
         let (sent, received) = result.as_ref().map(|r| *r).unwrap_or((0, 0));
         let flags = match &result {
             Ok(_) | Err(OutboundError::Copy(_)) => ResponseFlags::None,
@@ -294,6 +301,7 @@ impl Outbound {
         route: &Route,
         source: &Workload,
         source_ip: Option<IpAddr>,
+        dialer: &Dialer,
         downstream: &mut TcpStream,
     ) -> Result<(u64, u64), OutboundError> {
         match route {
@@ -309,6 +317,7 @@ impl Outbound {
                     destination: identity.clone(),
                     address: *gateway,
                     source_ip,
+                    dialer: dialer.clone(),
                 };
                 // The client's first bytes travel right behind the CONNECT.
                 let tunnel = self.client.connect_early(&key, tls, *authority).await?;
@@ -319,7 +328,8 @@ impl Outbound {
             }
             Route::Passthrough(addr) => {
                 let mut upstream =
-                    TcpStream::connect(addr)
+                    dialer
+                        .connect(None, *addr)
                         .await
                         .map_err(|source| OutboundError::Connect {
                             addr: *addr,

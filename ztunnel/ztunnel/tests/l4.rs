@@ -289,6 +289,7 @@ async fn node_with(strict: bool, net: u8, max_pending_handshakes: usize) -> Node
         let handler = Arc::new(HboneInbound {
             state: state.clone(),
             workload_uid: uid.into(),
+            dialer: cairn_hbone::dialer::Dialer::host(),
         });
         tokio::spawn(inbound::serve_hbone(
             listener,
@@ -333,7 +334,10 @@ async fn call(
         .expect("source workload");
     let ob = n.outbound.clone();
     let dst: SocketAddr = dst.parse().expect("dst");
-    let proxy = tokio::spawn(async move { ob.proxy(&w, dst, captured).await });
+    let proxy = tokio::spawn(async move {
+        ob.proxy(&w, dst, captured, &cairn_hbone::dialer::Dialer::host())
+            .await
+    });
     client.write_all(msg).await.expect("write");
     client.shutdown().await.expect("half-close");
     let mut out = Vec::new();
@@ -408,6 +412,7 @@ async fn strict_rejects_plaintext_and_permissive_accepts_it() {
                 &state,
                 accepted,
                 SocketAddr::from(([127, net, 0, 12], 9080)),
+                &cairn_hbone::dialer::Dialer::host(),
             )
             .await
         });
