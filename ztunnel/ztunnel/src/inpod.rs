@@ -4,8 +4,8 @@
 //! kernel state match the config: a pod whose workload is in the mesh (HBONE) is
 //! enrolled, one the config no longer lists is released (after the first config only:
 //! without config nothing is released, so nothing fails open). An enrolled pod whose
-//! workload is known is *adopted*: ztunnel opens three listeners inside the pod's
-//! network namespace and serves them until the pod leaves:
+//! workload is known and whose certificate is issued is *adopted*: ztunnel opens three
+//! listeners inside the pod's network namespace and serves them until the pod leaves:
 //!
 //! - `127.0.0.1:15001`: connections the pod's `connect()` hooks redirected; the
 //!   original destination comes from the programs' connection map.
@@ -190,6 +190,13 @@ impl InPod {
                 .get(&record.ip)
                 .is_some_and(|a| a.uid == workload.uid)
             {
+                continue;
+            }
+            // Adopted = ready to serve: without its certificate the pod could neither
+            // open nor accept HBONE, so it stays refused (fail closed) until the CA
+            // answers. The node proxy fetches it ahead of first use.
+            if let Err(e) = self.certs.server(&workload.identity) {
+                self.fail_once(key, "pod waits for its certificate before adoption", &e);
                 continue;
             }
             match self.adopt(&record, &workload.uid, &workload.identity) {
