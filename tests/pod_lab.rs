@@ -515,13 +515,16 @@ impl PodLab {
         cmd
     }
 
-    /// Runs python3 `script` in `pod` and returns its stdout.
+    /// Runs python3 `script` in `pod` and returns its stdout and stderr.
     pub fn python(&self, pod: &str, script: &str, args: &[&str]) -> String {
-        let out = self
-            .pod_command(pod, &["python3", "-c", script])
-            .args(args)
-            .output()
-            .expect("python");
+        let mut all = vec!["python3", "-c", script];
+        all.extend_from_slice(args);
+        self.run_in_pod(pod, &all)
+    }
+
+    /// Runs a command as a process of `pod`; returns its stdout and stderr.
+    pub fn run_in_pod(&self, pod: &str, args: &[&str]) -> String {
+        let out = self.pod_command(pod, args).output().expect("run in pod");
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

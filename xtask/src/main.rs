@@ -106,6 +106,7 @@ fn cargo_test(root: &Path, args: &[&str]) -> Result<(u64, u64)> {
 const BENCHES: &[(&str, &str, &str)] = &[
     ("controller", "cairn-controller", "controller"),
     ("l4", "cairn-tests", "l4"),
+    ("capture", "cairn-tests", "capture"),
     ("l4-loopback", "cairn-ztunnel", "l4"),
     ("lb", "cairn-ztunnel", "lb"),
 ];

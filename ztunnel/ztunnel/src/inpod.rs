@@ -352,32 +352,46 @@ struct CapturedOutbound {
 }
 
 /// Outbound (redirected by `connect4/6`): the original destination is in the
-/// programs' connection map under (this namespace, the client's address).
+/// programs' connection map under (this namespace, the client's address). A
+/// connection the programs did not redirect (a tool in the pod addressing ztunnel at
+/// `127.0.0.1:15001` itself) must say where it goes with a PROXY v1 header, as on the
+/// explicit entry; it still leaves with the pod's identity.
 async fn serve_outbound(listener: TcpListener, ctx: CapturedOutbound) {
     let ctx = Arc::new(ctx);
     loop {
-        let (stream, peer) = accept(&listener, "outbound").await;
-        let SocketAddr::V4(peer4) = peer else {
-            warn!(src.addr = %peer, "captured outbound from a non-IPv4 address; closing");
-            continue;
-        };
-        let Some(dst) = ctx.lookups.original_destination(ctx.netns_cookie, peer4) else {
-            metrics::counter!("cairn_capture_unknown_destination_total").increment(1);
-            warn!(src.addr = %peer, workload = %ctx.uid, "captured connection without a recorded destination; closing");
-            continue;
-        };
+        let (mut stream, peer) = accept(&listener, "outbound").await;
         let _ = stream.set_nodelay(true);
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            let captured = match peer {
+                SocketAddr::V4(peer4) => ctx.lookups.original_destination(ctx.netns_cookie, peer4),
+                SocketAddr::V6(_) => None,
+            };
+            let dst = match captured {
+                Some(dst) => SocketAddr::V4(dst),
+                None => {
+                    let header = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        crate::explicit::read_header(&mut stream),
+                    )
+                    .await;
+                    match header {
+                        Ok(Ok(dst)) => dst,
+                        _ => {
+                            metrics::counter!("cairn_capture_unknown_destination_total")
+                                .increment(1);
+                            warn!(src.addr = %peer, workload = %ctx.uid, "outbound connection with neither a recorded destination nor a PROXY header; closing");
+                            return;
+                        }
+                    }
+                }
+            };
             let Some(source) = ctx.state.load().workload(&ctx.uid).cloned() else {
                 warn!(workload = %ctx.uid, "captured outbound for a workload no longer in config");
                 return;
             };
             // The access log and metrics report the outcome.
-            let _ = ctx
-                .outbound
-                .proxy(&source, SocketAddr::V4(dst), stream, &ctx.dialer)
-                .await;
+            let _ = ctx.outbound.proxy(&source, dst, stream, &ctx.dialer).await;
         });
     }
 }
