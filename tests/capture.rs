@@ -249,14 +249,15 @@ fn pods_are_captured_enrolled_released_and_readopted() {
         ["ratings:9080:hi"; 2],
         "PERMISSIVE"
     );
-    let steered = lab.metric(
-        NODE_A,
-        "cairn_capture_events_total",
-        "event=\"inbound_steered\"",
-    );
-    assert!(
-        steered >= 2.0,
-        "A's sk_lookup steered the plaintext connections: {steered}"
+    lab.wait_for(
+        "A's sk_lookup counts the steered plaintext connections",
+        |lab| {
+            lab.metric(
+                NODE_A,
+                "cairn_capture_events_total",
+                "event=\"inbound_steered\"",
+            ) >= 2.0
+        },
     );
 
     // Opt-out: not captured (A's redirect counter does not move), so its plaintext
@@ -268,6 +269,7 @@ fn pods_are_captured_enrolled_released_and_readopted() {
             "event=\"outbound_redirected\"",
         )
     };
+    std::thread::sleep(Duration::from_millis(300));
     let before = redirected(&lab);
     assert_eq!(
         answers(&lab, "optout", "10.77.2.20", 9080, 1),
@@ -394,14 +396,15 @@ fn pods_are_captured_enrolled_released_and_readopted() {
 
     // Drop and error counters are exported (and none fired on this happy path, apart
     // from the refusals above, which sk_lookup counts as "no listener").
-    let no_listener = lab.metric(
-        NODE_A,
-        "cairn_capture_events_total",
-        "event=\"inbound_no_listener\"",
-    );
-    assert!(
-        no_listener >= 1.0,
-        "the refused inbound while ztunnel was down is counted: {no_listener}"
+    lab.wait_for(
+        "the refused inbound while ztunnel was down is counted",
+        |lab| {
+            lab.metric(
+                NODE_A,
+                "cairn_capture_events_total",
+                "event=\"inbound_no_listener\"",
+            ) >= 1.0
+        },
     );
     for event in [
         "outbound_pending_full",

@@ -11,6 +11,11 @@ fn main() -> anyhow::Result<()> {
     unsafe {
         std::env::set_var("RUSTC_BOOTSTRAP", "1")
     };
+    // aya-build watches the programs crate; the layout they share lives here too.
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../common")
+    );
     let toolchain = std::env::var("RUSTUP_TOOLCHAIN").unwrap_or_else(|_| "stable".into());
     aya_build::build_ebpf(
         [aya_build::Package {

@@ -91,29 +91,25 @@ pub enum Counter {
     OutboundIpv6Refused = 2,
     /// connect4: the pending-destination map rejected the insert: the connection is refused.
     OutboundPendingFull = 3,
-    /// sock_ops: a captured socket's destination was not pending (evicted): ztunnel will
-    /// refuse it.
-    OutboundPendingMissing = 4,
     /// sock_ops: the connection map rejected the insert.
-    OutboundConnsFull = 5,
+    OutboundConnsFull = 4,
     /// sk_lookup: steered to ztunnel's HBONE or plaintext listener.
-    InboundSteered = 6,
+    InboundSteered = 5,
     /// sk_lookup: passed (the pod itself, ztunnel's own connection to the app, a probe).
-    InboundPassed = 7,
+    InboundPassed = 6,
     /// sk_lookup: enrolled pod without a ztunnel listener: dropped (fail closed).
-    InboundNoListener = 8,
+    InboundNoListener = 7,
     /// sk_lookup: the kernel refused the socket assignment: dropped.
-    InboundAssignFailed = 9,
+    InboundAssignFailed = 8,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 9;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::OutboundRedirected,
         Counter::OutboundBypassed,
         Counter::OutboundIpv6Refused,
         Counter::OutboundPendingFull,
-        Counter::OutboundPendingMissing,
         Counter::OutboundConnsFull,
         Counter::InboundSteered,
         Counter::InboundPassed,
@@ -128,7 +124,6 @@ impl Counter {
             Counter::OutboundBypassed => "outbound_bypassed",
             Counter::OutboundIpv6Refused => "outbound_ipv6_refused",
             Counter::OutboundPendingFull => "outbound_pending_full",
-            Counter::OutboundPendingMissing => "outbound_pending_missing",
             Counter::OutboundConnsFull => "outbound_conns_full",
             Counter::InboundSteered => "inbound_steered",
             Counter::InboundPassed => "inbound_passed",
@@ -143,7 +138,6 @@ impl Counter {
             self,
             Counter::OutboundIpv6Refused
                 | Counter::OutboundPendingFull
-                | Counter::OutboundPendingMissing
                 | Counter::OutboundConnsFull
                 | Counter::InboundNoListener
                 | Counter::InboundAssignFailed

@@ -102,6 +102,27 @@ pub struct InPod {
     adopted: HashMap<Ipv4Addr, Adopted>,
     /// Pods and files whose failure was logged (once each until it clears).
     failing: HashSet<String>,
+    /// What the last pass saw; a pass with the same inputs would change nothing.
+    last_inputs: Option<Inputs>,
+    /// A pod still waits (certificate) or failed: the next pass must run anyway.
+    retry: bool,
+}
+
+struct Inputs {
+    /// The config snapshot (swapped whole on every change; held, so its address cannot
+    /// be reused by a newer one).
+    state: Arc<crate::state::ProxyState>,
+    /// The state directory's mtime (records are written by rename, so it moves).
+    dir_mtime: Option<std::time::SystemTime>,
+    synced: bool,
+}
+
+impl Inputs {
+    fn same(&self, other: &Inputs) -> bool {
+        Arc::ptr_eq(&self.state, &other.state)
+            && self.dir_mtime == other.dir_mtime
+            && self.synced == other.synced
+    }
 }
 
 impl InPod {
@@ -128,6 +149,8 @@ impl InPod {
             records: PodRecords::new(config.state_dir.clone()),
             adopted: HashMap::new(),
             failing: HashSet::new(),
+            last_inputs: None,
+            retry: false,
         })
     }
 
@@ -145,9 +168,28 @@ impl InPod {
     }
 
     /// Brings enrollment and listeners in line with the pod records and the config.
+    ///
+    /// Cheap when nothing moved: skipped unless the config snapshot, the state
+    /// directory or the sync flag changed, or a pod is still waiting (certificate,
+    /// failure to retry). The programs' counters are exported on every pass (nine map
+    /// reads).
     pub fn reconcile(&mut self) {
+        self.export_counters();
         let state = self.state.load_full();
         let synced = self.synced.load(Ordering::Acquire);
+        let dir_mtime = std::fs::metadata(self.records.dir())
+            .and_then(|m| m.modified())
+            .ok();
+        let inputs = Inputs {
+            state: state.clone(),
+            dir_mtime,
+            synced,
+        };
+        if !self.retry && self.last_inputs.as_ref().is_some_and(|l| l.same(&inputs)) {
+            return;
+        }
+        self.last_inputs = Some(inputs);
+        self.retry = false;
         let (records, errors) = self.records.list();
         for e in errors {
             self.fail_once(format!("record:{e}"), "unreadable pod record; skipped", &e);
@@ -165,6 +207,7 @@ impl InPod {
                 (Some(_), _) if !enrolled => match self.capture.enroll(&PodNet::from(&record)) {
                     Ok(()) => info!(pod = %key, ip = %record.ip, "pod enrolled"),
                     Err(e) => {
+                        self.retry = true;
                         self.fail_once(key, "cannot enroll pod", &e);
                         continue;
                     }
@@ -173,7 +216,10 @@ impl InPod {
                     self.adopted.remove(&record.ip);
                     match self.capture.release(record.ip) {
                         Ok(()) => info!(pod = %key, ip = %record.ip, "pod left the mesh; released"),
-                        Err(e) => self.fail_once(key, "cannot release pod", &e),
+                        Err(e) => {
+                            self.retry = true;
+                            self.fail_once(key, "cannot release pod", &e);
+                        }
                     }
                     continue;
                 }
@@ -196,6 +242,7 @@ impl InPod {
             // open nor accept HBONE, so it stays refused (fail closed) until the CA
             // answers. The node proxy fetches it ahead of first use.
             if let Err(e) = self.certs.server(&workload.identity) {
+                self.retry = true;
                 self.fail_once(key, "pod waits for its certificate before adoption", &e);
                 continue;
             }
@@ -205,7 +252,10 @@ impl InPod {
                     info!(pod = %key, ip = %record.ip, identity = %workload.identity, "pod adopted: listening in its network namespace");
                     self.adopted.insert(record.ip, adopted);
                 }
-                Err(e) => self.fail_once(key, "cannot adopt pod", &e),
+                Err(e) => {
+                    self.retry = true;
+                    self.fail_once(key, "cannot adopt pod", &e);
+                }
             }
         }
         // Pods deleted (their record removed): stop serving and detach.
@@ -214,11 +264,13 @@ impl InPod {
             if !seen.contains(&ip) {
                 match self.capture.release(ip) {
                     Ok(()) => info!(%ip, "pod record gone; released"),
-                    Err(e) => self.fail_once(ip.to_string(), "cannot release pod", &e),
+                    Err(e) => {
+                        self.retry = true;
+                        self.fail_once(ip.to_string(), "cannot release pod", &e);
+                    }
                 }
             }
         }
-        self.export_counters();
     }
 
     fn adopt(
