@@ -1,8 +1,10 @@
 //! `cargo xtask`: project chores that need more than one cargo command.
 //!
 //! - `cargo xtask test`: format check, clippy (warnings are errors), every test.
-//! - `cargo xtask bench [controller]`: runs the benchmarks at full scale and rewrites
+//! - `cargo xtask bench [name]`: runs the benchmarks at full scale and rewrites
 //!   their tables in `docs/benchmarks.md`.
+//!
+//! Both first install the eBPF build's toolchain if it is missing (`ebpf.rs`).
 
 use std::{
     path::{Path, PathBuf},
@@ -11,14 +13,22 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod ebpf;
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = workspace_root()?;
     match args.first().map(String::as_str) {
-        Some("test") => test(&root),
-        Some("bench") => bench(&root, args.get(1).map(String::as_str)),
+        Some("test") => {
+            ebpf::ensure_toolchain()?;
+            test(&root)
+        }
+        Some("bench") => {
+            ebpf::ensure_toolchain()?;
+            bench(&root, args.get(1).map(String::as_str))
+        }
         _ => {
-            eprintln!("usage: cargo xtask <test | bench [controller|l4|l4-loopback|lb]>");
+            eprintln!("usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb]>");
             bail!("unknown or missing command")
         }
     }
