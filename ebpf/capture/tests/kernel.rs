@@ -334,3 +334,89 @@ fn inbound_connections_are_steered_to_the_listener_or_refused() {
     s.write_all(b"ap").expect("write");
     assert_eq!(output(child).trim(), "OK ap");
 }
+
+const CONNECT6: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+s.settimeout(3)
+try:
+    s.connect((sys.argv[1], int(sys.argv[2])))
+    s.sendall(b"hi")
+    print("OK", s.recv(16).decode())
+except Exception as e:
+    print("ERR", e)
+"#;
+
+#[test]
+fn release_leaves_other_attachments_alone_and_ipv6_cannot_bypass() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP kernel capture test: {why}");
+        return;
+    }
+    let pod = pod("m");
+    // Someone else's programs on the same cgroup and namespace first (as a CNI's
+    // would be): here a second, independent set of ours with its own maps.
+    let other_root = PathBuf::from(format!("{}-other", pod.root.display()));
+    let mut other = Capture::open(&other_root).expect("load other");
+    other.enroll(&pod.net()).expect("other enroll");
+    let mut ours = Capture::open(&pod.root).expect("load ours");
+    ours.enroll(&pod.net()).expect("enroll");
+    ours.release(POD_IP).expect("release");
+    assert!(!pod.root.join("pods/10-99-0-2").exists(), "our pins gone");
+    assert!(
+        other_root.join("pods/10-99-0-2/cairn_connect4").exists(),
+        "theirs kept"
+    );
+
+    // The other attachment still captures: nothing of it was detached.
+    let netns = pod.netns();
+    let listener = netns
+        .run(|| TcpListener::bind("127.0.0.1:15001"))
+        .expect("netns")
+        .expect("bind");
+    let cookie = netns.cookie();
+    let lookups = other.lookups();
+    let serve_one = |want_port: u16| {
+        let (mut s, peer) = listener.accept().expect("accept");
+        let std::net::SocketAddr::V4(peer) = peer else {
+            panic!("v6 peer")
+        };
+        let dst = lookups
+            .original_destination(cookie, peer)
+            .expect("recorded");
+        assert_eq!(
+            dst,
+            SocketAddrV4::new(Ipv4Addr::new(10, 20, 30, 40), want_port)
+        );
+        let mut buf = [0u8; 2];
+        s.read_exact(&mut buf).expect("read");
+        s.write_all(b"ok").expect("write");
+    };
+    let child =
+        pod.run_in_pod(&CONNECT.replace("sys.argv[1], int(sys.argv[2])", "'10.20.30.40', 80"));
+    serve_one(80);
+    assert_eq!(output(child).trim(), "OK ok");
+
+    // A dual-stack socket to an IPv4-mapped address is captured like IPv4 ...
+    let child = pod
+        .run_in_pod(&CONNECT6.replace("sys.argv[1], int(sys.argv[2])", "'::ffff:10.20.30.40', 81"));
+    serve_one(81);
+    assert_eq!(output(child).trim(), "OK ok");
+    // ... and any other IPv6 destination is refused, never let through.
+    let refused = output(
+        pod.run_in_pod(&CONNECT6.replace("sys.argv[1], int(sys.argv[2])", "'2001:db8::1', 80")),
+    );
+    assert!(
+        refused.contains("ERR") && refused.contains("not permitted"),
+        "{refused}"
+    );
+    let v6 = lookups
+        .counters()
+        .into_iter()
+        .find(|(c, _)| c.name() == "outbound_ipv6_refused")
+        .map(|c| c.1);
+    assert_eq!(v6, Some(1));
+
+    other.release(POD_IP).expect("release other");
+    let _ = std::fs::remove_dir_all(&other_root);
+}
