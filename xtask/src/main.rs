@@ -68,6 +68,9 @@ fn test(root: &Path) -> Result<()> {
             "warnings",
         ],
     )?;
+    // The labs run the workspace's binaries (controller, ztunnel, cairn-cni); cargo
+    // builds a binary for `cargo test` only where its own package has integration tests.
+    cargo(root, &["build", "--workspace", "--bins"])?;
     let (passed, failed) = cargo_test(root, &["test", "--workspace", "--all-targets"])?;
     // One closing line for the whole workspace (cargo's own last line is often a
     // doc-test binary with nothing in it).
