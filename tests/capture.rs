@@ -260,6 +260,11 @@ fn pods_are_captured_enrolled_released_and_readopted() {
         },
     );
 
+    // Kubelet probes come from the node's address, which the CNI plugin recorded as
+    // the pods' probe address: they reach a STRICT pod's application directly.
+    let probe = lab.python_on_node(NODE_B, CONNECT, &["10.77.2.12", "9080", "1"]);
+    assert_eq!(probe.trim(), "v1:9080:hi", "probe from the node");
+
     // Opt-out: not captured (A's redirect counter does not move), so its plaintext
     // reaches a non-mesh pod directly and a STRICT pod refuses it.
     let redirected = |lab: &PodLab| {

@@ -492,7 +492,8 @@ impl PodLab {
             .sum()
     }
 
-    fn python_on_node(&self, node: usize, script: &str, args: &[&str]) -> String {
+    /// Runs python3 `script` in a node's network namespace (as the kubelet would run).
+    pub fn python_on_node(&self, node: usize, script: &str, args: &[&str]) -> String {
         let out = Command::new("nsenter")
             .arg(format!("--net=/var/run/netns/{}", self.nodes[node]))
             .args(["--", "python3", "-c", script])
