@@ -111,6 +111,31 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Writes the two nodes' tokens (`tok-a`, `tok-b`) into `dir` and returns the
+/// controller's command line: config from `dir/config`, CA in `dir/ca`, listening on
+/// node A's address.
+pub fn controller_command(dir: &Path) -> Vec<String> {
+    std::fs::write(
+        dir.join("tokens.yaml"),
+        "- {token: tok-a, node: node-a}\n- {token: tok-b, node: node-b}\n",
+    )
+    .expect("tokens");
+    std::fs::write(dir.join("tok-a"), "tok-a").expect("token");
+    std::fs::write(dir.join("tok-b"), "tok-b").expect("token");
+    let d = |p: &str| dir.join(p).display().to_string();
+    vec![
+        binary("controller").display().to_string(),
+        "--config-dir".into(),
+        d("config"),
+        "--tokens".into(),
+        d("tokens.yaml"),
+        "--ca-dir".into(),
+        d("ca"),
+        "--listen".into(),
+        "10.77.1.1:15012".into(),
+    ]
+}
+
 impl Lab {
     /// Builds the topology and starts the controller on A (with `manifests` as its
     /// config) and a ztunnel per node; returns once each ztunnel has `certs[i]`
@@ -128,32 +153,11 @@ impl Lab {
         let dir = lab.dir.path().to_owned();
         std::fs::create_dir(dir.join("config")).expect("mkdir");
         std::fs::write(dir.join("config/lab.yaml"), manifests).expect("manifests");
-        std::fs::write(
-            dir.join("tokens.yaml"),
-            "- {token: tok-a, node: node-a}\n- {token: tok-b, node: node-b}\n",
-        )
-        .expect("tokens");
-        std::fs::write(dir.join("tok-a"), "tok-a").expect("token");
-        std::fs::write(dir.join("tok-b"), "tok-b").expect("token");
         let d = |p: &str| dir.join(p).display().to_string();
-        let controller = binary("controller").display().to_string();
         let ztunnel = binary("ztunnel").display().to_string();
-        lab.spawn(
-            NODE_A,
-            &[
-                &controller,
-                "--config-dir",
-                &d("config"),
-                "--tokens",
-                &d("tokens.yaml"),
-                "--ca-dir",
-                &d("ca"),
-                "--listen",
-                "10.77.1.1:15012",
-            ],
-            &[],
-            "controller.log",
-        );
+        let controller = controller_command(&dir);
+        let controller: Vec<&str> = controller.iter().map(String::as_str).collect();
+        lab.spawn(NODE_A, &controller, &[], "controller.log");
         lab.wait_for("the mesh root", |_| dir.join("ca/root-cert.pem").exists());
         for (i, node, token, log) in [
             (NODE_A, "node-a", "tok-a", "ztunnel-a.log"),

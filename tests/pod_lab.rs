@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::lab::binary;
+use crate::lab::{binary, controller_command};
 
 pub const NODE_A: usize = 0;
 pub const NODE_B: usize = 1;
@@ -66,19 +66,10 @@ fn sh(args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[2] == "cgroup2")
-        .map(|f| PathBuf::from(f[1]))
-}
-
 /// Why this machine cannot run the pod lab, if it cannot.
 pub fn can_run() -> Result<(), String> {
     crate::lab::can_run()?;
-    if cgroup2_root().is_none() {
+    if cairn_capture::cgroup2_mount().is_none() {
         return Err("needs a cgroup v2 mount".into());
     }
     if Command::new("nsenter").arg("--version").output().is_err() {
@@ -103,7 +94,7 @@ fn remove_stale() {
             }
         }
     }
-    if let Some(root) = cgroup2_root() {
+    if let Some(root) = cairn_capture::cgroup2_mount() {
         for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if dead(&name) {
@@ -165,7 +156,7 @@ impl PodLab {
             pods: Vec::new(),
             ztunnels: [None, None],
             children: Vec::new(),
-            cgroup_root: cgroup2_root().expect("cgroup2"),
+            cgroup_root: cairn_capture::cgroup2_mount().expect("cgroup2"),
             dir: tempfile::tempdir().expect("tempdir"),
         };
         lab.nodes_network().expect("node namespaces");
@@ -178,31 +169,9 @@ impl PodLab {
         let dir = lab.dir.path().to_owned();
         std::fs::create_dir(dir.join("config")).expect("mkdir");
         lab.set_config(manifests);
-        std::fs::write(
-            dir.join("tokens.yaml"),
-            "- {token: tok-a, node: node-a}\n- {token: tok-b, node: node-b}\n",
-        )
-        .expect("tokens");
-        std::fs::write(dir.join("tok-a"), "tok-a").expect("token");
-        std::fs::write(dir.join("tok-b"), "tok-b").expect("token");
-        let d = |p: &str| dir.join(p).display().to_string();
-        let controller = binary("controller").display().to_string();
-        let child = lab.node_command(
-            NODE_A,
-            &[
-                &controller,
-                "--config-dir",
-                &d("config"),
-                "--tokens",
-                &d("tokens.yaml"),
-                "--ca-dir",
-                &d("ca"),
-                "--listen",
-                "10.77.1.1:15012",
-            ],
-            &[],
-            "controller.log",
-        );
+        let controller = controller_command(&dir);
+        let controller: Vec<&str> = controller.iter().map(String::as_str).collect();
+        let child = lab.node_command(NODE_A, &controller, &[], "controller.log");
         lab.children.push(child);
         lab.wait_for("the mesh root", |_| dir.join("ca/root-cert.pem").exists());
         lab

@@ -16,6 +16,17 @@ pub use loader::{Capture, CaptureError, Lookups, PodNet};
 pub use netns::{Netns, NetnsError, netns_cookie};
 pub use pods::{PodRecord, PodRecordError, PodRecords};
 
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones), from `/proc/self/mounts`.
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, path, kind) = (fields.next()?, fields.next()?, fields.next()?);
+        (kind == "cgroup2").then(|| path.into())
+    })
+}
+
 /// Where programs, maps and links are pinned.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/cairn";
 /// Where the CNI plugin records the pods of this node for ztunnel.

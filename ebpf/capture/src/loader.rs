@@ -67,6 +67,11 @@ pub enum CaptureError {
         path: PathBuf,
         source: aya::pin::PinError,
     },
+    #[error("program {name}: its attachment is not a BPF link: {source}")]
+    Link {
+        name: &'static str,
+        source: aya::programs::links::LinkError,
+    },
     #[error("unpinning {path}: {source}")]
     Unpin {
         path: PathBuf,
@@ -92,6 +97,14 @@ impl From<&PodRecord> for PodNet {
             probe_ip: p.probe_ip,
         }
     }
+}
+
+/// A cgroup attachment as a pinnable link (it is one on kernels >= 5.7).
+fn fd_link<L>(link: L, name: &'static str) -> Result<FdLink, CaptureError>
+where
+    FdLink: TryFrom<L, Error = aya::programs::links::LinkError>,
+{
+    FdLink::try_from(link).map_err(|source| CaptureError::Link { name, source })
 }
 
 fn be(ip: Ipv4Addr) -> u32 {
@@ -233,22 +246,12 @@ impl Capture {
                 SOCKOPS => {
                     let p = <&mut SockOps>::try_from(program).map_err(prog_err)?;
                     let id = p.attach(&cgroup, LINK_MODE).map_err(prog_err)?;
-                    FdLink::try_from(p.take_link(id).map_err(prog_err)?).map_err(|source| {
-                        CaptureError::Unpin {
-                            path: pin.clone(),
-                            source,
-                        }
-                    })?
+                    fd_link(p.take_link(id).map_err(prog_err)?, name)?
                 }
                 _ => {
                     let p = <&mut CgroupSockAddr>::try_from(program).map_err(prog_err)?;
                     let id = p.attach(&cgroup, LINK_MODE).map_err(prog_err)?;
-                    FdLink::try_from(p.take_link(id).map_err(prog_err)?).map_err(|source| {
-                        CaptureError::Unpin {
-                            path: pin.clone(),
-                            source,
-                        }
-                    })?
+                    fd_link(p.take_link(id).map_err(prog_err)?, name)?
                 }
             };
             link.pin(&pin).map_err(|source| CaptureError::Pin {

@@ -23,15 +23,6 @@ fn sh(args: &[&str]) {
     assert!(status.success(), "{args:?} failed");
 }
 
-fn cgroup2_root() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.len() > 2 && f[2] == "cgroup2")
-        .map(|f| PathBuf::from(f[1]))
-}
-
 fn skip_reason() -> Option<String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let root = status
@@ -40,7 +31,7 @@ fn skip_reason() -> Option<String> {
     if !root {
         return Some("needs root".into());
     }
-    if cgroup2_root().is_none() {
+    if cairn_capture::cgroup2_mount().is_none() {
         return Some("needs a cgroup v2 mount".into());
     }
     if Command::new("ip").arg("-V").output().is_err() {
@@ -74,7 +65,7 @@ fn pod(tag: &str) -> Pod {
     let pod = Pod {
         ns: format!("cairn-kt-{id}"),
         peer: format!("cairn-kp-{id}"),
-        cgroup: cgroup2_root()
+        cgroup: cairn_capture::cgroup2_mount()
             .expect("cgroup2")
             .join(format!("cairn-kt-{id}")),
         root: PathBuf::from(format!("/sys/fs/bpf/cairn-test-{id}")),
@@ -128,16 +119,22 @@ impl Pod {
         }
     }
 
+    /// [`CONNECT`] as a process of the pod.
+    fn connect(&self, host: &str, port: u16) -> std::process::Child {
+        self.run_in_pod(CONNECT, &[host, &port.to_string()])
+    }
+
     /// Runs python3 `code` as a process of the pod (its netns and cgroup).
-    fn run_in_pod(&self, code: &str) -> std::process::Child {
+    fn run_in_pod(&self, code: &str, args: &[&str]) -> std::process::Child {
         // Joins the cgroup before `ip netns exec`, which remounts /sys for the namespace.
         let script = format!(
-            "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\"",
+            "echo $$ > {}/cgroup.procs && exec ip netns exec {} python3 -c \"$0\" \"$@\"",
             self.cgroup.display(),
             self.ns
         );
         Command::new("sh")
             .args(["-c", &script, code])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -158,9 +155,12 @@ fn output(child: std::process::Child) -> String {
     )
 }
 
+/// Connects to argv[1]:argv[2] (an IPv6 socket when the address has a colon), sends
+/// "hi", prints `OK <answer>` or `ERR <why>`.
 const CONNECT: &str = r#"
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
 s.settimeout(3)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -181,9 +181,7 @@ fn outbound_connections_reach_the_pod_listener_with_their_original_destination()
     let lookups = capture.lookups();
     // Before ztunnel listens, an enrolled pod's connections fail (nothing bypasses).
     capture.enroll(&pod.net()).expect("enroll");
-    let refused = output(
-        pod.run_in_pod(&CONNECT.replace("sys.argv[1], int(sys.argv[2])", "'10.99.0.1', 80")),
-    );
+    let refused = output(pod.connect("10.99.0.1", 80));
     assert!(refused.starts_with("ERR"), "{refused}");
 
     let netns = pod.netns();
@@ -195,11 +193,7 @@ fn outbound_connections_reach_the_pod_listener_with_their_original_destination()
     assert_eq!(cookie, netns.cookie());
     let mut clients = Vec::new();
     for port in [80u16, 8080, 9090] {
-        let code = CONNECT.replace(
-            "sys.argv[1], int(sys.argv[2])",
-            &format!("'10.20.30.40', {port}"),
-        );
-        clients.push((port, pod.run_in_pod(&code)));
+        clients.push((port, pod.connect("10.20.30.40", port)));
     }
     let mut seen = Vec::new();
     listener.set_nonblocking(false).expect("blocking");
@@ -232,8 +226,7 @@ fn outbound_connections_reach_the_pod_listener_with_their_original_destination()
         .run(|| TcpListener::bind("127.0.0.1:7000"))
         .expect("netns")
         .expect("bind");
-    let child =
-        pod.run_in_pod(&CONNECT.replace("sys.argv[1], int(sys.argv[2])", "'127.0.0.1', 7000"));
+    let child = pod.connect("127.0.0.1", 7000);
     let (mut s, _) = local.accept().expect("loopback accept");
     let mut buf = [0u8; 2];
     s.read_exact(&mut buf).expect("read");
@@ -263,12 +256,9 @@ fn inbound_connections_are_steered_to_the_listener_or_refused() {
         .expect("bind app");
     app.set_nonblocking(true).expect("nonblocking");
     let peer_connect = |port: u16| {
-        let code = CONNECT.replace(
-            "sys.argv[1], int(sys.argv[2])",
-            &format!("'{POD_IP}', {port}"),
-        );
         Command::new("ip")
-            .args(["netns", "exec", &pod.peer, "python3", "-c", &code])
+            .args(["netns", "exec", &pod.peer, "python3", "-c", CONNECT])
+            .args([POD_IP.to_string(), port.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -335,18 +325,6 @@ fn inbound_connections_are_steered_to_the_listener_or_refused() {
     assert_eq!(output(child).trim(), "OK ap");
 }
 
-const CONNECT6: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-s.settimeout(3)
-try:
-    s.connect((sys.argv[1], int(sys.argv[2])))
-    s.sendall(b"hi")
-    print("OK", s.recv(16).decode())
-except Exception as e:
-    print("ERR", e)
-"#;
-
 #[test]
 fn release_leaves_other_attachments_alone_and_ipv6_cannot_bypass() {
     if let Some(why) = skip_reason() {
@@ -392,20 +370,16 @@ fn release_leaves_other_attachments_alone_and_ipv6_cannot_bypass() {
         s.read_exact(&mut buf).expect("read");
         s.write_all(b"ok").expect("write");
     };
-    let child =
-        pod.run_in_pod(&CONNECT.replace("sys.argv[1], int(sys.argv[2])", "'10.20.30.40', 80"));
+    let child = pod.connect("10.20.30.40", 80);
     serve_one(80);
     assert_eq!(output(child).trim(), "OK ok");
 
     // A dual-stack socket to an IPv4-mapped address is captured like IPv4 ...
-    let child = pod
-        .run_in_pod(&CONNECT6.replace("sys.argv[1], int(sys.argv[2])", "'::ffff:10.20.30.40', 81"));
+    let child = pod.connect("::ffff:10.20.30.40", 81);
     serve_one(81);
     assert_eq!(output(child).trim(), "OK ok");
     // ... and any other IPv6 destination is refused, never let through.
-    let refused = output(
-        pod.run_in_pod(&CONNECT6.replace("sys.argv[1], int(sys.argv[2])", "'2001:db8::1', 80")),
-    );
+    let refused = output(pod.connect("2001:db8::1", 80));
     assert!(
         refused.contains("ERR") && refused.contains("not permitted"),
         "{refused}"

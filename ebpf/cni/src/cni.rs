@@ -97,7 +97,8 @@ struct PluginConfig {
     /// The node address kubelet probes come from; they skip capture.
     #[serde(default)]
     probe_ip: Option<Ipv4Addr>,
-    /// Where cgroup v2 is mounted (to resolve a relative `cgroupPath`).
+    /// Where cgroup v2 is mounted (to resolve a relative `cgroupPath`); found in
+    /// `/proc/self/mounts` when not given.
     #[serde(default = "default_cgroup_root")]
     cgroup_root: PathBuf,
     #[serde(rename = "runtimeConfig", default)]
@@ -122,7 +123,7 @@ fn default_pin_root() -> PathBuf {
 }
 
 fn default_cgroup_root() -> PathBuf {
-    "/sys/fs/cgroup".into()
+    cairn_capture::cgroup2_mount().unwrap_or_else(|| "/sys/fs/cgroup".into())
 }
 
 pub struct Request {
