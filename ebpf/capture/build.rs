@@ -9,7 +9,10 @@ fn main() -> anyhow::Result<()> {
     #[allow(unsafe_code)]
     // SAFETY: a build script is single-threaded at this point.
     unsafe {
-        std::env::set_var("RUSTC_BOOTSTRAP", "1")
+        std::env::set_var("RUSTC_BOOTSTRAP", "1");
+        // aya-build turns every line the nested cargo prints into a `cargo:warning`;
+        // quiet, it prints only what matters (errors, real warnings).
+        std::env::set_var("CARGO_TERM_QUIET", "true");
     };
     // aya-build watches the programs crate; the layout they share lives here too.
     println!(
