@@ -64,3 +64,54 @@ fn analyze_of_nothing_is_an_error() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("no *.yaml"), "{out}");
 }
+
+#[test]
+fn waypoint_apply_list_delete_on_a_config_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(fixtures("bookinfo.yaml"), dir.path().join("bookinfo.yaml")).expect("copy");
+    let d = dir.path().display().to_string();
+    let (code, out) = cairn(&[
+        "waypoint",
+        "apply",
+        "-n",
+        "bookinfo",
+        "--enroll-namespace",
+        "--config-dir",
+        &d,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("waypoint bookinfo/waypoint applied (for service)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("namespace bookinfo labelled istio.io/use-waypoint=waypoint"),
+        "{out}"
+    );
+    // What was written is what the controller accepts.
+    let (code, out) = cairn(&["analyze", "-f", &d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(" 0 errors"), "{out}");
+    let (code, out) = cairn(&["waypoint", "list", "--config-dir", &d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("bookinfo") && l.contains("waypoint")),
+        "{out}"
+    );
+    let (code, out) = cairn(&["waypoint", "apply", "-n", "missing", "--config-dir", &d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("error: namespace missing does not exist"),
+        "{out}"
+    );
+    let (code, out) = cairn(&["waypoint", "delete", "-n", "bookinfo", "--config-dir", &d]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("warning: namespace bookinfo still has istio.io/use-waypoint=waypoint"),
+        "{out}"
+    );
+    let (code, out) = cairn(&["waypoint", "delete", "-n", "bookinfo", "--config-dir", &d]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("no waypoint bookinfo/waypoint"), "{out}");
+}

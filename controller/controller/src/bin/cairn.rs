@@ -5,8 +5,9 @@ use std::{path::PathBuf, process::ExitCode};
 use cairn_controller::{
     local::{LocalSource, yaml_files},
     store::Store,
+    waypoint::{self, ConfigDir, Report},
 };
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "cairn", about = "Operate the Cairn ambient mesh")]
@@ -25,6 +26,53 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         path: PathBuf,
     },
+    /// Declare, remove and list waypoints (L7 proxies).
+    Waypoint {
+        #[command(subcommand)]
+        command: WaypointCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Where {
+    /// The controller's config directory (local mode).
+    #[arg(long, env = "CAIRN_CONFIG_DIR", default_value = "deploy/local/config")]
+    config_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum WaypointCommand {
+    /// Declare a waypoint for a namespace (a Gateway of class istio-waypoint).
+    Apply {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        /// What it serves: service, workload, all or none.
+        #[arg(long = "for", default_value = "service")]
+        for_: String,
+        /// Also label the namespace istio.io/use-waypoint=<name>.
+        #[arg(long)]
+        enroll_namespace: bool,
+        #[command(flatten)]
+        target: Where,
+    },
+    /// Remove a waypoint `apply` declared.
+    Delete {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
+        #[command(flatten)]
+        target: Where,
+    },
+    /// List waypoints.
+    List {
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        target: Where,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +82,72 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Analyze { path } => analyze(&path),
+        Command::Waypoint { command } => waypoint_command(command),
+    }
+}
+
+fn report(result: Result<Report, waypoint::WaypointError>) -> ExitCode {
+    match result {
+        Ok(r) => {
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            for d in &r.done {
+                println!("{d}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn waypoint_command(command: WaypointCommand) -> ExitCode {
+    match command {
+        WaypointCommand::Apply {
+            namespace,
+            name,
+            for_,
+            enroll_namespace,
+            target,
+        } => report(waypoint::apply(
+            &ConfigDir::new(target.config_dir),
+            &waypoint::Apply {
+                namespace,
+                name,
+                for_,
+                enroll_namespace,
+            },
+        )),
+        WaypointCommand::Delete {
+            namespace,
+            name,
+            target,
+        } => report(waypoint::delete(
+            &ConfigDir::new(target.config_dir),
+            &namespace,
+            &name,
+        )),
+        WaypointCommand::List { namespace, target } => {
+            match waypoint::list(&ConfigDir::new(target.config_dir), namespace.as_deref()) {
+                Ok(listed) => {
+                    println!("{:<20} {:<20} {:<9} SOURCE", "NAMESPACE", "NAME", "FOR");
+                    for w in listed {
+                        println!(
+                            "{:<20} {:<20} {:<9} {}",
+                            w.namespace, w.name, w.for_, w.source
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
