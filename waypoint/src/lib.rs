@@ -1,0 +1,13 @@
+//! Cairn's waypoint: the L7 proxy that serves the services and workloads that asked
+//! for one (`cairn waypoint apply`). See docs/waypoint.md for what exists and what the
+//! waypoint issue still adds (HBONE ingress, config over xDS, resilience, policy,
+//! telemetry).
+//!
+//! A request's path: [`route::RouteTable::select`] (first matching rule) ->
+//! [`fault`] (delay / abort) -> the rule's action: a direct response, a redirect, or a
+//! weighted choice of backend ([`router::Router`]) sent through an [`router::Upstream`].
+
+pub mod fault;
+pub mod matching;
+pub mod route;
+pub mod router;

@@ -1,0 +1,341 @@
+//! The router with real HTTP on loopback (hyper backends, the router's own server,
+//! HTTP/1.1 and HTTP/2 clients), plus an in-memory upstream where only the router's
+//! decisions matter (weights over 10,000 requests, delays on paused time).
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use cairn_waypoint::{
+    fault::{Fault, Percent},
+    matching::{HeaderRule, RequestMatch, StringMatch},
+    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+    router::{Body, HttpUpstream, Router, Upstream, UpstreamFuture, full, serve},
+};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+fn rule(name: &str, matches: Vec<RequestMatch>, action: Action) -> Rule {
+    Rule {
+        name: name.into(),
+        matches,
+        action,
+        fault: None,
+        timeout: None,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+    }
+}
+
+fn split(v1: u32, v2: u32) -> Action {
+    Action::Forward(vec![
+        WeightedBackend {
+            backend: "reviews|v1".into(),
+            weight: v1,
+        },
+        WeightedBackend {
+            backend: "reviews|v2".into(),
+            weight: v2,
+        },
+    ])
+}
+
+fn path(p: &str) -> RequestMatch {
+    RequestMatch {
+        path: Some(StringMatch::Exact(p.into())),
+        ..Default::default()
+    }
+}
+
+/// Answers with the backend's name; counts what it got.
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<HashMap<String, usize>>,
+}
+
+impl Upstream for Recorder {
+    fn send(&self, backend: &str, _req: Request<Body>) -> UpstreamFuture {
+        *self
+            .seen
+            .lock()
+            .expect("lock")
+            .entry(backend.into())
+            .or_default() += 1;
+        let body = backend.to_owned();
+        Box::pin(async move { Ok(Response::new(full(body))) })
+    }
+}
+
+async fn text(resp: Response<Body>) -> String {
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test]
+async fn a_90_10_split_holds_over_10000_requests() {
+    let recorder = Arc::new(Recorder::default());
+    let router = Router::new(
+        RouteTable {
+            rules: vec![rule("canary", vec![], split(90, 10))],
+        },
+        recorder.clone(),
+        Some(42),
+    );
+    for _ in 0..10_000 {
+        let resp = router
+            .handle(Request::get("/").body(full("")).expect("request"))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let seen = recorder.seen.lock().expect("lock").clone();
+    let v1 = seen.get("reviews|v1").copied().unwrap_or(0) as f64 / 100.0;
+    assert!((v1 - 90.0).abs() <= 1.5, "v1 got {v1}% ({seen:?})");
+    // Weights of zero everywhere: no backend to choose, 503.
+    router.set_table(RouteTable {
+        rules: vec![rule("none", vec![], split(0, 0))],
+    });
+    let resp = router
+        .handle(Request::get("/").body(full("")).expect("request"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delay_fault_holds_the_request_for_its_duration() {
+    let mut delayed = rule("slow", vec![], split(100, 0));
+    delayed.fault = Some(Fault {
+        delay: Some((Duration::from_secs(7), Percent(100.0))),
+        abort: None,
+    });
+    let router = Router::new(
+        RouteTable {
+            rules: vec![delayed],
+        },
+        Arc::new(Recorder::default()),
+        Some(1),
+    );
+    let start = tokio::time::Instant::now();
+    let resp = router
+        .handle(Request::get("/").body(full("")).expect("request"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        start.elapsed() >= Duration::from_secs(7),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(start.elapsed() < Duration::from_secs(8));
+}
+
+/// An HTTP backend answering `<name>:<x-route header>:<path>`, after `delay`.
+async fn backend(name: &'static str, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: Request<hyper::body::Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        let route = req
+                            .headers()
+                            .get("x-route")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let body = format!("{name}:{route}:{}", req.uri().path());
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from(body),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn table() -> RouteTable {
+    let jason = RequestMatch {
+        headers: vec![(
+            HeaderName::from_static("end-user"),
+            HeaderRule::Value(StringMatch::Exact("jason".into())),
+        )],
+        ..Default::default()
+    };
+    let mut by_user = rule("jason", vec![jason], split(0, 100));
+    by_user.request_headers.set.push((
+        HeaderName::from_static("x-route"),
+        HeaderValue::from_static("jason"),
+    ));
+    by_user.response_headers.add.push((
+        HeaderName::from_static("x-waypoint"),
+        HeaderValue::from_static("cairn"),
+    ));
+    let mut aborted = rule("abort", vec![path("/abort")], split(100, 0));
+    aborted.fault = Some(Fault {
+        delay: None,
+        abort: Some((StatusCode::SERVICE_UNAVAILABLE, Percent(100.0))),
+    });
+    let mut slow = rule(
+        "slow",
+        vec![path("/slow")],
+        Action::Forward(vec![WeightedBackend {
+            backend: "slow".into(),
+            weight: 1,
+        }]),
+    );
+    slow.timeout = Some(Duration::from_millis(200));
+    RouteTable {
+        rules: vec![
+            rule(
+                "health",
+                vec![path("/health")],
+                Action::Respond {
+                    status: StatusCode::OK,
+                    body: Bytes::from_static(b"ok"),
+                },
+            ),
+            rule(
+                "moved",
+                vec![path("/old")],
+                Action::Redirect {
+                    authority: None,
+                    path: Some("/new".into()),
+                    status: StatusCode::MOVED_PERMANENTLY,
+                },
+            ),
+            aborted,
+            slow,
+            by_user,
+            rule(
+                "canary",
+                vec![RequestMatch {
+                    path: Some(StringMatch::Prefix("/reviews".into())),
+                    ..Default::default()
+                }],
+                split(90, 10),
+            ),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn routes_real_http_requests_over_http1_and_http2() {
+    let endpoints = HashMap::from([
+        (
+            "reviews|v1".to_string(),
+            backend("v1", Duration::ZERO).await,
+        ),
+        (
+            "reviews|v2".to_string(),
+            backend("v2", Duration::ZERO).await,
+        ),
+        (
+            "slow".to_string(),
+            backend("slow", Duration::from_secs(5)).await,
+        ),
+    ]);
+    let router = Arc::new(Router::new(
+        table(),
+        Arc::new(HttpUpstream::new(endpoints)),
+        Some(7),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(listener, router.clone()));
+
+    let h1 = Client::builder(TokioExecutor::new()).build_http::<Body>();
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Body>();
+    for (proto, client) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+        let get = |path: &str, user: Option<&str>| {
+            let mut b = Request::get(format!("http://{addr}{path}")).header("host", "reviews:9080");
+            if let Some(u) = user {
+                b = b.header("end-user", u);
+            }
+            b.body(full("")).expect("request")
+        };
+        let send = |req| async {
+            client.request(req).await.expect("response").map(|b| {
+                b.map_err(|e| -> cairn_waypoint::router::BoxError { e.into() })
+                    .boxed()
+            })
+        };
+        // Weighted split: both versions answer, mostly v1.
+        let mut v1 = 0;
+        for _ in 0..200 {
+            let body = text(send(get("/reviews/1", None)).await).await;
+            assert!(
+                body == "v1:-:/reviews/1" || body == "v2:-:/reviews/1",
+                "{proto}: {body}"
+            );
+            v1 += usize::from(body.starts_with("v1"));
+        }
+        assert!(
+            (160..=199).contains(&v1),
+            "{proto}: v1 answered {v1} of 200"
+        );
+        // Header match: always v2, with the request header set and a response header added.
+        for _ in 0..20 {
+            let resp = send(get("/reviews/1", Some("jason"))).await;
+            assert_eq!(
+                resp.headers().get("x-waypoint").map(|v| v.as_bytes()),
+                Some(&b"cairn"[..])
+            );
+            assert_eq!(text(resp).await, "v2:jason:/reviews/1", "{proto}");
+        }
+        // Direct response, redirect, abort, timeout, no route.
+        let resp = send(get("/health", None)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(text(resp).await, "ok");
+        let resp = send(get("/old", None)).await;
+        assert_eq!(resp.status(), StatusCode::MOVED_PERMANENTLY);
+        // The request's authority: Host on HTTP/1.1, :authority on HTTP/2 (where the
+        // client puts the URI's authority).
+        let want = if proto == "HTTP/2" {
+            format!("http://{addr}/new")
+        } else {
+            "http://reviews:9080/new".into()
+        };
+        assert_eq!(
+            resp.headers().get("location").and_then(|v| v.to_str().ok()),
+            Some(want.as_str()),
+            "{proto}"
+        );
+        let resp = send(get("/abort", None)).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(text(resp).await, "fault filter abort");
+        let resp = send(get("/slow", None)).await;
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT, "{proto}");
+        let resp = send(get("/elsewhere", None)).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+
+    // A new config applies to the next request.
+    router.set_table(RouteTable {
+        rules: vec![rule("all-v2", vec![], split(0, 1))],
+    });
+    let req = Request::get(format!("http://{addr}/reviews/9"))
+        .body(full(""))
+        .expect("request");
+    let resp = h1.request(req).await.expect("response");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"v2:-:/reviews/9");
+}
