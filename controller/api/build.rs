@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "istio/authorization.proto",
     "istio/ca.proto",
     "envoy/service/discovery/v3/discovery.proto",
+    "cairn/l7/v1/routes.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -3,10 +3,14 @@
 //! waypoint issue still adds (HBONE ingress, config over xDS, resilience, policy,
 //! telemetry).
 //!
+//! Config arrives as `cairn.l7.v1.RouteConfig` protos and becomes a
+//! [`route::RouteTable`] at the edge ([`config`]), or is refused whole.
+//!
 //! A request's path: [`route::RouteTable::select`] (first matching rule) ->
 //! [`fault`] (delay / abort) -> the rule's action: a direct response, a redirect, or a
 //! weighted choice of backend ([`router::Router`]) sent through an [`router::Upstream`].
 
+pub mod config;
 pub mod fault;
 pub mod matching;
 pub mod route;

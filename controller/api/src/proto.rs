@@ -17,6 +17,15 @@ pub mod istio {
     }
 }
 
+/// Cairn's own resources (waypoints' L7 config).
+pub mod cairn {
+    pub mod l7 {
+        pub mod v1 {
+            tonic::include_proto!("cairn.l7.v1");
+        }
+    }
+}
+
 pub mod envoy {
     pub mod config {
         pub mod core {

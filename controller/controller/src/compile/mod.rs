@@ -5,6 +5,7 @@
 //! and which objects a change can affect, so one pod change recompiles one workload.
 
 pub mod authorization;
+pub mod l7;
 pub mod peer_authentication;
 pub mod service;
 pub mod waypoint;

@@ -1,0 +1,390 @@
+//! VirtualService -> `cairn.l7.v1.RouteConfig`, one per service port a waypoint serves.
+//!
+//! Hosts resolve like Istio's: a short name (`reviews`) is the service of that name in
+//! the VirtualService's namespace, a FQDN (`reviews.bookinfo.svc.cluster.local`) names
+//! it directly. Only VirtualServices bound to the mesh (no `gateways`, or `mesh`
+//! among them) apply. What is not compiled yet (retries, mirrors, rewrites, per-
+//! destination headers, source matches) is reported as a notice, never silently
+//! dropped.
+
+use std::collections::BTreeMap;
+
+use cairn_api::proto::cairn::l7::v1 as l7;
+
+use super::{MeshConfig, Notice};
+use crate::{
+    resources::{Kind, Object, istio},
+    store::Store,
+    validate::parse_duration,
+};
+
+/// Resource name: `<namespace>/<hostname>:<port>`.
+pub fn resource_name(namespace: &str, hostname: &str, port: u32) -> String {
+    format!("{namespace}/{hostname}:{port}")
+}
+
+/// The service a VirtualService host names, as (namespace, name), if it exists.
+fn resolve_host(
+    store: &Store,
+    mesh: &MeshConfig,
+    vs_namespace: &str,
+    host: &str,
+) -> Option<(String, String)> {
+    let suffix = format!(".svc.{}", mesh.domain_suffix);
+    let (name, namespace) = match host.strip_suffix(&suffix) {
+        Some(rest) => {
+            let (name, ns) = rest.split_once('.')?;
+            (name.to_owned(), ns.to_owned())
+        }
+        None if !host.contains('.') => (host.to_owned(), vs_namespace.to_owned()),
+        None => return None,
+    };
+    store.service(&namespace, &name)?;
+    Some((namespace, name))
+}
+
+fn string_match(m: &istio::StringMatch) -> Option<l7::StringMatch> {
+    use l7::string_match::Kind as K;
+    let kind = if let Some(v) = &m.exact {
+        K::Exact(v.clone())
+    } else if let Some(v) = &m.prefix {
+        K::Prefix(v.clone())
+    } else {
+        K::Regex(m.regex.clone()?)
+    };
+    Some(l7::StringMatch { kind: Some(kind) })
+}
+
+fn header_ops(ops: Option<&istio::HeaderOperations>) -> Option<l7::HeaderOps> {
+    let ops = ops?;
+    Some(l7::HeaderOps {
+        set: ops.set.clone(),
+        add: ops.add.clone(),
+        remove: ops.remove.clone(),
+    })
+}
+
+/// Percent of requests a fault applies to: Istio's default is all of them.
+fn percent(p: &Option<istio::Percent>) -> f64 {
+    p.as_ref().map_or(100.0, |p| p.value)
+}
+
+fn millis(s: &Option<String>) -> u64 {
+    s.as_deref()
+        .and_then(|d| parse_duration(d).ok())
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Context<'a> {
+    store: &'a Store,
+    mesh: &'a MeshConfig,
+    vs_namespace: &'a str,
+    vs_name: &'a str,
+    notices: &'a mut Vec<Notice>,
+}
+
+impl Context<'_> {
+    fn notice(&mut self, message: String) {
+        self.notices.push(Notice {
+            policy: format!("{}/{}", self.vs_namespace, self.vs_name),
+            message,
+        });
+    }
+
+    fn rule(&mut self, index: usize, route: &istio::HttpRoute, port: u32) -> l7::Rule {
+        let label = route.name.clone().unwrap_or_else(|| index.to_string());
+        let mut unsupported = Vec::new();
+        if route.retries.is_some() {
+            unsupported.push("retries");
+        }
+        if route.mirror.is_some() || !route.mirrors.is_empty() {
+            unsupported.push("mirror");
+        }
+        if route.rewrite.is_some() {
+            unsupported.push("rewrite");
+        }
+        if route.route.iter().any(|d| d.headers.is_some()) {
+            unsupported.push("per-destination headers");
+        }
+        if route
+            .matches
+            .iter()
+            .any(|m| !m.source_labels.is_empty() || m.source_namespace.is_some())
+        {
+            unsupported.push("source matches (the route never matches)");
+        }
+        if !unsupported.is_empty() {
+            self.notice(format!(
+                "http route {label}: not applied yet by waypoints: {}",
+                unsupported.join(", ")
+            ));
+        }
+        let matches = route
+            .matches
+            .iter()
+            .map(|m| {
+                let mut headers: Vec<l7::HeaderMatch> = m
+                    .headers
+                    .iter()
+                    .map(|(name, v)| l7::HeaderMatch {
+                        name: name.to_ascii_lowercase(),
+                        rule: Some(match string_match(v) {
+                            Some(s) => l7::header_match::Rule::Value(s),
+                            None => l7::header_match::Rule::Present(true),
+                        }),
+                    })
+                    .collect();
+                headers.extend(m.without_headers.keys().map(|name| l7::HeaderMatch {
+                    name: name.to_ascii_lowercase(),
+                    rule: Some(l7::header_match::Rule::Absent(true)),
+                }));
+                // A source match we cannot evaluate yet must not widen the route.
+                if !m.source_labels.is_empty() || m.source_namespace.is_some() {
+                    headers.push(l7::HeaderMatch {
+                        name: "x-cairn-unsupported-source-match".into(),
+                        rule: Some(l7::header_match::Rule::Present(true)),
+                    });
+                }
+                l7::Match {
+                    uri: m.uri.as_ref().and_then(string_match),
+                    method: m.method.as_ref().and_then(string_match),
+                    authority: m.authority.as_ref().and_then(string_match),
+                    headers,
+                    query_params: m
+                        .query_params
+                        .iter()
+                        .filter_map(|(k, v)| {
+                            Some(l7::QueryMatch {
+                                name: k.clone(),
+                                value: Some(string_match(v)?),
+                            })
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        let action = if let Some(r) = &route.direct_response {
+            let body = r
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .unwrap_or_default();
+            l7::rule::Action::DirectResponse(l7::DirectResponse {
+                status: r.status,
+                body: body.into_bytes(),
+            })
+        } else if let Some(r) = &route.redirect {
+            l7::rule::Action::Redirect(l7::Redirect {
+                authority: r.authority.clone().unwrap_or_default(),
+                uri: r.uri.clone().unwrap_or_default(),
+                status: r.redirect_code.unwrap_or(301),
+            })
+        } else {
+            let n = route.route.len();
+            let mut backends: Vec<l7::WeightedBackend> = route
+                .route
+                .iter()
+                .map(|d| {
+                    let hostname = resolve_host(
+                        self.store,
+                        self.mesh,
+                        self.vs_namespace,
+                        &d.destination.host,
+                    )
+                    .map(|(ns, name)| self.mesh.service_hostname(&ns, &name))
+                    .unwrap_or_else(|| d.destination.host.clone());
+                    l7::WeightedBackend {
+                        hostname,
+                        subset: d.destination.subset.clone().unwrap_or_default(),
+                        port: d.destination.port.as_ref().map_or(port, |p| p.number),
+                        weight: d
+                            .weight
+                            .map_or(if n == 1 { 100 } else { 0 }, |w| w.max(0) as u32),
+                    }
+                })
+                .collect();
+            // No weights given for several destinations: an even split.
+            if n > 1
+                && backends.iter().all(|b| b.weight == 0)
+                && route.route.iter().all(|d| d.weight.is_none())
+            {
+                backends.iter_mut().for_each(|b| b.weight = 1);
+            }
+            l7::rule::Action::Forward(l7::Forward { backends })
+        };
+        let fault = route.fault.as_ref().map(|f| l7::Fault {
+            delay: f.delay.as_ref().map(|d| l7::Delay {
+                fixed_delay_ms: millis(&d.fixed_delay),
+                percent: percent(&d.percentage),
+            }),
+            abort: f.abort.as_ref().and_then(|a| {
+                Some(l7::Abort {
+                    http_status: a.http_status?,
+                    percent: percent(&a.percentage),
+                })
+            }),
+        });
+        l7::Rule {
+            name: format!("{}/{}/{label}", self.vs_namespace, self.vs_name),
+            matches,
+            action: Some(action),
+            fault,
+            timeout_ms: millis(&route.timeout),
+            request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
+            response_headers: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
+        }
+    }
+}
+
+/// Every service port's routes; VirtualServices in name order, the first one naming a
+/// host owns its routes (as Istio merges them: later ones for the same host are
+/// reported and ignored).
+pub fn route_configs(
+    store: &Store,
+    mesh: &MeshConfig,
+) -> (BTreeMap<String, l7::RouteConfig>, Vec<Notice>) {
+    let mut out = BTreeMap::new();
+    let mut notices = Vec::new();
+    for obj in store.of_kind(Kind::VirtualService) {
+        let Object::VirtualService(vs) = obj else {
+            continue;
+        };
+        let vs_namespace = vs.metadata.namespace.as_deref().unwrap_or_default();
+        let vs_name = vs.metadata.name.as_deref().unwrap_or_default();
+        let for_mesh = vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh");
+        if !for_mesh {
+            continue;
+        }
+        let mut cx = Context {
+            store,
+            mesh,
+            vs_namespace,
+            vs_name,
+            notices: &mut notices,
+        };
+        for host in &vs.spec.hosts {
+            let Some((ns, name)) = resolve_host(store, mesh, vs_namespace, host) else {
+                cx.notice(format!("host {host}: no such service in the mesh; ignored"));
+                continue;
+            };
+            let Some(svc) = store.service(&ns, &name) else {
+                continue;
+            };
+            let hostname = mesh.service_hostname(&ns, &name);
+            let ports: Vec<u32> = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.ports.as_ref())
+                .map(|ps| ps.iter().map(|p| p.port as u32).collect())
+                .unwrap_or_default();
+            for port in ports {
+                let key = resource_name(&ns, &hostname, port);
+                if out.contains_key(&key) {
+                    cx.notice(format!("host {host} port {port}: routes already defined by an earlier VirtualService; ignored"));
+                    continue;
+                }
+                let rules = vs
+                    .spec
+                    .http
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| cx.rule(i, r, port))
+                    .collect();
+                out.insert(
+                    key,
+                    l7::RouteConfig {
+                        namespace: ns.clone(),
+                        hostname: hostname.clone(),
+                        port,
+                        rules,
+                    },
+                );
+            }
+        }
+    }
+    (out, notices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::LocalSource;
+
+    fn store_of(yaml: &str) -> Store {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("x.yaml"), yaml).expect("write");
+        let mut store = Store::default();
+        let scan = LocalSource::new(dir.path()).scan(&mut store);
+        assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+        store
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  clusterIP: 10.96.0.12\n  ports: [{name: http, port: 9080}]\n";
+
+    #[test]
+    fn canary_header_route_fault_and_timeout_compile() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - name: jason\n    match:\n    - headers: {end-user: {exact: jason}}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - fault:\n      abort: {httpStatus: 503, percentage: {value: 50}}\n      delay: {fixedDelay: 2s}\n    timeout: 500ms\n    headers:\n      response: {set: {x-canary: \"true\"}}\n    route:\n    - destination: {host: reviews.bookinfo.svc.cluster.local, subset: v1}\n      weight: 90\n    - destination: {host: reviews, subset: v2}\n      weight: 10\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let c = configs
+            .get("bookinfo/reviews.bookinfo.svc.cluster.local:9080")
+            .expect("route config");
+        assert_eq!(c.rules.len(), 2);
+        let jason = &c.rules[0];
+        assert_eq!(jason.name, "bookinfo/reviews/jason");
+        assert_eq!(jason.matches[0].headers[0].name, "end-user");
+        let Some(l7::rule::Action::Forward(f)) = &jason.action else {
+            panic!("forward")
+        };
+        assert_eq!(
+            f.backends,
+            vec![l7::WeightedBackend {
+                hostname: "reviews.bookinfo.svc.cluster.local".into(),
+                subset: "v2".into(),
+                port: 9080,
+                weight: 100
+            }]
+        );
+        let canary = &c.rules[1];
+        let Some(l7::rule::Action::Forward(f)) = &canary.action else {
+            panic!("forward")
+        };
+        assert_eq!(
+            f.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [90, 10]
+        );
+        let fault = canary.fault.as_ref().expect("fault");
+        assert_eq!(
+            fault.abort.as_ref().map(|a| (a.http_status, a.percent)),
+            Some((503, 50.0))
+        );
+        assert_eq!(
+            fault.delay.as_ref().map(|d| (d.fixed_delay_ms, d.percent)),
+            Some((2000, 100.0))
+        );
+        assert_eq!(canary.timeout_ms, 500);
+        assert_eq!(
+            canary
+                .response_headers
+                .as_ref()
+                .map(|h| h.set.get("x-canary").cloned()),
+            Some(Some("true".into()))
+        );
+    }
+
+    #[test]
+    fn what_is_not_compiled_is_reported() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews, ratings]\n  http:\n  - retries: {attempts: 3}\n    route:\n    - destination: {host: reviews}\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
+        assert_eq!(configs.len(), 1);
+        let text: Vec<&str> = notices.iter().map(|n| n.message.as_str()).collect();
+        assert!(text.iter().any(|m| m.contains("retries")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|m| m.contains("host ratings: no such service")),
+            "{text:?}"
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! VirtualService -> controller compile -> `cairn.l7.v1.RouteConfig` -> the waypoint's
+//! route table -> routing decisions: the L7 config path end to end, in process.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use cairn_controller::{
+    compile::{MeshConfig, l7::route_configs},
+    local::LocalSource,
+    store::Store,
+};
+use cairn_waypoint::{
+    route::RouteTable,
+    router::{Body, Router, Upstream, UpstreamFuture, full},
+};
+use http::{Request, Response, StatusCode};
+
+const MANIFESTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match:
+    - headers: {end-user: {exact: jason}}
+    route:
+    - destination: {host: reviews, subset: v2}
+  - name: chaos
+    match:
+    - uri: {prefix: /chaos}
+    fault:
+      abort: {httpStatus: 503, percentage: {value: 50}}
+    route:
+    - destination: {host: reviews, subset: v1}
+  - name: canary
+    route:
+    - destination: {host: reviews, subset: v1}
+      weight: 90
+    - destination: {host: reviews, subset: v2}
+      weight: 10
+"#;
+
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<HashMap<String, usize>>,
+}
+
+impl Upstream for Recorder {
+    fn send(&self, backend: &str, _req: Request<Body>) -> UpstreamFuture {
+        *self
+            .seen
+            .lock()
+            .expect("lock")
+            .entry(backend.into())
+            .or_default() += 1;
+        Box::pin(async { Ok(Response::new(full(""))) })
+    }
+}
+
+#[tokio::test]
+async fn a_virtual_service_routes_the_waypoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("bookinfo.yaml"), MANIFESTS).expect("write");
+    let mut store = Store::default();
+    let scan = LocalSource::new(dir.path()).scan(&mut store);
+    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    let (configs, notices) = route_configs(&store, &MeshConfig::default());
+    assert!(notices.is_empty(), "{notices:?}");
+    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
+    let table =
+        RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
+
+    let recorder = Arc::new(Recorder::default());
+    let router = Router::new(table, recorder.clone(), Some(2026));
+    let get = |path: &str, user: Option<&str>| {
+        let mut b = Request::get(path);
+        if let Some(u) = user {
+            b = b.header("end-user", u);
+        }
+        b.body(full("")).expect("request")
+    };
+    for _ in 0..100 {
+        assert_eq!(
+            router
+                .handle(get("/reviews/1", Some("jason")))
+                .await
+                .status(),
+            StatusCode::OK
+        );
+    }
+    let v2 = "reviews.bookinfo.svc.cluster.local|v2|9080";
+    let v1 = "reviews.bookinfo.svc.cluster.local|v1|9080";
+    assert_eq!(
+        recorder.seen.lock().expect("lock").get(v2),
+        Some(&100),
+        "jason always gets v2"
+    );
+    recorder.seen.lock().expect("lock").clear();
+
+    for _ in 0..10_000 {
+        router.handle(get("/reviews/1", None)).await;
+    }
+    let seen = recorder.seen.lock().expect("lock").clone();
+    let share = seen.get(v1).copied().unwrap_or(0) as f64 / 100.0;
+    assert!(
+        (share - 90.0).abs() <= 1.5,
+        "v1 {share}% of 10,000 ({seen:?})"
+    );
+
+    let mut aborted = 0;
+    for _ in 0..2_000 {
+        if router.handle(get("/chaos", None)).await.status() == StatusCode::SERVICE_UNAVAILABLE {
+            aborted += 1;
+        }
+    }
+    let share = f64::from(aborted) / 20.0;
+    assert!((share - 50.0).abs() <= 3.0, "aborted {share}% of 2,000");
+}

@@ -1,0 +1,288 @@
+//! `cairn.l7.v1.RouteConfig` (what the controller serves) -> [`RouteTable`] (what the
+//! router reads). Conversion is all or nothing: one bad rule refuses the whole config
+//! (the xDS client NACKs it and the last good table keeps serving).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cairn_api::proto::cairn::l7::v1 as l7;
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::{
+    fault::{Fault, Percent},
+    matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
+    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("rule {rule}: {field}: {reason}")]
+    Invalid {
+        rule: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("rule {rule}: {source}")]
+    Regex { rule: String, source: BadRegex },
+}
+
+/// The backend key the [`crate::router::Upstream`] resolves: `hostname|subset|port`.
+pub fn backend_key(hostname: &str, subset: &str, port: u32) -> String {
+    format!("{hostname}|{subset}|{port}")
+}
+
+struct Rules<'a> {
+    rule: &'a str,
+}
+
+impl Rules<'_> {
+    fn invalid(&self, field: &'static str, reason: impl ToString) -> ConfigError {
+        ConfigError::Invalid {
+            rule: self.rule.into(),
+            field,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn string(&self, field: &'static str, m: &l7::StringMatch) -> Result<StringMatch, ConfigError> {
+        use l7::string_match::Kind;
+        match &m.kind {
+            Some(Kind::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+            Some(Kind::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+            Some(Kind::Regex(r)) => StringMatch::regex(r).map_err(|source| ConfigError::Regex {
+                rule: self.rule.into(),
+                source,
+            }),
+            None => Err(self.invalid(field, "empty string match")),
+        }
+    }
+
+    fn status(&self, field: &'static str, code: u32) -> Result<StatusCode, ConfigError> {
+        u16::try_from(code)
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| self.invalid(field, format!("{code} is not an HTTP status")))
+    }
+
+    fn header_name(&self, field: &'static str, name: &str) -> Result<HeaderName, ConfigError> {
+        HeaderName::try_from(name).map_err(|e| self.invalid(field, format!("{name:?}: {e}")))
+    }
+
+    fn header_ops(&self, ops: Option<&l7::HeaderOps>) -> Result<HeaderOps, ConfigError> {
+        let Some(ops) = ops else {
+            return Ok(HeaderOps::default());
+        };
+        let pairs = |map: &std::collections::BTreeMap<String, String>| {
+            map.iter()
+                .map(|(k, v)| {
+                    Ok((
+                        self.header_name("headers", k)?,
+                        HeaderValue::try_from(v.as_str())
+                            .map_err(|e| self.invalid("headers", format!("{k}: {e}")))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()
+        };
+        Ok(HeaderOps {
+            remove: ops
+                .remove
+                .iter()
+                .map(|n| self.header_name("headers.remove", n))
+                .collect::<Result<_, _>>()?,
+            set: pairs(&ops.set)?,
+            add: pairs(&ops.add)?,
+        })
+    }
+
+    fn matches(&self, m: &l7::Match) -> Result<RequestMatch, ConfigError> {
+        let opt = |field, s: &Option<l7::StringMatch>| {
+            s.as_ref().map(|s| self.string(field, s)).transpose()
+        };
+        Ok(RequestMatch {
+            path: opt("uri", &m.uri)?,
+            method: opt("method", &m.method)?,
+            authority: opt("authority", &m.authority)?,
+            headers: m
+                .headers
+                .iter()
+                .map(|h| {
+                    use l7::header_match::Rule as R;
+                    let rule = match &h.rule {
+                        Some(R::Value(v)) => HeaderRule::Value(self.string("headers", v)?),
+                        Some(R::Present(true)) => HeaderRule::Present,
+                        Some(R::Absent(true)) => HeaderRule::Absent,
+                        _ => return Err(self.invalid("headers", format!("{}: no rule", h.name))),
+                    };
+                    Ok((self.header_name("headers", &h.name)?, rule))
+                })
+                .collect::<Result<_, _>>()?,
+            query: m
+                .query_params
+                .iter()
+                .map(|q| {
+                    let v = q.value.as_ref().ok_or_else(|| {
+                        self.invalid("query_params", format!("{}: no match", q.name))
+                    })?;
+                    Ok((q.name.clone(), self.string("query_params", v)?))
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn percent(&self, field: &'static str, p: f64) -> Result<Percent, ConfigError> {
+        if (0.0..=100.0).contains(&p) {
+            Ok(Percent(p))
+        } else {
+            Err(self.invalid(field, format!("{p} is not a percentage")))
+        }
+    }
+}
+
+impl TryFrom<&l7::RouteConfig> for RouteTable {
+    type Error = ConfigError;
+
+    fn try_from(c: &l7::RouteConfig) -> Result<Self, ConfigError> {
+        let mut rules = Vec::with_capacity(c.rules.len());
+        for r in &c.rules {
+            let cx = Rules { rule: &r.name };
+            let action = match &r.action {
+                Some(l7::rule::Action::Forward(f)) => Action::Forward(
+                    f.backends
+                        .iter()
+                        .map(|b| WeightedBackend {
+                            backend: backend_key(&b.hostname, &b.subset, b.port),
+                            weight: b.weight,
+                        })
+                        .collect(),
+                ),
+                Some(l7::rule::Action::Redirect(r)) => Action::Redirect {
+                    authority: Some(r.authority.clone()).filter(|a| !a.is_empty()),
+                    path: Some(r.uri.clone()).filter(|u| !u.is_empty()),
+                    status: cx.status(
+                        "redirect.status",
+                        if r.status == 0 { 301 } else { r.status },
+                    )?,
+                },
+                Some(l7::rule::Action::DirectResponse(d)) => Action::Respond {
+                    status: cx.status("direct_response.status", d.status)?,
+                    body: Bytes::from(d.body.clone()),
+                },
+                None => return Err(cx.invalid("action", "none")),
+            };
+            let fault = match &r.fault {
+                None => None,
+                Some(f) => Some(Fault {
+                    delay: f
+                        .delay
+                        .as_ref()
+                        .map(|d| {
+                            Ok::<_, ConfigError>((
+                                Duration::from_millis(d.fixed_delay_ms),
+                                cx.percent("fault.delay.percent", d.percent)?,
+                            ))
+                        })
+                        .transpose()?,
+                    abort: f
+                        .abort
+                        .as_ref()
+                        .map(|a| {
+                            Ok::<_, ConfigError>((
+                                cx.status("fault.abort.http_status", a.http_status)?,
+                                cx.percent("fault.abort.percent", a.percent)?,
+                            ))
+                        })
+                        .transpose()?,
+                }),
+            };
+            rules.push(Rule {
+                name: r.name.clone(),
+                matches: r
+                    .matches
+                    .iter()
+                    .map(|m| cx.matches(m))
+                    .collect::<Result<_, _>>()?,
+                action,
+                fault,
+                timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+                request_headers: cx.header_ops(r.request_headers.as_ref())?,
+                response_headers: cx.header_ops(r.response_headers.as_ref())?,
+            });
+        }
+        Ok(RouteTable { rules })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward_rule(name: &str) -> l7::Rule {
+        l7::Rule {
+            name: name.into(),
+            action: Some(l7::rule::Action::Forward(l7::Forward {
+                backends: vec![l7::WeightedBackend {
+                    hostname: "reviews.bookinfo.svc.cluster.local".into(),
+                    subset: "v1".into(),
+                    port: 9080,
+                    weight: 100,
+                }],
+            })),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_rules_refuse_the_whole_config_with_the_rule_named() {
+        let mut bad_regex = forward_rule("bookinfo/reviews/0");
+        bad_regex.matches.push(l7::Match {
+            uri: Some(l7::StringMatch {
+                kind: Some(l7::string_match::Kind::Regex("(".into())),
+            }),
+            ..Default::default()
+        });
+        let mut bad_status = forward_rule("bookinfo/reviews/1");
+        bad_status.action = Some(l7::rule::Action::DirectResponse(l7::DirectResponse {
+            status: 42,
+            body: vec![],
+        }));
+        let mut bad_header = forward_rule("bookinfo/reviews/2");
+        bad_header.request_headers = Some(l7::HeaderOps {
+            remove: vec!["bad header".into()],
+            ..Default::default()
+        });
+        let mut bad_percent = forward_rule("bookinfo/reviews/3");
+        bad_percent.fault = Some(l7::Fault {
+            abort: Some(l7::Abort {
+                http_status: 503,
+                percent: 150.0,
+            }),
+            delay: None,
+        });
+        for (rule, want) in [
+            (bad_regex, "invalid regex"),
+            (bad_status, "42 is not an HTTP status"),
+            (bad_header, "bad header"),
+            (bad_percent, "150 is not a percentage"),
+        ] {
+            let name = rule.name.clone();
+            let config = l7::RouteConfig {
+                rules: vec![forward_rule("ok"), rule],
+                ..Default::default()
+            };
+            let e = RouteTable::try_from(&config).expect_err("refused");
+            assert!(
+                e.to_string().contains(&name) && e.to_string().contains(want),
+                "{e}"
+            );
+        }
+        let good = l7::RouteConfig {
+            rules: vec![forward_rule("ok")],
+            ..Default::default()
+        };
+        let table = RouteTable::try_from(&good).expect("accepted");
+        let Action::Forward(b) = &table.rules[0].action else {
+            panic!("forward")
+        };
+        assert_eq!(b[0].backend, "reviews.bookinfo.svc.cluster.local|v1|9080");
+    }
+}
