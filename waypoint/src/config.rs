@@ -11,6 +11,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use crate::{
     fault::{Fault, Percent},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
+    retry::{RetryOn, RetryPolicy},
     route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
 };
 
@@ -129,6 +130,24 @@ impl Rules<'_> {
         })
     }
 
+    fn retry(&self, r: &l7::Retry) -> Result<RetryPolicy, ConfigError> {
+        let mut on = RetryOn::default();
+        for name in &r.retry_on {
+            on.add(name).map_err(|e| self.invalid("retry.retry_on", e))?;
+        }
+        Ok(RetryPolicy {
+            retries: r.attempts,
+            per_try_timeout: (r.per_try_timeout_ms > 0)
+                .then(|| Duration::from_millis(r.per_try_timeout_ms)),
+            on,
+            status_codes: r
+                .retriable_status_codes
+                .iter()
+                .map(|c| self.status("retry.retriable_status_codes", *c))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     fn percent(&self, field: &'static str, p: f64) -> Result<Percent, ConfigError> {
         if (0.0..=100.0).contains(&p) {
             Ok(Percent(p))
@@ -204,6 +223,7 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
                 action,
                 fault,
                 timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
+                retry: r.retry.as_ref().map(|r| cx.retry(r)).transpose()?,
                 request_headers: cx.header_ops(r.request_headers.as_ref())?,
                 response_headers: cx.header_ops(r.response_headers.as_ref())?,
             });
@@ -250,6 +270,12 @@ mod tests {
             remove: vec!["bad header".into()],
             ..Default::default()
         });
+        let mut bad_retry = forward_rule("bookinfo/reviews/4");
+        bad_retry.retry = Some(l7::Retry {
+            attempts: 2,
+            retry_on: vec!["5xx".into(), "when-it-rains".into()],
+            ..Default::default()
+        });
         let mut bad_percent = forward_rule("bookinfo/reviews/3");
         bad_percent.fault = Some(l7::Fault {
             abort: Some(l7::Abort {
@@ -263,6 +289,7 @@ mod tests {
             (bad_status, "42 is not an HTTP status"),
             (bad_header, "bad header"),
             (bad_percent, "150 is not a percentage"),
+            (bad_retry, "when-it-rains"),
         ] {
             let name = rule.name.clone();
             let config = l7::RouteConfig {

@@ -13,5 +13,6 @@
 pub mod config;
 pub mod fault;
 pub mod matching;
+pub mod retry;
 pub mod route;
 pub mod router;

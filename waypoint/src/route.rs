@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use crate::{fault::Fault, matching::RequestMatch};
+use crate::{fault::Fault, matching::RequestMatch, retry::RetryPolicy};
 
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
@@ -24,6 +24,8 @@ pub struct Rule {
     pub fault: Option<Fault>,
     /// Whole-request deadline; past it the client gets 504.
     pub timeout: Option<Duration>,
+    /// Retries of failed attempts (within `timeout`); `None` sends once.
+    pub retry: Option<RetryPolicy>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
 }

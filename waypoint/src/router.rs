@@ -13,14 +13,19 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Body as _;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::TokioExecutor,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
-use crate::route::{Action, RouteTable, WeightedBackend};
+use crate::{
+    retry::{Outcome, RetryBudget, backoff},
+    route::{Action, RouteTable, Rule, WeightedBackend},
+};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Request and response bodies, streamed.
@@ -36,22 +41,133 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 pub enum UpstreamError {
     #[error("no endpoint known for backend {0}")]
     NoEndpoint(String),
-    #[error("connecting or sending to {backend}: {source}")]
-    Failed { backend: String, source: BoxError },
+    #[error("connecting to {backend}: {source}")]
+    Connect { backend: String, source: BoxError },
+    #[error("{backend} refused the stream: {source}")]
+    RefusedStream { backend: String, source: BoxError },
+    #[error("{backend} reset or closed before answering: {source}")]
+    Reset { backend: String, source: BoxError },
+    #[error("opaque TCP to {0} is not supported by this upstream")]
+    OpaqueUnsupported(String),
+}
+
+impl UpstreamError {
+    /// What the failure means to the retry policy; `None` when retrying cannot help
+    /// (no endpoint to try).
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            UpstreamError::NoEndpoint(_) | UpstreamError::OpaqueUnsupported(_) => None,
+            UpstreamError::Connect { .. } => Some(Outcome::ConnectFailure),
+            UpstreamError::RefusedStream { .. } => Some(Outcome::RefusedStream),
+            UpstreamError::Reset { .. } => Some(Outcome::Reset),
+        }
+    }
 }
 
 pub type UpstreamFuture =
     Pin<Box<dyn Future<Output = Result<Response<Body>, UpstreamError>> + Send>>;
 
-/// Sends a request to one of a backend's endpoints.
+/// A byte stream to an endpoint, for connections that are not HTTP.
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> ByteStream for T {}
+
+pub type OpenFuture =
+    Pin<Box<dyn Future<Output = Result<Box<dyn ByteStream>, UpstreamError>> + Send>>;
+
+/// Reaches a backend's endpoints.
 pub trait Upstream: Send + Sync + 'static {
+    /// Sends one request to one of `backend`'s endpoints.
     fn send(&self, backend: &str, req: Request<Body>) -> UpstreamFuture;
+
+    /// Opens a byte stream to one of `backend`'s endpoints, for opaque TCP passed
+    /// through. Upstreams that only answer HTTP (in-memory ones in tests) refuse.
+    fn open(&self, backend: &str) -> OpenFuture {
+        let backend = backend.to_owned();
+        Box::pin(async move { Err(UpstreamError::OpaqueUnsupported(backend)) })
+    }
 }
+
+/// Request bodies up to this size are kept while an attempt runs, so a retry can send
+/// them again; larger or unsized (chunked) bodies are streamed and not retried.
+pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
 pub struct Router {
     table: ArcSwap<RouteTable>,
     upstream: Arc<dyn Upstream>,
     rng: Mutex<StdRng>,
+    budget: RetryBudget,
+}
+
+/// How one attempt ended.
+enum Attempt {
+    Answered(Response<Body>),
+    Failed(UpstreamError),
+    TimedOut,
+}
+
+impl Attempt {
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            Attempt::Answered(r) => Some(Outcome::Answered(r.status())),
+            Attempt::Failed(e) => e.outcome(),
+            Attempt::TimedOut => Some(Outcome::Timeout),
+        }
+    }
+
+    /// The client's answer when this was the last attempt.
+    fn into_response(self, backend: &str) -> Response<Body> {
+        match self {
+            Attempt::Answered(r) => r,
+            Attempt::Failed(UpstreamError::NoEndpoint(_)) => {
+                warn!(%backend, "no endpoint for backend");
+                respond(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+            }
+            Attempt::Failed(e) => {
+                warn!(%backend, error = %e, "upstream failed");
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers",
+                )
+            }
+            Attempt::TimedOut => {
+                warn!(%backend, "upstream per-try timeout");
+                respond(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            }
+        }
+    }
+}
+
+/// The request head again, for another attempt (extensions stay with the original).
+fn copy_head(parts: &http::request::Parts, body: Body) -> Request<Body> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// The whole body when it is small enough to send again, else the body untouched.
+/// Trailers of a buffered body are dropped.
+async fn buffer_for_retry(mut body: Body) -> Result<Result<Bytes, Body>, BoxError> {
+    let fits = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= RETRY_BUFFER_LIMIT as u64);
+    if !fits {
+        return Ok(Err(body));
+    }
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > RETRY_BUFFER_LIMIT {
+            return Err("request body longer than its declared length".into());
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(Ok(buf.freeze()))
 }
 
 /// Envoy's answer bodies, so clients and tests see the same text as with Istio.
@@ -97,6 +213,7 @@ impl Router {
             table: ArcSwap::from_pointee(table),
             upstream,
             rng: Mutex::new(rng),
+            budget: RetryBudget::default(),
         }
     }
 
@@ -169,12 +286,10 @@ impl Router {
                     return respond(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
                 };
                 rule.request_headers.apply(&mut parts.headers);
-                let sent = self
-                    .upstream
-                    .send(&backend, Request::from_parts(parts, body));
-                let result = match rule.timeout {
-                    Some(t) => match tokio::time::timeout(t, sent).await {
-                        Ok(r) => r,
+                let forward = self.forward(rule, &backend, parts, body);
+                match rule.timeout {
+                    Some(t) => match tokio::time::timeout(t, forward).await {
+                        Ok(resp) => resp,
                         Err(_) => {
                             warn!(%backend, timeout = ?t, "upstream request timeout");
                             return respond(
@@ -183,22 +298,82 @@ impl Router {
                             );
                         }
                     },
-                    None => sent.await,
-                };
-                match result {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        warn!(%backend, error = %e, "upstream failed");
-                        return respond(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "upstream connect error or disconnect/reset before headers",
-                        );
-                    }
+                    None => forward.await,
                 }
             }
         };
         rule.response_headers.apply(resp.headers_mut());
         resp
+    }
+
+    /// Sends the request to `backend`, retrying as the rule says while the retry
+    /// budget allows.
+    async fn forward(
+        &self,
+        rule: &Rule,
+        backend: &str,
+        parts: http::request::Parts,
+        body: Body,
+    ) -> Response<Body> {
+        let _in_flight = self.budget.request();
+        let policy = rule.retry.as_ref();
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+        let replay = match policy.filter(|p| p.retries > 0) {
+            Some(_) => match buffer_for_retry(body).await {
+                Ok(replay) => replay,
+                Err(e) => {
+                    debug!(error = %e, "reading the request body failed");
+                    return respond(StatusCode::BAD_REQUEST, "invalid request body");
+                }
+            },
+            None => Err(body),
+        };
+        let (mut first, saved) = match replay {
+            Ok(bytes) => (Some(full(bytes.clone())), Some(bytes)),
+            Err(body) => (Some(body), None),
+        };
+        let mut retries = 0u32;
+        let mut _retrying = None;
+        loop {
+            let body = first
+                .take()
+                .unwrap_or_else(|| full(saved.clone().unwrap_or_default()));
+            let sent = self.upstream.send(backend, copy_head(&parts, body));
+            let attempt = match per_try {
+                Some(t) => match tokio::time::timeout(t, sent).await {
+                    Ok(r) => r.map_or_else(Attempt::Failed, Attempt::Answered),
+                    Err(_) => Attempt::TimedOut,
+                },
+                None => sent.await.map_or_else(Attempt::Failed, Attempt::Answered),
+            };
+            let again = saved.is_some()
+                && policy.is_some_and(|p| {
+                    retries < p.retries
+                        && attempt.outcome().is_some_and(|o| {
+                            let headers = match &attempt {
+                                Attempt::Answered(r) => Some(r.headers()),
+                                _ => None,
+                            };
+                            p.retriable(o, headers)
+                        })
+                });
+            if !again {
+                return attempt.into_response(backend);
+            }
+            let Some(slot) = self.budget.retry() else {
+                debug!(%backend, "retry budget spent; answering with the last attempt");
+                return attempt.into_response(backend);
+            };
+            _retrying = Some(slot);
+            retries += 1;
+            let wait = {
+                let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+                backoff(retries, &mut *rng)
+            };
+            debug!(%backend, retry = retries, outcome = ?attempt.outcome(), ?wait, "retrying");
+            drop(attempt);
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -231,17 +406,46 @@ impl Upstream for HttpUpstream {
         let client = self.client.clone();
         let backend = backend.to_owned();
         Box::pin(async move {
-            let failed = |source: BoxError| UpstreamError::Failed {
-                backend: backend.clone(),
-                source,
-            };
-            *req.uri_mut() = format!("http://{addr}{path}")
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| failed(e.into()))?;
+            *req.uri_mut() = format!("http://{addr}{path}").parse().map_err(
+                |e: http::uri::InvalidUri| UpstreamError::Connect {
+                    backend: backend.clone(),
+                    source: e.into(),
+                },
+            )?;
             // hyper speaks HTTP/1.1 to the endpoint whatever the client spoke.
             *req.version_mut() = http::Version::HTTP_11;
-            let resp = client.request(req).await.map_err(|e| failed(e.into()))?;
+            let resp = client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    UpstreamError::Connect {
+                        backend: backend.clone(),
+                        source: e.into(),
+                    }
+                } else {
+                    UpstreamError::Reset {
+                        backend: backend.clone(),
+                        source: e.into(),
+                    }
+                }
+            })?;
             Ok(resp.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed()))
+        })
+    }
+
+    fn open(&self, backend: &str) -> OpenFuture {
+        let backend = backend.to_owned();
+        let addr = self.endpoints.get(&backend).copied();
+        Box::pin(async move {
+            let Some(addr) = addr else {
+                return Err(UpstreamError::NoEndpoint(backend));
+            };
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| UpstreamError::Connect {
+                    backend,
+                    source: e.into(),
+                })?;
+            let _ = tcp.set_nodelay(true);
+            Ok(Box::new(tcp) as Box<dyn ByteStream>)
         })
     }
 }

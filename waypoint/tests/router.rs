@@ -27,6 +27,7 @@ fn rule(name: &str, matches: Vec<RequestMatch>, action: Action) -> Rule {
         action,
         fault: None,
         timeout: None,
+        retry: None,
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
     }

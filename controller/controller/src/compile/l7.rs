@@ -3,9 +3,13 @@
 //! Hosts resolve like Istio's: a short name (`reviews`) is the service of that name in
 //! the VirtualService's namespace, a FQDN (`reviews.bookinfo.svc.cluster.local`) names
 //! it directly. Only VirtualServices bound to the mesh (no `gateways`, or `mesh`
-//! among them) apply. What is not compiled yet (retries, mirrors, rewrites, per-
-//! destination headers, source matches) is reported as a notice, never silently
-//! dropped.
+//! among them) apply. What is not compiled yet (mirrors, rewrites, per-destination
+//! headers, source matches) is reported as a notice, never silently dropped.
+//!
+//! Retries follow Istio: a route without `retries` gets Istio's default policy (2
+//! retries on connect-failure, refused-stream, unavailable, cancelled and 503);
+//! `attempts: 0` turns retries off; `retryOn` names Envoy conditions, and a number
+//! in it is a retriable status code.
 
 use std::collections::BTreeMap;
 
@@ -69,6 +73,27 @@ fn percent(p: &Option<istio::Percent>) -> f64 {
     p.as_ref().map_or(100.0, |p| p.value)
 }
 
+/// Istio's retry policy for a route that names none.
+const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+const DEFAULT_RETRIES: u32 = 2;
+const DEFAULT_RETRIABLE_STATUS: u32 = 503;
+
+/// Condition names the waypoint knows (`crate::retry::RetryOn` there).
+const RETRY_CONDITIONS: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
 fn millis(s: &Option<String>) -> u64 {
     s.as_deref()
         .and_then(|d| parse_duration(d).ok())
@@ -91,12 +116,50 @@ impl Context<'_> {
         });
     }
 
+    /// `retries` of a route (`None` when off); unknown conditions are reported and
+    /// left out.
+    fn retry(&mut self, label: &str, retries: Option<&istio::HttpRetry>) -> Option<l7::Retry> {
+        let (attempts, per_try, retry_on) = match retries {
+            None => (DEFAULT_RETRIES, 0, DEFAULT_RETRY_ON),
+            Some(r) if r.attempts <= 0 => return None,
+            Some(r) => (
+                r.attempts as u32,
+                millis(&r.per_try_timeout),
+                r.retry_on.as_deref().unwrap_or(DEFAULT_RETRY_ON),
+            ),
+        };
+        let mut out = l7::Retry {
+            attempts,
+            per_try_timeout_ms: per_try,
+            ..Default::default()
+        };
+        for item in retry_on.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Ok(code) = item.parse::<u32>() {
+                if !(100..=599).contains(&code) {
+                    self.notice(format!(
+                        "http route {label}: retryOn {item}: not an HTTP status; ignored"
+                    ));
+                    continue;
+                }
+                out.retriable_status_codes.push(code);
+                item_once(&mut out.retry_on, "retriable-status-codes");
+            } else if RETRY_CONDITIONS.contains(&item) {
+                item_once(&mut out.retry_on, item);
+            } else {
+                self.notice(format!(
+                    "http route {label}: retryOn {item}: unknown condition; ignored"
+                ));
+            }
+        }
+        if retries.is_none_or(|r| r.retry_on.is_none()) {
+            out.retriable_status_codes.push(DEFAULT_RETRIABLE_STATUS);
+        }
+        Some(out)
+    }
+
     fn rule(&mut self, index: usize, route: &istio::HttpRoute, port: u32) -> l7::Rule {
         let label = route.name.clone().unwrap_or_else(|| index.to_string());
         let mut unsupported = Vec::new();
-        if route.retries.is_some() {
-            unsupported.push("retries");
-        }
         if route.mirror.is_some() || !route.mirrors.is_empty() {
             unsupported.push("mirror");
         }
@@ -230,9 +293,16 @@ impl Context<'_> {
             action: Some(action),
             fault,
             timeout_ms: millis(&route.timeout),
+            retry: self.retry(&label, route.retries.as_ref()),
             request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             response_headers: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
         }
+    }
+}
+
+fn item_once(list: &mut Vec<String>, item: &str) {
+    if !list.iter().any(|i| i == item) {
+        list.push(item.to_owned());
     }
 }
 
@@ -374,13 +444,45 @@ mod tests {
     }
 
     #[test]
+    fn retries_compile_with_istios_default_and_its_opt_out() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - name: given\n    match: [{uri: {prefix: /given}}]\n    retries: {attempts: 4, perTryTimeout: 250ms, retryOn: \"gateway-error,reset,429\"}\n    route:\n    - destination: {host: reviews}\n  - name: off\n    match: [{uri: {prefix: /off}}]\n    retries: {attempts: 0}\n    route:\n    - destination: {host: reviews}\n  - name: default\n    route:\n    - destination: {host: reviews}\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let c = configs
+            .get("bookinfo/reviews.bookinfo.svc.cluster.local:9080")
+            .expect("route config");
+        let given = c.rules[0].retry.as_ref().expect("retry");
+        assert_eq!(
+            (given.attempts, given.per_try_timeout_ms),
+            (4, 250),
+            "{given:?}"
+        );
+        assert_eq!(
+            given.retry_on,
+            ["gateway-error", "reset", "retriable-status-codes"]
+        );
+        assert_eq!(given.retriable_status_codes, [429]);
+        assert_eq!(c.rules[1].retry, None, "attempts: 0 turns retries off");
+        let default = c.rules[2].retry.as_ref().expect("Istio's default");
+        assert_eq!(default.attempts, 2);
+        assert_eq!(default.retry_on.join(","), DEFAULT_RETRY_ON);
+        assert_eq!(default.retriable_status_codes, [503]);
+    }
+
+    #[test]
     fn what_is_not_compiled_is_reported() {
-        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews, ratings]\n  http:\n  - retries: {attempts: 3}\n    route:\n    - destination: {host: reviews}\n";
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews, ratings]\n  http:\n  - mirror: {host: reviews}\n    retries: {attempts: 3, retryOn: \"5xx,sometimes\"}\n    route:\n    - destination: {host: reviews}\n";
         let (configs, notices) =
             route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
         assert_eq!(configs.len(), 1);
         let text: Vec<&str> = notices.iter().map(|n| n.message.as_str()).collect();
-        assert!(text.iter().any(|m| m.contains("retries")), "{text:?}");
+        assert!(text.iter().any(|m| m.contains("mirror")), "{text:?}");
+        assert!(
+            text.iter()
+                .any(|m| m.contains("retryOn sometimes: unknown condition")),
+            "{text:?}"
+        );
         assert!(
             text.iter()
                 .any(|m| m.contains("host ratings: no such service")),
