@@ -133,7 +133,8 @@ impl Rules<'_> {
     fn retry(&self, r: &l7::Retry) -> Result<RetryPolicy, ConfigError> {
         let mut on = RetryOn::default();
         for name in &r.retry_on {
-            on.add(name).map_err(|e| self.invalid("retry.retry_on", e))?;
+            on.add(name)
+                .map_err(|e| self.invalid("retry.retry_on", e))?;
         }
         Ok(RetryPolicy {
             retries: r.attempts,

@@ -11,7 +11,9 @@
 //! weighted choice of backend ([`router::Router`]) sent through an [`router::Upstream`].
 
 pub mod config;
+pub mod detect;
 pub mod fault;
+pub mod ingress;
 pub mod matching;
 pub mod retry;
 pub mod route;

@@ -217,6 +217,11 @@ impl Router {
         }
     }
 
+    /// A byte stream to one of `backend`'s endpoints (opaque TCP).
+    pub fn open(&self, backend: &str) -> OpenFuture {
+        self.upstream.open(backend)
+    }
+
     /// Swaps the routing config; requests in flight finish with the one they started with.
     pub fn set_table(&self, table: RouteTable) {
         self.table.store(Arc::new(table));
@@ -406,12 +411,13 @@ impl Upstream for HttpUpstream {
         let client = self.client.clone();
         let backend = backend.to_owned();
         Box::pin(async move {
-            *req.uri_mut() = format!("http://{addr}{path}").parse().map_err(
-                |e: http::uri::InvalidUri| UpstreamError::Connect {
-                    backend: backend.clone(),
-                    source: e.into(),
-                },
-            )?;
+            *req.uri_mut() =
+                format!("http://{addr}{path}")
+                    .parse()
+                    .map_err(|e: http::uri::InvalidUri| UpstreamError::Connect {
+                        backend: backend.clone(),
+                        source: e.into(),
+                    })?;
             // hyper speaks HTTP/1.1 to the endpoint whatever the client spoke.
             *req.version_mut() = http::Version::HTTP_11;
             let resp = client.request(req).await.map_err(|e| {
@@ -438,22 +444,29 @@ impl Upstream for HttpUpstream {
             let Some(addr) = addr else {
                 return Err(UpstreamError::NoEndpoint(backend));
             };
-            let tcp = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| UpstreamError::Connect {
-                    backend,
-                    source: e.into(),
-                })?;
+            let tcp =
+                tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| UpstreamError::Connect {
+                        backend,
+                        source: e.into(),
+                    })?;
             let _ = tcp.set_nodelay(true);
             Ok(Box::new(tcp) as Box<dyn ByteStream>)
         })
     }
 }
 
-/// Serves `router` on `listener` (HTTP/1.1, and HTTP/2 with prior knowledge) until the
-/// task is aborted.
+/// Serves `router` on `listener` as plain TCP (tests, benchmarks: no mTLS, no
+/// opaque backend) until the task is aborted. Connections are detected and bounded
+/// like HBONE ones ([`crate::ingress::serve_connection`]).
 pub async fn serve(listener: tokio::net::TcpListener, router: Arc<Router>) {
-    use hyper_util::{rt::TokioIo, server::conn::auto};
+    use crate::ingress::{ConnLimits, Downstream, Service, serve_connection};
+    let service = Arc::new(Service {
+        name: "plaintext".into(),
+        router,
+        opaque_backend: String::new(),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -463,21 +476,17 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Arc<Router>) {
                 continue;
             }
         };
-        let router = router.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let router = router.clone();
-                async move {
-                    let req = req.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed());
-                    Ok::<_, std::convert::Infallible>(router.handle(req).await)
-                }
-            });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let _ = stream.set_nodelay(true);
+        let downstream = Downstream {
+            identity: None,
+            peer,
+            service: service.name.clone(),
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            service.clone(),
+            downstream,
+            ConnLimits::default(),
+        ));
     }
 }

@@ -136,7 +136,11 @@ async fn retries_hide_a_backend_that_fails_its_first_two_attempts_over_http1_and
         let resp = client.request(req).await.expect("response");
         assert_eq!(resp.status(), StatusCode::OK, "{proto}");
         let body = resp.into_body().collect().await.expect("body").to_bytes();
-        assert_eq!(&body[..], b"ok:the body", "{proto}: the body was sent again");
+        assert_eq!(
+            &body[..],
+            b"ok:the body",
+            "{proto}: the body was sent again"
+        );
         assert_eq!(backend.seen.load(Ordering::SeqCst), 3, "{proto}");
         server.abort();
     }
@@ -149,7 +153,11 @@ async fn the_last_answer_is_returned_when_retries_run_out() {
     let resp = router.handle(post("x")).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(text(resp).await, "ok:x", "the backend's own answer");
-    assert_eq!(backend.seen.load(Ordering::SeqCst), 2, "first try + 1 retry");
+    assert_eq!(
+        backend.seen.load(Ordering::SeqCst),
+        2,
+        "first try + 1 retry"
+    );
 }
 
 #[tokio::test]
@@ -224,7 +232,11 @@ async fn a_per_try_timeout_moves_on_to_the_next_attempt() {
     let resp = router.handle(post("again")).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(text(resp).await, "ok:again");
-    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
     assert_eq!(backend.seen.load(Ordering::SeqCst), 2);
 
     // Every attempt slow: the last per-try timeout answers 504.
@@ -251,7 +263,11 @@ async fn the_route_timeout_bounds_all_attempts_together() {
     let start = std::time::Instant::now();
     let resp = router.handle(post("")).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
-    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
     let seen = backend.seen.load(Ordering::SeqCst);
     assert!(
         (1..=2).contains(&seen),

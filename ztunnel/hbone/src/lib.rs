@@ -16,6 +16,8 @@ mod keepalive;
 pub mod server;
 pub mod splice;
 pub mod stream;
+#[cfg(feature = "test-ca")]
+pub mod test_ca;
 pub mod tls;
 
 /// What TLS runs over: the TCP connection behind a read buffer. rustls asks its

@@ -14,49 +14,24 @@ use cairn_hbone::{
     H2Settings,
     client::{Client, ClientError, PoolKey, PoolSettings},
     server::{Connect, Handler, HandlerFuture, Responder, Server},
+    test_ca::TestCa,
     tls::{WorkloadCertificate, client_config, server_config},
 };
 use cairn_identity::{SpiffeId, verify::MeshRoots};
 use http::StatusCode;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    SanType,
-};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
+type Ca = TestCa;
 
 fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let cert = params.self_signed(&key).expect("root");
-    Ca {
-        pem: cert.pem(),
-        issuer: Issuer::new(params, key),
-    }
+    TestCa::new(name)
 }
 
 fn workload(ca: &Ca, id: &str) -> WorkloadCertificate {
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(id.try_into().expect("ia5"))];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(1);
-    params.not_after = now + time::Duration::hours(1);
-    let cert = params.signed_by(&key, &ca.issuer).expect("leaf");
-    WorkloadCertificate::from_pem(&cert.pem(), &key.serialize_pem()).expect("workload cert")
+    ca.workload(id)
 }
 
 const CLIENT: &str = "spiffe://cluster.local/ns/a/sa/client";
@@ -105,7 +80,7 @@ async fn start_server_with(
     ca: &Ca,
     drain: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> TestServer {
-    let roots = MeshRoots::from_pem(ca.pem.as_bytes()).expect("roots");
+    let roots = MeshRoots::from_pem(ca.root_pem().as_bytes()).expect("roots");
     let cert = workload(ca, SERVER);
     let mut server = Server::new(
         server_config(&cert, &roots).expect("server config"),
@@ -157,7 +132,7 @@ fn key(addr: SocketAddr) -> PoolKey {
 }
 
 fn tls_for(ca: &Ca, roots_of: &Ca, me: &str, expect: &str) -> Arc<rustls::ClientConfig> {
-    let roots = MeshRoots::from_pem(roots_of.pem.as_bytes()).expect("roots");
+    let roots = MeshRoots::from_pem(roots_of.root_pem().as_bytes()).expect("roots");
     client_config(&workload(ca, me), &roots, id(expect)).expect("client config")
 }
 
@@ -405,7 +380,7 @@ async fn malformed_requests_are_answered_without_reaching_the_handler() {
 #[tokio::test]
 async fn a_peer_that_stalls_the_handshake_is_dropped() {
     let mesh = ca("mesh");
-    let roots = MeshRoots::from_pem(mesh.pem.as_bytes()).expect("roots");
+    let roots = MeshRoots::from_pem(mesh.root_pem().as_bytes()).expect("roots");
     let server = Server::new(
         server_config(&workload(&mesh, SERVER), &roots).expect("config"),
         H2Settings::default(),
@@ -525,7 +500,7 @@ where
     F: Fn(usize, RawConnection) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let roots = MeshRoots::from_pem(ca.pem.as_bytes()).expect("roots");
+    let roots = MeshRoots::from_pem(ca.root_pem().as_bytes()).expect("roots");
     let config = server_config(&workload(ca, SERVER), &roots).expect("config");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");

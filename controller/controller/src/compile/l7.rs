@@ -74,7 +74,8 @@ fn percent(p: &Option<istio::Percent>) -> f64 {
 }
 
 /// Istio's retry policy for a route that names none.
-const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+const DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 const DEFAULT_RETRIES: u32 = 2;
 const DEFAULT_RETRIABLE_STATUS: u32 = 503;
 

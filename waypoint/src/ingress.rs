@@ -1,0 +1,214 @@
+//! Client connections into the waypoint. Over HBONE ([`Ingress`]) each CONNECT
+//! stream is one client's original connection to `service-VIP:port`: the authority
+//! names the service, the mTLS peer is the client's identity. Either way
+//! ([`serve_connection`]) the first bytes decide how the connection is served:
+//! HTTP/1.1 or HTTP/2 through the service's [`Router`], anything else passed
+//! through to one of the service's endpoints as opaque TCP.
+//!
+//! Costs a peer can impose are bounded here: the time to say what it speaks
+//! (`sniff_timeout`), the time and bytes to send a request head
+//! (`header_read_timeout`, `max_header_bytes`: 431 past it), concurrent HTTP/2
+//! streams, the HTTP/2 header list, and streams reset before being served (h2's
+//! rapid-reset defence).
+
+use std::{collections::HashMap, convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use cairn_hbone::server::{Connect, Handler, HandlerFuture, Responder};
+use cairn_identity::SpiffeId;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use crate::{
+    detect::{Prefixed, Protocol, sniff},
+    router::{BoxError, Router},
+};
+
+/// Who a request came from, in every request's extensions for the router (L7
+/// policy, telemetry).
+#[derive(Clone, Debug)]
+pub struct Downstream {
+    /// The client's SPIFFE id, proven by mTLS; `None` on plaintext.
+    pub identity: Option<SpiffeId>,
+    /// The connection's peer (over HBONE: the client's ztunnel).
+    pub peer: SocketAddr,
+    /// The service the connection was made to (`hostname:port`).
+    pub service: Arc<str>,
+}
+
+/// One service port the waypoint serves.
+pub struct Service {
+    /// `hostname:port`, for logs and metrics.
+    pub name: Arc<str>,
+    pub router: Arc<Router>,
+    /// Where opaque (non-HTTP) connections go: the service's endpoints on this port.
+    pub opaque_backend: String,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    /// How long a client may take to show what it speaks before it is taken as
+    /// opaque TCP (Istio's protocol detection timeout: 100 ms).
+    pub sniff_timeout: Duration,
+    /// How long an HTTP/1.1 client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// Largest HTTP/1.1 request head; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Largest HTTP/2 header list (decoded).
+    pub h2_max_header_list_bytes: u32,
+    pub h2_max_concurrent_streams: u32,
+    /// Streams a client may reset before the server accepts them; past it the
+    /// connection is closed (CVE-2023-44487).
+    pub h2_max_pending_accept_reset_streams: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            sniff_timeout: Duration::from_millis(100),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            h2_max_header_list_bytes: 64 * 1024,
+            h2_max_concurrent_streams: 1000,
+            h2_max_pending_accept_reset_streams: 20,
+        }
+    }
+}
+
+/// Serves one client connection until it ends.
+pub async fn serve_connection<IO>(
+    mut io: IO,
+    service: Arc<Service>,
+    downstream: Downstream,
+    limits: ConnLimits,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let peer = downstream.peer;
+    let (protocol, prefix) = match sniff(&mut io, limits.sniff_timeout).await {
+        Ok(x) => x,
+        Err(e) => {
+            debug!(%peer, service = %service.name, error = %e, "connection failed before its first bytes");
+            return;
+        }
+    };
+    let io = Prefixed::new(prefix, io);
+    let downstream = Arc::new(downstream);
+    let router = service.router.clone();
+    let http = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let router = router.clone();
+        let downstream = downstream.clone();
+        async move {
+            let mut req = req.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed());
+            req.extensions_mut().insert(downstream);
+            Ok::<_, Infallible>(router.handle(req).await)
+        }
+    });
+    let result = match protocol {
+        Protocol::Http1 => hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .serve_connection(TokioIo::new(io), http)
+            .await
+            .map_err(|e| (e.is_parse() || e.is_timeout(), e)),
+        Protocol::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.h2_max_header_list_bytes)
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+            .serve_connection(TokioIo::new(io), http)
+            .await
+            .map_err(|e| (e.is_parse() || e.is_timeout(), e)),
+        Protocol::Opaque => {
+            pass_through(io, &service, peer).await;
+            return;
+        }
+    };
+    match result {
+        Ok(()) => debug!(%peer, service = %service.name, ?protocol, "connection closed"),
+        Err((true, e)) => {
+            warn!(%peer, service = %service.name, ?protocol, error = %e, "client sent malformed or incomplete HTTP; connection closed")
+        }
+        Err((false, e)) => {
+            debug!(%peer, service = %service.name, ?protocol, error = %e, "connection ended with an error")
+        }
+    }
+}
+
+/// Opaque TCP: bytes both ways to one of the service's endpoints, half-closes
+/// carried through.
+async fn pass_through<IO>(mut io: IO, service: &Service, peer: SocketAddr)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut upstream = match service.router.open(&service.opaque_backend).await {
+        Ok(u) => u,
+        Err(e) => {
+            warn!(%peer, service = %service.name, error = %e, "opaque connection: no upstream; closing");
+            return;
+        }
+    };
+    match tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+        Ok((sent, received)) => {
+            debug!(%peer, service = %service.name, sent, received, "opaque connection closed")
+        }
+        Err(e) => {
+            debug!(%peer, service = %service.name, error = %e, "opaque connection ended with an error")
+        }
+    }
+}
+
+/// The waypoint's HBONE handler: CONNECT to `service-VIP:port` -> that service.
+pub struct Ingress {
+    services: ArcSwap<HashMap<SocketAddr, Arc<Service>>>,
+    limits: ConnLimits,
+}
+
+impl Ingress {
+    pub fn new(limits: ConnLimits) -> Self {
+        Self {
+            services: ArcSwap::from_pointee(HashMap::new()),
+            limits,
+        }
+    }
+
+    /// The services served, by `VIP:port`; connections in flight keep theirs.
+    pub fn set_services(&self, services: HashMap<SocketAddr, Arc<Service>>) {
+        self.services.store(Arc::new(services));
+    }
+}
+
+impl Handler for Ingress {
+    fn handle(&self, connect: Connect, responder: Responder) -> HandlerFuture {
+        let service = self.services.load().get(&connect.authority).cloned();
+        let limits = self.limits;
+        Box::pin(async move {
+            let Some(service) = service else {
+                warn!(
+                    authority = %connect.authority,
+                    source_principal = %connect.peer_identity,
+                    "CONNECT to an address this waypoint does not serve; refused"
+                );
+                responder.refuse(StatusCode::NOT_FOUND);
+                return;
+            };
+            let stream = match responder.accept() {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(authority = %connect.authority, error = %e, "client gone before the tunnel opened");
+                    return;
+                }
+            };
+            let downstream = Downstream {
+                identity: Some(connect.peer_identity),
+                peer: connect.peer_addr,
+                service: service.name.clone(),
+            };
+            serve_connection(stream, service, downstream, limits).await;
+        })
+    }
+}

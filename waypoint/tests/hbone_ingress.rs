@@ -1,0 +1,415 @@
+//! The waypoint's HBONE ingress over loopback: real mTLS + HTTP/2 CONNECT from a mesh
+//! client, the inner stream served as HTTP/1.1, HTTP/2 or opaque TCP by what it
+//! starts with, and the limits a hostile client meets.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use cairn_hbone::{
+    H2Settings,
+    client::{Client, ClientError, PoolKey, PoolSettings},
+    server::Server,
+    stream::H2Stream,
+    test_ca::TestCa,
+    tls::{client_config, server_config},
+};
+use cairn_waypoint::{
+    ingress::{ConnLimits, Ingress, Service},
+    matching::{HeaderRule, RequestMatch, StringMatch},
+    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+    router::{Body, HttpUpstream, Router, full},
+};
+use http::{HeaderName, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+const CLIENT: &str = "spiffe://cluster.local/ns/bookinfo/sa/productpage";
+const WAYPOINT: &str = "spiffe://cluster.local/ns/bookinfo/sa/waypoint";
+const REVIEWS: &str = "10.96.0.12:9080";
+const MYSQL: &str = "10.96.0.13:3306";
+
+/// An HTTP/1.1 backend answering `<name>:<path>`; counts requests.
+async fn http_backend(name: &'static str, delay: Duration, hits: Arc<AtomicUsize>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(delay).await;
+                        let body = format!("{name}:{}", req.uri().path());
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server-first TCP backend: greets, then echoes until the client half-closes,
+/// then says goodbye and closes.
+async fn greeter() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"220 hello\n").await;
+                let mut buf = [0u8; 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let _ = s.write_all(&buf[..n]).await;
+                        }
+                    }
+                }
+                let _ = s.write_all(b"bye\n").await;
+            });
+        }
+    });
+    addr
+}
+
+struct Waypoint {
+    addr: SocketAddr,
+    mesh: TestCa,
+    v1_hits: Arc<AtomicUsize>,
+}
+
+async fn waypoint(limits: ConnLimits) -> Waypoint {
+    let mesh = TestCa::new("mesh");
+    let v1_hits = Arc::new(AtomicUsize::new(0));
+    let endpoints = HashMap::from([
+        (
+            "reviews|v1".to_string(),
+            http_backend("v1", Duration::ZERO, v1_hits.clone()).await,
+        ),
+        (
+            "reviews|v2".to_string(),
+            http_backend("v2", Duration::ZERO, Arc::default()).await,
+        ),
+        ("mysql".to_string(), greeter().await),
+    ]);
+    let upstream = Arc::new(HttpUpstream::new(endpoints));
+    let forward = |backend: &str| {
+        Action::Forward(vec![WeightedBackend {
+            backend: backend.into(),
+            weight: 1,
+        }])
+    };
+    let rule = |name: &str, matches, action| Rule {
+        name: name.into(),
+        matches,
+        action,
+        fault: None,
+        timeout: None,
+        retry: None,
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+    };
+    let jason = RequestMatch {
+        headers: vec![(
+            HeaderName::from_static("end-user"),
+            HeaderRule::Value(StringMatch::Exact("jason".into())),
+        )],
+        ..Default::default()
+    };
+    let table = RouteTable {
+        rules: vec![
+            rule("jason", vec![jason], forward("reviews|v2")),
+            rule("rest", vec![], forward("reviews|v1")),
+        ],
+    };
+    let reviews = Arc::new(Service {
+        name: "reviews.bookinfo.svc.cluster.local:9080".into(),
+        router: Arc::new(Router::new(table, upstream.clone(), Some(1))),
+        opaque_backend: "reviews|v1".into(),
+    });
+    let mysql = Arc::new(Service {
+        name: "mysql.bookinfo.svc.cluster.local:3306".into(),
+        router: Arc::new(Router::new(RouteTable::default(), upstream, Some(1))),
+        opaque_backend: "mysql".into(),
+    });
+    let ingress = Arc::new(Ingress::new(limits));
+    ingress.set_services(HashMap::from([
+        (REVIEWS.parse().expect("addr"), reviews),
+        (MYSQL.parse().expect("addr"), mysql),
+    ]));
+    let cert = mesh.workload(WAYPOINT);
+    let server = Server::new(
+        server_config(&cert, &mesh.roots()).expect("server config"),
+        H2Settings::default(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let (server, ingress) = (server.clone(), ingress.clone());
+            tokio::spawn(async move {
+                if let Ok((tls, who)) = server.handshake(tcp, peer).await {
+                    let _ = server.serve(tls, peer, who, ingress).await;
+                }
+            });
+        }
+    });
+    Waypoint {
+        addr,
+        mesh,
+        v1_hits,
+    }
+}
+
+impl Waypoint {
+    async fn tunnel(&self, client: &Client, authority: &str) -> Result<H2Stream, ClientError> {
+        let key = PoolKey {
+            source: CLIENT.parse().expect("id"),
+            destination: WAYPOINT.parse().expect("id"),
+            address: self.addr,
+            source_ip: None,
+            dialer: Default::default(),
+        };
+        let tls = client_config(
+            &self.mesh.workload(CLIENT),
+            &self.mesh.roots(),
+            WAYPOINT.parse().expect("id"),
+        )
+        .expect("client config");
+        client
+            .connect(&key, tls, authority.parse().expect("authority"))
+            .await
+    }
+}
+
+fn client() -> Client {
+    Client::new(H2Settings::default(), PoolSettings::default())
+}
+
+async fn text(resp: Response<hyper::body::Incoming>) -> String {
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+fn get(path: &str, user: Option<&str>) -> Request<Body> {
+    let mut b = Request::get(path).header("host", "reviews:9080");
+    if let Some(u) = user {
+        b = b.header("end-user", u);
+    }
+    b.body(full("")).expect("request")
+}
+
+#[tokio::test]
+async fn http1_and_http2_inside_hbone_are_routed_per_request() {
+    let wp = waypoint(ConnLimits::default()).await;
+    let client = client();
+
+    let tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+        .await
+        .expect("http/1.1");
+    tokio::spawn(conn);
+    for i in 0..5 {
+        let user = (i % 2 == 0).then_some("jason");
+        let resp = h1
+            .send_request(get("/reviews/1", user))
+            .await
+            .expect("response");
+        let want = if user.is_some() {
+            "v2:/reviews/1"
+        } else {
+            "v1:/reviews/1"
+        };
+        assert_eq!(
+            text(resp).await,
+            want,
+            "HTTP/1.1 request {i} on one connection"
+        );
+    }
+
+    let tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    let (h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tunnel))
+            .await
+            .expect("http/2");
+    tokio::spawn(conn);
+    let mut answers = Vec::new();
+    for i in 0..20 {
+        let mut h2 = h2.clone();
+        let user = (i % 2 == 0).then_some("jason");
+        answers.push(tokio::spawn(async move {
+            let uri = format!("http://reviews:9080/r/{i}");
+            let resp = h2.send_request(get(&uri, user)).await.expect("response");
+            (user.is_some(), text(resp).await)
+        }));
+    }
+    for (i, a) in answers.into_iter().enumerate() {
+        let (jason, body) = a.await.expect("task");
+        let want = format!("{}:/r/{i}", if jason { "v2" } else { "v1" });
+        assert_eq!(body, want, "concurrent HTTP/2 streams routed one by one");
+    }
+    assert_eq!(
+        client.connections_opened(),
+        1,
+        "both tunnels shared one HBONE connection"
+    );
+}
+
+#[tokio::test]
+async fn opaque_tcp_passes_through_even_when_the_server_speaks_first() {
+    let wp = waypoint(ConnLimits::default()).await;
+    let client = client();
+    let mut tunnel = wp.tunnel(&client, MYSQL).await.expect("tunnel");
+    let mut greeting = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), tunnel.read_exact(&mut greeting))
+        .await
+        .expect("greeting after the sniff timeout")
+        .expect("read");
+    assert_eq!(&greeting, b"220 hello\n");
+    tunnel.write_all(b"ping\n").await.expect("write");
+    tunnel.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    tunnel.read_to_end(&mut rest).await.expect("read to EOF");
+    assert_eq!(rest, b"ping\nbye\n", "half-close carried both ways");
+
+    // A client-first non-HTTP protocol on the HTTP service port goes through too.
+    let mut tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    tunnel
+        .write_all(b"\x16\x03\x01 not http\r\n\r\n")
+        .await
+        .expect("write");
+    tunnel.shutdown().await.expect("half-close");
+    let mut answer = Vec::new();
+    tunnel.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 400"),
+        "the HTTP backend itself answered the bytes it got: {answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_connect_to_an_address_it_does_not_serve_is_refused() {
+    let wp = waypoint(ConnLimits::default()).await;
+    match wp.tunnel(&client(), "10.96.0.99:80").await {
+        Err(ClientError::Refused { status, .. }) => assert_eq!(status, StatusCode::NOT_FOUND),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn oversized_and_slow_request_heads_are_cut_off() {
+    let limits = ConnLimits {
+        header_read_timeout: Duration::from_millis(300),
+        max_header_bytes: 16 * 1024,
+        ..ConnLimits::default()
+    };
+    let wp = waypoint(limits).await;
+    let client = client();
+
+    // 40 KiB of headers: 431, and nothing reaches the backend.
+    let mut tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    let mut head = b"GET /big HTTP/1.1\r\nhost: reviews\r\n".to_vec();
+    for i in 0..400 {
+        head.extend_from_slice(format!("x-pad-{i}: {}\r\n", "a".repeat(90)).as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    let _ = tunnel.write_all(&head).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // Slowloris: a head that never ends is dropped after the header timeout.
+    let mut tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    tunnel
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: reviews\r\nx-a: 1\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer)).await;
+    assert!(ended.is_ok(), "the waypoint closed the stalled connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert_eq!(
+        wp.v1_hits.load(Ordering::SeqCst),
+        0,
+        "neither reached the backend"
+    );
+
+    // The waypoint still serves well-behaved clients.
+    let tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+        .await
+        .expect("http/1.1");
+    tokio::spawn(conn);
+    let resp = h1.send_request(get("/ok", None)).await.expect("response");
+    assert_eq!(text(resp).await, "v1:/ok");
+}
+
+#[tokio::test]
+async fn an_http2_reset_flood_costs_the_flooder_its_connection_not_others_their_service() {
+    let wp = waypoint(ConnLimits::default()).await;
+    let client = client();
+    let tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    let (mut flood, conn) = h2::client::handshake(tunnel).await.expect("h2");
+    let flooder = tokio::spawn(conn);
+    let mut opened = 0;
+    for _ in 0..5000 {
+        let req = Request::get("http://reviews:9080/flood")
+            .body(())
+            .expect("request");
+        let Ok(ready) = flood.ready().await else {
+            break;
+        };
+        flood = ready;
+        let Ok((resp, mut stream)) = flood.send_request(req, false) else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        opened += 1;
+    }
+    assert!(opened > 0);
+    let flooder = tokio::time::timeout(Duration::from_secs(10), flooder).await;
+    assert!(
+        flooder.is_ok(),
+        "the flooding connection was closed ({opened} streams opened and reset)"
+    );
+
+    // Another client on the same waypoint is unaffected.
+    let tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    let (mut h2c, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tunnel))
+            .await
+            .expect("http/2");
+    tokio::spawn(conn);
+    let resp = h2c
+        .send_request(get("http://reviews:9080/after", None))
+        .await
+        .expect("response");
+    assert_eq!(text(resp).await, "v1:/after");
+}
