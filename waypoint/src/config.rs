@@ -9,6 +9,9 @@ use cairn_api::proto::cairn::l7::v1 as l7;
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::{
+    authz::{
+        Attribute, Condition, Effect, Operation, Policies, Policy, PolicyRule, Source, Values,
+    },
     fault::{Fault, Percent},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
     retry::{RetryOn, RetryPolicy},
@@ -229,8 +232,82 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
                 response_headers: cx.header_ops(r.response_headers.as_ref())?,
             });
         }
-        Ok(RouteTable { rules })
+        Ok(RouteTable {
+            rules,
+            policies: policies(&c.policies)?,
+        })
     }
+}
+
+/// The policies of a route config; an unknown condition key refuses the config.
+fn policies(ps: &[l7::Policy]) -> Result<Policies, ConfigError> {
+    let values = |v: &[String], n: &[String]| Values::parse(v, n);
+    let mut out = Vec::with_capacity(ps.len());
+    for p in ps {
+        let effect = match l7::policy::Action::try_from(p.action) {
+            Ok(l7::policy::Action::Allow) => Effect::Allow,
+            Ok(l7::policy::Action::Deny) => Effect::Deny,
+            Err(_) => {
+                return Err(ConfigError::Invalid {
+                    rule: p.name.clone(),
+                    field: "policy.action",
+                    reason: format!("unknown action {}", p.action),
+                });
+            }
+        };
+        let rules = p
+            .rules
+            .iter()
+            .map(|r| {
+                Ok(PolicyRule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|s| Source {
+                            principals: values(&s.principals, &s.not_principals),
+                            namespaces: values(&s.namespaces, &s.not_namespaces),
+                            request_principals: values(
+                                &s.request_principals,
+                                &s.not_request_principals,
+                            ),
+                        })
+                        .collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| Operation {
+                            hosts: values(&o.hosts, &o.not_hosts),
+                            ports: values(&o.ports, &o.not_ports),
+                            methods: values(&o.methods, &o.not_methods),
+                            paths: values(&o.paths, &o.not_paths),
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .map(|c| {
+                            Ok(Condition {
+                                attribute: Attribute::parse(&c.key).map_err(|e| {
+                                    ConfigError::Invalid {
+                                        rule: p.name.clone(),
+                                        field: "policy.when",
+                                        reason: e.to_string(),
+                                    }
+                                })?,
+                                values: values(&c.values, &c.not_values),
+                            })
+                        })
+                        .collect::<Result<_, ConfigError>>()?,
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        out.push(Policy {
+            name: p.name.clone(),
+            effect,
+            rules,
+        });
+    }
+    Ok(Policies { policies: out })
 }
 
 #[cfg(test)]
@@ -312,5 +389,40 @@ mod tests {
             panic!("forward")
         };
         assert_eq!(b[0].backend, "reviews.bookinfo.svc.cluster.local|v1|9080");
+    }
+
+    #[test]
+    fn policies_convert_and_an_unknown_condition_key_refuses_the_config() {
+        let policy = |key: &str| l7::Policy {
+            name: "bookinfo/p".into(),
+            action: l7::policy::Action::Deny as i32,
+            rules: vec![l7::PolicyRule {
+                from: vec![l7::PolicySource {
+                    not_namespaces: vec!["bookinfo".into()],
+                    ..Default::default()
+                }],
+                when: vec![l7::PolicyCondition {
+                    key: key.into(),
+                    values: vec!["yes".into()],
+                    not_values: vec![],
+                }],
+                ..Default::default()
+            }],
+        };
+        let config = |p| l7::RouteConfig {
+            rules: vec![forward_rule("ok")],
+            policies: vec![p],
+            ..Default::default()
+        };
+        let table = RouteTable::try_from(&config(policy("request.headers[x-canary]")))
+            .expect("accepted");
+        let p = &table.policies.policies[0];
+        assert_eq!((p.name.as_str(), p.effect), ("bookinfo/p", Effect::Deny));
+        assert_eq!(p.rules[0].from[0].namespaces.none_of.len(), 1);
+        let e = RouteTable::try_from(&config(policy("source.ip"))).expect_err("refused");
+        assert!(
+            e.to_string().contains("bookinfo/p") && e.to_string().contains("source.ip"),
+            "{e}"
+        );
     }
 }

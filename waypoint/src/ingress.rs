@@ -37,6 +37,9 @@ pub struct Downstream {
     pub peer: SocketAddr,
     /// The service the connection was made to (`hostname:port`).
     pub service: Arc<str>,
+    /// The address the client connected to (over HBONE: the CONNECT authority,
+    /// `service-VIP:port`).
+    pub destination: SocketAddr,
 }
 
 /// One service port the waypoint serves.
@@ -207,6 +210,7 @@ impl Handler for Ingress {
                 identity: Some(connect.peer_identity),
                 peer: connect.peer_addr,
                 service: service.name.clone(),
+                destination: connect.authority,
             };
             serve_connection(stream, service, downstream, limits).await;
         })

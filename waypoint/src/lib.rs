@@ -10,6 +10,7 @@
 //! [`fault`] (delay / abort) -> the rule's action: a direct response, a redirect, or a
 //! weighted choice of backend ([`router::Router`]) sent through an [`router::Upstream`].
 
+pub mod authz;
 pub mod config;
 pub mod detect;
 pub mod fault;

@@ -7,11 +7,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use crate::{fault::Fault, matching::RequestMatch, retry::RetryPolicy};
+use crate::{authz::Policies, fault::Fault, matching::RequestMatch, retry::RetryPolicy};
 
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     pub rules: Vec<Rule>,
+    /// Checked before any rule: a denied request never reaches routing.
+    pub policies: Policies,
 }
 
 #[derive(Clone, Debug)]

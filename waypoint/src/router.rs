@@ -20,9 +20,11 @@ use hyper_util::{
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
+    authz::{Attributes, Policies, Verdict},
+    ingress::Downstream,
     retry::{Outcome, RetryBudget, backoff},
     route::{Action, RouteTable, Rule, WeightedBackend},
 };
@@ -137,6 +139,32 @@ impl Attempt {
     }
 }
 
+/// The policies' verdict on a request, from its head and who sent it.
+fn authorize(policies: &Policies, parts: &http::request::Parts) -> Verdict {
+    if policies.policies.is_empty() {
+        return Verdict::Allow;
+    }
+    let downstream = parts.extensions.get::<Arc<Downstream>>();
+    let identity = downstream.and_then(|d| d.identity.as_ref());
+    let principal = identity.map(|i| i.principal());
+    let host = parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+        parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+    });
+    policies.evaluate(&Attributes {
+        principal: principal.as_deref(),
+        namespace: identity.map(|i| i.namespace()),
+        request_principal: None,
+        host,
+        port: downstream.map_or(0, |d| d.destination.port()),
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        headers: &parts.headers,
+    })
+}
+
 /// The request head again, for another attempt (extensions stay with the original).
 fn copy_head(parts: &http::request::Parts, body: Body) -> Request<Body> {
     let mut req = Request::new(body);
@@ -227,9 +255,21 @@ impl Router {
         self.table.store(Arc::new(table));
     }
 
+    /// Answers one request: policy check, rule, fault, action.
     pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
         let table = self.table.load_full();
         let (mut parts, body) = req.into_parts();
+        if let Verdict::Deny(by) = authorize(&table.policies, &parts) {
+            let downstream = parts.extensions.get::<Arc<Downstream>>();
+            info!(
+                policy = by.as_deref().unwrap_or("(no ALLOW policy matched)"),
+                source_principal = downstream.and_then(|d| d.identity.as_ref()).map(|i| i.principal()).unwrap_or_default(),
+                method = %parts.method,
+                path = %parts.uri.path(),
+                "request denied by policy"
+            );
+            return respond(StatusCode::FORBIDDEN, "RBAC: access denied");
+        }
         let Some(rule) = table.select(&parts) else {
             debug!(path = %parts.uri.path(), "no route matched");
             return respond(StatusCode::NOT_FOUND, "no route matched");
@@ -461,7 +501,7 @@ impl Upstream for HttpUpstream {
 /// opaque backend) until the task is aborted. Connections are detected and bounded
 /// like HBONE ones ([`crate::ingress::serve_connection`]).
 pub async fn serve(listener: tokio::net::TcpListener, router: Arc<Router>) {
-    use crate::ingress::{ConnLimits, Downstream, Service, serve_connection};
+    use crate::ingress::{ConnLimits, Service, serve_connection};
     let service = Arc::new(Service {
         name: "plaintext".into(),
         router,
@@ -481,6 +521,9 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Arc<Router>) {
             identity: None,
             peer,
             service: service.name.clone(),
+            destination: stream
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
         };
         tokio::spawn(serve_connection(
             stream,

@@ -22,6 +22,7 @@ use cairn_hbone::{
     tls::{client_config, server_config},
 };
 use cairn_waypoint::{
+    authz::{Effect, Operation, Policies, Policy, PolicyRule, Source, Values},
     ingress::{ConnLimits, Ingress, Service},
     matching::{HeaderRule, RequestMatch, StringMatch},
     route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
@@ -99,6 +100,10 @@ struct Waypoint {
 }
 
 async fn waypoint(limits: ConnLimits) -> Waypoint {
+    waypoint_with(limits, Policies::default()).await
+}
+
+async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
     let mesh = TestCa::new("mesh");
     let v1_hits = Arc::new(AtomicUsize::new(0));
     let endpoints = HashMap::from([
@@ -141,6 +146,7 @@ async fn waypoint(limits: ConnLimits) -> Waypoint {
             rule("jason", vec![jason], forward("reviews|v2")),
             rule("rest", vec![], forward("reviews|v1")),
         ],
+        policies,
     };
     let reviews = Arc::new(Service {
         name: "reviews.bookinfo.svc.cluster.local:9080".into(),
@@ -183,15 +189,24 @@ async fn waypoint(limits: ConnLimits) -> Waypoint {
 
 impl Waypoint {
     async fn tunnel(&self, client: &Client, authority: &str) -> Result<H2Stream, ClientError> {
+        self.tunnel_as(client, authority, CLIENT).await
+    }
+
+    async fn tunnel_as(
+        &self,
+        client: &Client,
+        authority: &str,
+        me: &str,
+    ) -> Result<H2Stream, ClientError> {
         let key = PoolKey {
-            source: CLIENT.parse().expect("id"),
+            source: me.parse().expect("id"),
             destination: WAYPOINT.parse().expect("id"),
             address: self.addr,
             source_ip: None,
             dialer: Default::default(),
         };
         let tls = client_config(
-            &self.mesh.workload(CLIENT),
+            &self.mesh.workload(me),
             &self.mesh.roots(),
             WAYPOINT.parse().expect("id"),
         )
@@ -412,4 +427,84 @@ async fn an_http2_reset_flood_costs_the_flooder_its_connection_not_others_their_
         .await
         .expect("response");
     assert_eq!(text(resp).await, "v1:/after");
+}
+
+#[tokio::test]
+async fn l7_policy_admits_the_listed_principal_and_denies_the_rest_with_403() {
+    let allow = Policy {
+        name: "bookinfo/reviews-viewers".into(),
+        effect: Effect::Allow,
+        rules: vec![PolicyRule {
+            from: vec![Source {
+                principals: Values::parse(&[CLIENT.trim_start_matches("spiffe://").into()], &[]),
+                ..Default::default()
+            }],
+            to: vec![Operation {
+                methods: Values::parse(&["GET".into()], &[]),
+                ..Default::default()
+            }],
+            when: vec![],
+        }],
+    };
+    let deny = Policy {
+        name: "bookinfo/no-admin".into(),
+        effect: Effect::Deny,
+        rules: vec![PolicyRule {
+            to: vec![Operation {
+                paths: Values::parse(&["/admin*".into()], &[]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let wp = waypoint_with(
+        ConnLimits::default(),
+        Policies {
+            policies: vec![allow, deny],
+        },
+    )
+    .await;
+    let client = client();
+    const RATINGS: &str = "spiffe://cluster.local/ns/bookinfo/sa/ratings";
+    for (who, method, path, want) in [
+        (CLIENT, "GET", "/reviews/1", StatusCode::OK),
+        (CLIENT, "POST", "/reviews/1", StatusCode::FORBIDDEN),
+        (CLIENT, "GET", "/admin/users", StatusCode::FORBIDDEN),
+        (RATINGS, "GET", "/reviews/1", StatusCode::FORBIDDEN),
+    ] {
+        for http2 in [false, true] {
+            let tunnel = wp.tunnel_as(&client, REVIEWS, who).await.expect("tunnel");
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("http://reviews:9080{path}"))
+                .header("host", "reviews:9080")
+                .body(full(""))
+                .expect("request");
+            let resp = if http2 {
+                let (mut h2, conn) = hyper::client::conn::http2::handshake(
+                    TokioExecutor::new(),
+                    TokioIo::new(tunnel),
+                )
+                .await
+                .expect("http/2");
+                tokio::spawn(conn);
+                h2.send_request(req).await.expect("response")
+            } else {
+                let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+                    .await
+                    .expect("http/1.1");
+                tokio::spawn(conn);
+                h1.send_request(req).await.expect("response")
+            };
+            assert_eq!(resp.status(), want, "{who} {method} {path} (h2: {http2})");
+            if want == StatusCode::FORBIDDEN {
+                assert_eq!(text(resp).await, "RBAC: access denied");
+            }
+        }
+    }
+    assert_eq!(
+        wp.v1_hits.load(Ordering::SeqCst),
+        2,
+        "only the allowed GETs (HTTP/1.1 and HTTP/2) reached the backend"
+    );
 }

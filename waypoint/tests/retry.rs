@@ -96,7 +96,10 @@ fn router_to(addr: SocketAddr, retry: Option<RetryPolicy>, timeout: Option<Durat
         response_headers: HeaderOps::default(),
     };
     Router::new(
-        RouteTable { rules: vec![rule] },
+        RouteTable {
+            rules: vec![rule],
+            ..Default::default()
+        },
         Arc::new(HttpUpstream::new(HashMap::from([("flaky".into(), addr)]))),
         Some(5),
     )

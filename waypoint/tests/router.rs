@@ -83,6 +83,7 @@ async fn a_90_10_split_holds_over_10000_requests() {
     let router = Router::new(
         RouteTable {
             rules: vec![rule("canary", vec![], split(90, 10))],
+            ..Default::default()
         },
         recorder.clone(),
         Some(42),
@@ -99,6 +100,7 @@ async fn a_90_10_split_holds_over_10000_requests() {
     // Weights of zero everywhere: no backend to choose, 503.
     router.set_table(RouteTable {
         rules: vec![rule("none", vec![], split(0, 0))],
+        ..Default::default()
     });
     let resp = router
         .handle(Request::get("/").body(full("")).expect("request"))
@@ -116,6 +118,7 @@ async fn a_delay_fault_holds_the_request_for_its_duration() {
     let router = Router::new(
         RouteTable {
             rules: vec![delayed],
+            ..Default::default()
         },
         Arc::new(Recorder::default()),
         Some(1),
@@ -231,6 +234,7 @@ fn table() -> RouteTable {
                 split(90, 10),
             ),
         ],
+        ..Default::default()
     }
 }
 
@@ -332,6 +336,7 @@ async fn routes_real_http_requests_over_http1_and_http2() {
     // A new config applies to the next request.
     router.set_table(RouteTable {
         rules: vec![rule("all-v2", vec![], split(0, 1))],
+        ..Default::default()
     });
     let req = Request::get(format!("http://{addr}/reviews/9"))
         .body(full(""))
