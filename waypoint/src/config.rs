@@ -414,8 +414,8 @@ mod tests {
             policies: vec![p],
             ..Default::default()
         };
-        let table = RouteTable::try_from(&config(policy("request.headers[x-canary]")))
-            .expect("accepted");
+        let table =
+            RouteTable::try_from(&config(policy("request.headers[x-canary]"))).expect("accepted");
         let p = &table.policies.policies[0];
         assert_eq!((p.name.as_str(), p.effect), ("bookinfo/p", Effect::Deny));
         assert_eq!(p.rules[0].from[0].namespaces.none_of.len(), 1);

@@ -15,7 +15,10 @@ use std::collections::BTreeMap;
 
 use cairn_api::proto::cairn::l7::v1 as l7;
 
-use super::{MeshConfig, Notice};
+use super::{
+    MeshConfig, Notice, l7_policy,
+    waypoint::{For, resolve_name},
+};
 use crate::{
     resources::{Kind, Object, istio},
     store::Store,
@@ -121,7 +124,7 @@ impl Context<'_> {
     /// left out.
     fn retry(&mut self, label: &str, retries: Option<&istio::HttpRetry>) -> Option<l7::Retry> {
         let (attempts, per_try, retry_on) = match retries {
-            None => (DEFAULT_RETRIES, 0, DEFAULT_RETRY_ON),
+            None => return Some(default_retry()),
             Some(r) if r.attempts <= 0 => return None,
             Some(r) => (
                 r.attempts as u32,
@@ -152,7 +155,7 @@ impl Context<'_> {
                 ));
             }
         }
-        if retries.is_none_or(|r| r.retry_on.is_none()) {
+        if retries.is_some_and(|r| r.retry_on.is_none()) {
             out.retriable_status_codes.push(DEFAULT_RETRIABLE_STATUS);
         }
         Some(out)
@@ -368,12 +371,87 @@ pub fn route_configs(
                         hostname: hostname.clone(),
                         port,
                         rules,
+                        policies: vec![],
                     },
                 );
             }
         }
     }
+    // Every service port a waypoint serves gets a config, routes or not: the
+    // waypoint must know the service to serve it (default route, policies).
+    let bound: Vec<&istio::AuthorizationPolicy> = store
+        .authorization_policies()
+        .map(|p| p.as_ref())
+        .filter(|p| p.spec.target_ref.is_some() || !p.spec.target_refs.is_empty())
+        .collect();
+    let compiled: Vec<(&istio::AuthorizationPolicy, Option<l7::Policy>)> = bound
+        .iter()
+        .map(|p| (*p, l7_policy::compile(p, &mut notices)))
+        .collect();
+    for obj in store.of_kind(Kind::Service) {
+        let Object::Service(svc) = obj else { continue };
+        let ns = svc.metadata.namespace.as_deref().unwrap_or_default();
+        let name = svc.metadata.name.as_deref().unwrap_or_default();
+        let waypoint = resolve_name(store, ns, svc.metadata.labels.as_ref(), For::Service);
+        let hostname = mesh.service_hostname(ns, name);
+        let ports = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|p| p.port as u32);
+        for port in ports {
+            let key = resource_name(ns, &hostname, port);
+            if waypoint.is_some() && !out.contains_key(&key) {
+                out.insert(key.clone(), default_config(ns, name, &hostname, port));
+            }
+            let Some(config) = out.get_mut(&key) else {
+                continue;
+            };
+            let wp = waypoint.as_ref().map(|(a, b)| (a.as_str(), b.as_str()));
+            config.policies = compiled
+                .iter()
+                .filter(|(p, _)| l7_policy::covers(p, ns, name, wp))
+                .filter_map(|(_, c)| c.clone())
+                .collect();
+        }
+    }
     (out, notices)
+}
+
+/// A service without a VirtualService: every request to its own endpoints, with
+/// Istio's default retries.
+fn default_config(namespace: &str, name: &str, hostname: &str, port: u32) -> l7::RouteConfig {
+    l7::RouteConfig {
+        namespace: namespace.to_owned(),
+        hostname: hostname.to_owned(),
+        port,
+        rules: vec![l7::Rule {
+            name: format!("{namespace}/{name}/default"),
+            action: Some(l7::rule::Action::Forward(l7::Forward {
+                backends: vec![l7::WeightedBackend {
+                    hostname: hostname.to_owned(),
+                    subset: String::new(),
+                    port,
+                    weight: 100,
+                }],
+            })),
+            retry: Some(default_retry()),
+            ..Default::default()
+        }],
+        policies: vec![],
+    }
+}
+
+/// Istio's retry policy for routes that name none.
+fn default_retry() -> l7::Retry {
+    l7::Retry {
+        attempts: DEFAULT_RETRIES,
+        per_try_timeout_ms: 0,
+        retry_on: DEFAULT_RETRY_ON.split(',').map(str::to_owned).collect(),
+        retriable_status_codes: vec![DEFAULT_RETRIABLE_STATUS],
+    }
 }
 
 #[cfg(test)]
@@ -469,6 +547,67 @@ mod tests {
         assert_eq!(default.attempts, 2);
         assert_eq!(default.retry_on.join(","), DEFAULT_RETRY_ON);
         assert_eq!(default.retriable_status_codes, [503]);
+    }
+
+    const WAYPOINT: &str = "---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: bookinfo\n  labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: bookinfo}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: bookinfo}\nspec:\n  clusterIP: 10.96.0.13\n  ports: [{name: http, port: 9080}]\n";
+
+    #[test]
+    fn waypoint_services_get_default_routes_and_their_bound_policies() {
+        let policies = "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: viewers, namespace: bookinfo}\nspec:\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}]\n  rules:\n  - from: [{source: {principals: [cluster.local/ns/bookinfo/sa/productpage]}}]\n    to: [{operation: {methods: [GET]}}]\n  - from: [{source: {ipBlocks: [10.0.0.0/8]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: bookinfo}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: reviews}]\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [/admin*]}}]\n    when: [{key: source.ip, values: [10.1.0.0/16]}]\n";
+        let (configs, notices) = route_configs(
+            &store_of(&format!("{SERVICE}{WAYPOINT}{policies}")),
+            &MeshConfig::default(),
+        );
+        let ratings = configs
+            .get("bookinfo/ratings.bookinfo.svc.cluster.local:9080")
+            .expect("a default config for a service without a VirtualService");
+        assert_eq!(ratings.rules.len(), 1);
+        assert_eq!(ratings.rules[0].name, "bookinfo/ratings/default");
+        assert_eq!(ratings.rules[0].retry.as_ref().map(|r| r.attempts), Some(2));
+        let names = |c: &l7::RouteConfig| {
+            c.policies
+                .iter()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(ratings),
+            ["bookinfo/viewers"],
+            "bound through the waypoint"
+        );
+        let reviews = configs
+            .get("bookinfo/reviews.bookinfo.svc.cluster.local:9080")
+            .expect("reviews");
+        assert_eq!(names(reviews), ["bookinfo/no-admin", "bookinfo/viewers"]);
+        let viewers = &ratings.policies[0];
+        assert_eq!(
+            viewers.rules.len(),
+            1,
+            "the ipBlocks ALLOW rule is dropped (fails closed)"
+        );
+        let no_admin = &reviews.policies[0];
+        assert_eq!(no_admin.action, l7::policy::Action::Deny as i32);
+        assert!(
+            no_admin.rules[0].when.is_empty(),
+            "the DENY keeps its paths, loses source.ip"
+        );
+        assert_eq!(no_admin.rules[0].to[0].paths, ["/admin*"]);
+        let text: Vec<&str> = notices.iter().map(|n| n.message.as_str()).collect();
+        assert!(
+            text.iter()
+                .any(|m| m.contains("from.source.ipBlocks") && m.contains("allows less")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|m| m.contains("when[source.ip]") && m.contains("denies more")),
+            "{text:?}"
+        );
+        assert_eq!(
+            text.len(),
+            2,
+            "each policy reported once, not per service: {text:?}"
+        );
     }
 
     #[test]

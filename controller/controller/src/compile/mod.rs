@@ -6,6 +6,7 @@
 
 pub mod authorization;
 pub mod l7;
+pub mod l7_policy;
 pub mod peer_authentication;
 pub mod service;
 pub mod waypoint;

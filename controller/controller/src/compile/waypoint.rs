@@ -86,6 +86,17 @@ pub fn resolve(
     own: Option<&BTreeMap<String, String>>,
     for_: For,
 ) -> Option<wl::GatewayAddress> {
+    let (wp_ns, wp_name) = resolve_name(store, namespace, own, for_)?;
+    Some(address(store, mesh, &wp_ns, &wp_name))
+}
+
+/// [`resolve`], as the waypoint Gateway's (namespace, name).
+pub fn resolve_name(
+    store: &Store,
+    namespace: &str,
+    own: Option<&BTreeMap<String, String>>,
+    for_: For,
+) -> Option<(String, String)> {
     let (wp_ns, wp_name) = match label(own, namespace) {
         Label::Opted => return None,
         Label::Waypoint { namespace, name } => (namespace, name),
@@ -114,10 +125,7 @@ pub fn resolve(
         For::Workload => serves.serves_workloads(),
         For::Service => serves.serves_services(),
     };
-    if !ok {
-        return None;
-    }
-    Some(address(store, mesh, wp_ns, wp_name))
+    ok.then(|| (wp_ns.to_owned(), wp_name.to_owned()))
 }
 
 /// The waypoint's address: its Service's cluster IP when one exists, else its hostname.
