@@ -14,5 +14,8 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// xDS type URL of `istio.security.Authorization` resources.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
 
+/// xDS type URL of `cairn.l7.v1.RouteConfig` resources (for waypoints).
+pub const ROUTE_CONFIG_TYPE_URL: &str = "type.googleapis.com/cairn.l7.v1.RouteConfig";
+
 /// The HBONE port every mesh workload and waypoint listens on.
 pub const HBONE_PORT: u16 = 15008;

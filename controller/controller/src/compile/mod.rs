@@ -17,7 +17,10 @@ use std::{
     net::IpAddr,
 };
 
-use cairn_api::proto::istio::{security as sec, workload as wl};
+use cairn_api::proto::{
+    cairn::l7::v1::RouteConfig,
+    istio::{security as sec, workload as wl},
+};
 use prost::Message;
 
 use crate::{
@@ -77,20 +80,27 @@ pub struct Notice {
     pub message: String,
 }
 
-/// The two resource types served to ztunnels.
+/// The resource types served: Address and Authorization to ztunnels (and
+/// waypoints, for endpoints), RouteConfig to waypoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ResourceType {
     Address,
     Authorization,
+    RouteConfig,
 }
 
 impl ResourceType {
-    pub const ALL: [ResourceType; 2] = [ResourceType::Address, ResourceType::Authorization];
+    pub const ALL: [ResourceType; 3] = [
+        ResourceType::Address,
+        ResourceType::Authorization,
+        ResourceType::RouteConfig,
+    ];
 
     pub fn type_url(self) -> &'static str {
         match self {
             ResourceType::Address => cairn_api::ADDRESS_TYPE_URL,
             ResourceType::Authorization => cairn_api::AUTHORIZATION_TYPE_URL,
+            ResourceType::RouteConfig => cairn_api::ROUTE_CONFIG_TYPE_URL,
         }
     }
 
@@ -104,6 +114,7 @@ impl ResourceType {
 pub struct Compiled {
     pub addresses: BTreeMap<String, wl::Address>,
     pub authorizations: BTreeMap<String, sec::Authorization>,
+    pub route_configs: BTreeMap<String, RouteConfig>,
     pub notices: Vec<Notice>,
 }
 
@@ -116,11 +127,15 @@ enum Source {
     AuthorizationPolicy(String, String),
     PeerAuthentication(String, String),
     StaticStrict,
+    /// Every waypoint RouteConfig: one whole-store compile ([`l7::route_configs`]),
+    /// redone when any object routes depend on changes.
+    Routes,
 }
 
 enum Output {
     Address(String, Box<wl::Address>),
     Authorization(String, sec::Authorization),
+    RouteConfig(String, Box<RouteConfig>),
 }
 
 impl Output {
@@ -128,6 +143,7 @@ impl Output {
         match self {
             Output::Address(n, _) => (ResourceType::Address, n.clone()),
             Output::Authorization(n, _) => (ResourceType::Authorization, n.clone()),
+            Output::RouteConfig(n, _) => (ResourceType::RouteConfig, n.clone()),
         }
     }
 }
@@ -203,6 +219,14 @@ fn compile_source(
                 .collect(),
             _ => Vec::new(),
         },
+        Source::Routes => {
+            let (configs, mut route_notices) = l7::route_configs(store, mesh);
+            notices.append(&mut route_notices);
+            configs
+                .into_iter()
+                .map(|(n, c)| Output::RouteConfig(n, Box::new(c)))
+                .collect()
+        }
         Source::StaticStrict => {
             let a = peer_authentication::static_strict(mesh);
             vec![Output::Authorization(
@@ -238,7 +262,7 @@ fn all_sources(store: &Store) -> BTreeSet<Source> {
         .iter()
         .flat_map(|k| store.refs_of_kind(*k))
         .filter_map(|r| source_of(&r))
-        .chain([Source::StaticStrict])
+        .chain([Source::StaticStrict, Source::Routes])
         .collect()
 }
 
@@ -255,6 +279,18 @@ fn affected(store: &Store, mesh: &MeshConfig, changed: &ObjectRef) -> BTreeSet<S
     let ns = changed.namespace.as_str();
     let mut out = BTreeSet::new();
     out.extend(source_of(changed));
+    if matches!(
+        changed.kind,
+        Kind::Namespace
+            | Kind::Service
+            | Kind::Gateway
+            | Kind::VirtualService
+            | Kind::DestinationRule
+            | Kind::AuthorizationPolicy
+            | Kind::HttpRoute
+    ) {
+        out.insert(Source::Routes);
+    }
     match changed.kind {
         Kind::Namespace => {
             for k in [Kind::Pod, Kind::Service, Kind::ServiceEntry] {
@@ -317,6 +353,9 @@ pub fn compile(store: &Store, mesh: &MeshConfig) -> Compiled {
                 }
                 Output::Authorization(n, a) => {
                     out.authorizations.insert(n, a);
+                }
+                Output::RouteConfig(n, c) => {
+                    out.route_configs.insert(n, *c);
                 }
             }
         }
@@ -403,6 +442,7 @@ impl Compiler {
                 let body = match o {
                     Output::Address(_, a) => a.encode_to_vec(),
                     Output::Authorization(_, a) => a.encode_to_vec(),
+                    Output::RouteConfig(_, c) => c.encode_to_vec(),
                 };
                 written.insert((type_, name.clone()));
                 delta.updated.push(Encoded { type_, name, body });

@@ -514,6 +514,9 @@ fn check_same(published: &BTreeMap<(ResourceType, String), Vec<u8>>, full: &Comp
     for (n, a) in &full.authorizations {
         want.insert((ResourceType::Authorization, n.clone()), a.encode_to_vec());
     }
+    for (n, c) in &full.route_configs {
+        want.insert((ResourceType::RouteConfig, n.clone()), c.encode_to_vec());
+    }
     let got_keys: Vec<_> = published.keys().collect();
     let want_keys: Vec<_> = want.keys().collect();
     assert_eq!(got_keys, want_keys);

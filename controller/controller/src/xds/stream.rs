@@ -234,6 +234,7 @@ fn type_name(t: ResourceType) -> &'static str {
     match t {
         ResourceType::Address => "address",
         ResourceType::Authorization => "authorization",
+        ResourceType::RouteConfig => "route_config",
     }
 }
 
