@@ -15,7 +15,7 @@ use crate::{
     fault::{Fault, Percent},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
     retry::{RetryOn, RetryPolicy},
-    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+    route::{Action, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +133,25 @@ impl Rules<'_> {
         })
     }
 
+    fn rewrite(&self, rw: &l7::Rewrite) -> Result<Rewrite, ConfigError> {
+        let path = Some(rw.uri.clone()).filter(|u| !u.is_empty());
+        if let Some(p) = &path {
+            if !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(self.invalid("rewrite.uri", format!("{p:?} is not a path")));
+            }
+        }
+        let authority = Some(rw.authority.as_str())
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                http::uri::Authority::try_from(a)
+                    .ok()
+                    .and_then(|_| HeaderValue::try_from(a).ok())
+                    .ok_or_else(|| self.invalid("rewrite.authority", format!("{a:?}")))
+            })
+            .transpose()?;
+        Ok(Rewrite { path, authority })
+    }
+
     fn retry(&self, r: &l7::Retry) -> Result<RetryPolicy, ConfigError> {
         let mut on = RetryOn::default();
         for name in &r.retry_on {
@@ -228,6 +247,21 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
                 fault,
                 timeout: (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms)),
                 retry: r.retry.as_ref().map(|r| cx.retry(r)).transpose()?,
+                rewrite: r.rewrite.as_ref().map(|rw| cx.rewrite(rw)).transpose()?,
+                mirrors: r
+                    .mirrors
+                    .iter()
+                    .map(|m| {
+                        let b = m
+                            .backend
+                            .as_ref()
+                            .ok_or_else(|| cx.invalid("mirrors", "no backend"))?;
+                        Ok(Mirror {
+                            backend: backend_key(&b.hostname, &b.subset, b.port),
+                            percent: cx.percent("mirrors.percent", m.percent)?,
+                        })
+                    })
+                    .collect::<Result<_, ConfigError>>()?,
                 request_headers: cx.header_ops(r.request_headers.as_ref())?,
                 response_headers: cx.header_ops(r.response_headers.as_ref())?,
             });

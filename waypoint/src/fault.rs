@@ -17,7 +17,8 @@ pub struct Fault {
 pub struct Percent(pub f64);
 
 impl Percent {
-    fn hit(self, rng: &mut impl Rng) -> bool {
+    /// Whether this request is among the percentage.
+    pub fn hit(self, rng: &mut impl Rng) -> bool {
         self.0 >= 100.0 || (self.0 > 0.0 && rng.random::<f64>() * 100.0 < self.0)
     }
 }

@@ -28,6 +28,10 @@ pub struct Rule {
     pub timeout: Option<Duration>,
     /// Retries of failed attempts (within `timeout`); `None` sends once.
     pub retry: Option<RetryPolicy>,
+    pub rewrite: Option<Rewrite>,
+    /// Copies of forwarded requests sent to other backends; their answers are
+    /// dropped and never delay or change the client's.
+    pub mirrors: Vec<Mirror>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
 }
@@ -47,6 +51,19 @@ pub enum Action {
         status: StatusCode,
         body: Bytes,
     },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Replaces the matched prefix (rules matched by prefix) or the whole path.
+    pub path: Option<String>,
+    pub authority: Option<HeaderValue>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mirror {
+    pub backend: String,
+    pub percent: crate::fault::Percent,
 }
 
 /// A destination: `backend` names a set of endpoints (service host, subset, port) the
@@ -82,8 +99,62 @@ impl HeaderOps {
 impl RouteTable {
     /// The first rule whose matches accept the request.
     pub fn select(&self, req: &http::request::Parts) -> Option<&Rule> {
-        self.rules
-            .iter()
-            .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(req)))
+        self.select_match(req).map(|(r, _)| r)
+    }
+
+    /// [`Self::select`], with the match that accepted the request (`None` for a rule
+    /// without matches).
+    pub fn select_match(
+        &self,
+        req: &http::request::Parts,
+    ) -> Option<(&Rule, Option<&RequestMatch>)> {
+        self.rules.iter().find_map(|r| {
+            if r.matches.is_empty() {
+                return Some((r, None));
+            }
+            r.matches
+                .iter()
+                .find(|m| m.matches(req))
+                .map(|m| (r, Some(m)))
+        })
+    }
+}
+
+impl Rewrite {
+    /// Rewrites the request head: path (prefix or whole, query kept) and authority.
+    pub fn apply(&self, parts: &mut http::request::Parts, matched: Option<&RequestMatch>) {
+        if let Some(authority) = &self.authority {
+            parts.headers.insert(http::header::HOST, authority.clone());
+        }
+        let path = self.path.as_ref().map(|new| {
+            let old = parts.uri.path();
+            match matched.and_then(|m| m.path.as_ref()) {
+                Some(crate::matching::StringMatch::Prefix(p)) if old.starts_with(p.as_str()) => {
+                    format!("{new}{}", &old[p.len()..])
+                }
+                _ => new.clone(),
+            }
+        });
+        if path.is_none() && self.authority.is_none() {
+            return;
+        }
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        if let Some(path) = path {
+            let query = uri
+                .path_and_query
+                .as_ref()
+                .and_then(|pq| pq.query())
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            if let Ok(pq) = format!("{path}{query}").parse() {
+                uri.path_and_query = Some(pq);
+            }
+        }
+        if let (Some(a), Some(_)) = (&self.authority, &uri.authority) {
+            if let Ok(a) = http::uri::Authority::try_from(a.as_bytes()) {
+                uri.authority = Some(a);
+            }
+        }
+        parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
     }
 }

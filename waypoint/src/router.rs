@@ -139,6 +139,33 @@ impl Attempt {
     }
 }
 
+/// `reviews:9080` -> `reviews-shadow:9080`, in the Host header and a URI authority.
+fn shadow_host(req: &mut Request<Body>) {
+    let shadow = |host: &str| match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{h}-shadow:{port}")
+        }
+        _ => format!("{host}-shadow"),
+    };
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(shadow);
+    if let Some(v) = host.and_then(|h| header::HeaderValue::try_from(h).ok()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    if let Some(a) = req.uri().authority().map(|a| shadow(a.as_str())) {
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(a) = http::uri::Authority::try_from(a) {
+            parts.authority = Some(a);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+}
+
 /// The policies' verdict on a request, from its head and who sent it.
 fn authorize(policies: &Policies, parts: &http::request::Parts) -> Verdict {
     if policies.policies.is_empty() {
@@ -270,7 +297,7 @@ impl Router {
             );
             return respond(StatusCode::FORBIDDEN, "RBAC: access denied");
         }
-        let Some(rule) = table.select(&parts) else {
+        let Some((rule, matched)) = table.select_match(&parts) else {
             debug!(path = %parts.uri.path(), "no route matched");
             return respond(StatusCode::NOT_FOUND, "no route matched");
         };
@@ -331,6 +358,9 @@ impl Router {
                     return respond(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
                 };
                 rule.request_headers.apply(&mut parts.headers);
+                if let Some(rewrite) = &rule.rewrite {
+                    rewrite.apply(&mut parts, matched);
+                }
                 let forward = self.forward(rule, &backend, parts, body);
                 match rule.timeout {
                     Some(t) => match tokio::time::timeout(t, forward).await {
@@ -351,6 +381,41 @@ impl Router {
         resp
     }
 
+    /// Sends copies to the rule's mirrors that this request is picked for, with
+    /// `-shadow` appended to the host as Envoy does. Fire and forget: answers and
+    /// failures are dropped. A body too large (or unsized) to keep is not mirrored.
+    fn mirror(&self, rule: &Rule, parts: &http::request::Parts, body: Option<&Bytes>) {
+        if rule.mirrors.is_empty() {
+            return;
+        }
+        let picked: Vec<&str> = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            rule.mirrors
+                .iter()
+                .filter(|m| m.percent.hit(&mut *rng))
+                .map(|m| m.backend.as_str())
+                .collect()
+        };
+        if picked.is_empty() {
+            return;
+        }
+        let Some(body) = body else {
+            debug!(route = %rule.name, "request body too large or unsized to mirror; not mirrored");
+            return;
+        };
+        for backend in picked {
+            let mut copy = copy_head(parts, full(body.clone()));
+            shadow_host(&mut copy);
+            let sent = self.upstream.send(backend, copy);
+            let backend = backend.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = sent.await {
+                    debug!(%backend, error = %e, "mirrored request failed");
+                }
+            });
+        }
+    }
+
     /// Sends the request to `backend`, retrying as the rule says while the retry
     /// budget allows.
     async fn forward(
@@ -363,20 +428,22 @@ impl Router {
         let _in_flight = self.budget.request();
         let policy = rule.retry.as_ref();
         let per_try = policy.and_then(|p| p.per_try_timeout);
-        let replay = match policy.filter(|p| p.retries > 0) {
-            Some(_) => match buffer_for_retry(body).await {
+        let copies = policy.is_some_and(|p| p.retries > 0) || !rule.mirrors.is_empty();
+        let replay = match copies {
+            true => match buffer_for_retry(body).await {
                 Ok(replay) => replay,
                 Err(e) => {
                     debug!(error = %e, "reading the request body failed");
                     return respond(StatusCode::BAD_REQUEST, "invalid request body");
                 }
             },
-            None => Err(body),
+            false => Err(body),
         };
         let (mut first, saved) = match replay {
             Ok(bytes) => (Some(full(bytes.clone())), Some(bytes)),
             Err(body) => (Some(body), None),
         };
+        self.mirror(rule, &parts, saved.as_ref());
         let mut retries = 0u32;
         let mut _retrying = None;
         loop {

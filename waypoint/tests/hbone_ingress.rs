@@ -131,6 +131,8 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
         fault: None,
         timeout: None,
         retry: None,
+        rewrite: None,
+        mirrors: vec![],
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
     };

@@ -92,6 +92,8 @@ fn router_to(addr: SocketAddr, retry: Option<RetryPolicy>, timeout: Option<Durat
         fault: None,
         timeout,
         retry,
+        rewrite: None,
+        mirrors: vec![],
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
     };

@@ -28,6 +28,8 @@ fn rule(name: &str, matches: Vec<RequestMatch>, action: Action) -> Rule {
         fault: None,
         timeout: None,
         retry: None,
+        rewrite: None,
+        mirrors: vec![],
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
     }

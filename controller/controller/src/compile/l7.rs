@@ -3,8 +3,8 @@
 //! Hosts resolve like Istio's: a short name (`reviews`) is the service of that name in
 //! the VirtualService's namespace, a FQDN (`reviews.bookinfo.svc.cluster.local`) names
 //! it directly. Only VirtualServices bound to the mesh (no `gateways`, or `mesh`
-//! among them) apply. What is not compiled yet (mirrors, rewrites, per-destination
-//! headers, source matches) is reported as a notice, never silently dropped.
+//! among them) apply. What is not compiled yet (per-destination headers, source
+//! matches) is reported as a notice, never silently dropped.
 //!
 //! Retries follow Istio: a route without `retries` gets Istio's default policy (2
 //! retries on connect-failure, refused-stream, unavailable, cancelled and 503);
@@ -120,6 +120,34 @@ impl Context<'_> {
         });
     }
 
+    /// A route or mirror destination: its host resolved to the service's FQDN, the
+    /// route's port unless it names one.
+    fn backend(&self, d: &istio::Destination, port: u32) -> l7::WeightedBackend {
+        let hostname = resolve_host(self.store, self.mesh, self.vs_namespace, &d.host)
+            .map(|(ns, name)| self.mesh.service_hostname(&ns, &name))
+            .unwrap_or_else(|| d.host.clone());
+        l7::WeightedBackend {
+            hostname,
+            subset: d.subset.clone().unwrap_or_default(),
+            port: d.port.as_ref().map_or(port, |p| p.number),
+            weight: 0,
+        }
+    }
+
+    /// `mirror` (with `mirrorPercentage`) and `mirrors`; Istio's default percentage
+    /// is all requests.
+    fn mirrors(&self, route: &istio::HttpRoute, port: u32) -> Vec<l7::Mirror> {
+        let single = route.mirror.iter().map(|d| l7::Mirror {
+            backend: Some(self.backend(d, port)),
+            percent: percent(&route.mirror_percentage),
+        });
+        let many = route.mirrors.iter().map(|m| l7::Mirror {
+            backend: Some(self.backend(&m.destination, port)),
+            percent: percent(&m.percentage),
+        });
+        single.chain(many).collect()
+    }
+
     /// `retries` of a route (`None` when off); unknown conditions are reported and
     /// left out.
     fn retry(&mut self, label: &str, retries: Option<&istio::HttpRetry>) -> Option<l7::Retry> {
@@ -164,12 +192,6 @@ impl Context<'_> {
     fn rule(&mut self, index: usize, route: &istio::HttpRoute, port: u32) -> l7::Rule {
         let label = route.name.clone().unwrap_or_else(|| index.to_string());
         let mut unsupported = Vec::new();
-        if route.mirror.is_some() || !route.mirrors.is_empty() {
-            unsupported.push("mirror");
-        }
-        if route.rewrite.is_some() {
-            unsupported.push("rewrite");
-        }
         if route.route.iter().any(|d| d.headers.is_some()) {
             unsupported.push("per-destination headers");
         }
@@ -252,22 +274,11 @@ impl Context<'_> {
                 .route
                 .iter()
                 .map(|d| {
-                    let hostname = resolve_host(
-                        self.store,
-                        self.mesh,
-                        self.vs_namespace,
-                        &d.destination.host,
-                    )
-                    .map(|(ns, name)| self.mesh.service_hostname(&ns, &name))
-                    .unwrap_or_else(|| d.destination.host.clone());
-                    l7::WeightedBackend {
-                        hostname,
-                        subset: d.destination.subset.clone().unwrap_or_default(),
-                        port: d.destination.port.as_ref().map_or(port, |p| p.number),
-                        weight: d
-                            .weight
-                            .map_or(if n == 1 { 100 } else { 0 }, |w| w.max(0) as u32),
-                    }
+                    let mut b = self.backend(&d.destination, port);
+                    b.weight = d
+                        .weight
+                        .map_or(if n == 1 { 100 } else { 0 }, |w| w.max(0) as u32);
+                    b
                 })
                 .collect();
             // No weights given for several destinations: an even split.
@@ -298,6 +309,11 @@ impl Context<'_> {
             fault,
             timeout_ms: millis(&route.timeout),
             retry: self.retry(&label, route.retries.as_ref()),
+            rewrite: route.rewrite.as_ref().map(|r| l7::Rewrite {
+                uri: r.uri.clone().unwrap_or_default(),
+                authority: r.authority.clone().unwrap_or_default(),
+            }),
+            mirrors: self.mirrors(route, port),
             request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             response_headers: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
         }
@@ -611,13 +627,42 @@ mod tests {
     }
 
     #[test]
+    fn mirrors_and_rewrites_compile() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - rewrite: {uri: /v2/, authority: reviews-v2}\n    mirror: {host: reviews, subset: v3}\n    mirrorPercentage: {value: 25}\n    mirrors:\n    - destination: {host: reviews, subset: v4, port: {number: 9443}}\n    route:\n    - destination: {host: reviews, subset: v1}\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let rule = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"].rules[0];
+        let rw = rule.rewrite.as_ref().expect("rewrite");
+        assert_eq!(
+            (rw.uri.as_str(), rw.authority.as_str()),
+            ("/v2/", "reviews-v2")
+        );
+        let mirrors: Vec<(String, u32, f64)> = rule
+            .mirrors
+            .iter()
+            .map(|m| {
+                let b = m.backend.as_ref().expect("backend");
+                (b.subset.clone(), b.port, m.percent)
+            })
+            .collect();
+        assert_eq!(
+            mirrors,
+            [("v3".into(), 9080, 25.0), ("v4".into(), 9443, 100.0)]
+        );
+    }
+
+    #[test]
     fn what_is_not_compiled_is_reported() {
-        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews, ratings]\n  http:\n  - mirror: {host: reviews}\n    retries: {attempts: 3, retryOn: \"5xx,sometimes\"}\n    route:\n    - destination: {host: reviews}\n";
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews, ratings]\n  http:\n  - retries: {attempts: 3, retryOn: \"5xx,sometimes\"}\n    route:\n    - destination: {host: reviews}\n      headers: {request: {set: {x-a: b}}}\n";
         let (configs, notices) =
             route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
         assert_eq!(configs.len(), 1);
         let text: Vec<&str> = notices.iter().map(|n| n.message.as_str()).collect();
-        assert!(text.iter().any(|m| m.contains("mirror")), "{text:?}");
+        assert!(
+            text.iter().any(|m| m.contains("per-destination headers")),
+            "{text:?}"
+        );
         assert!(
             text.iter()
                 .any(|m| m.contains("retryOn sometimes: unknown condition")),

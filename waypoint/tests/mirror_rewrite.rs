@@ -1,0 +1,266 @@
+//! Mirroring and rewrites with real HTTP backends: copies reach the mirror (with
+//! `-shadow` hosts and the body) while the client sees only the primary, even when
+//! the mirror never answers; the mirror percentage holds; paths and authorities are
+//! rewritten before forwarding.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use cairn_waypoint::{
+    fault::Percent,
+    matching::{RequestMatch, StringMatch},
+    route::{Action, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend},
+    router::{Body, HttpUpstream, Router, Upstream, UpstreamFuture, full, serve},
+};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+
+/// What a backend received: (host, path and query, body).
+type Seen = Arc<Mutex<Vec<(String, String, String)>>>;
+
+/// Records each request; answers `<name>` at once, or never when `hang`.
+async fn backend(name: &'static str, hang: bool) -> (SocketAddr, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen: Seen = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let pq = req
+                            .uri()
+                            .path_and_query()
+                            .map_or("/".into(), |p| p.to_string());
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                        let body = String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
+                        log.lock().expect("lock").push((host, pq, body));
+                        if hang {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from(name),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn rule(matches: Vec<RequestMatch>, backend: &str) -> Rule {
+    Rule {
+        name: "r".into(),
+        matches,
+        action: Action::Forward(vec![WeightedBackend {
+            backend: backend.into(),
+            weight: 1,
+        }]),
+        fault: None,
+        timeout: None,
+        retry: None,
+        rewrite: None,
+        mirrors: vec![],
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+    }
+}
+
+async fn text(resp: Response<hyper::body::Incoming>) -> String {
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test]
+async fn the_mirror_gets_copies_while_the_client_sees_only_the_primary() {
+    let (primary, primary_seen) = backend("primary", false).await;
+    // The mirror takes every request and never answers.
+    let (shadow, shadow_seen) = backend("shadow", true).await;
+    let mut mirrored = rule(vec![], "primary");
+    mirrored.mirrors = vec![Mirror {
+        backend: "shadow".into(),
+        percent: Percent(100.0),
+    }];
+    let router = Arc::new(Router::new(
+        RouteTable {
+            rules: vec![mirrored],
+            ..Default::default()
+        },
+        Arc::new(HttpUpstream::new(HashMap::from([
+            ("primary".to_string(), primary),
+            ("shadow".to_string(), shadow),
+        ]))),
+        Some(3),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(listener, router));
+    for proto in ["HTTP/1.1", "HTTP/2"] {
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(proto == "HTTP/2")
+            .build_http::<Body>();
+        for i in 0..10 {
+            let req = Request::post(format!("http://{addr}/reviews/{i}"))
+                .header("host", "reviews:9080")
+                .body(full(format!("body {i}")))
+                .expect("request");
+            let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+                .await
+                .expect("the client is answered although the mirror hangs")
+                .expect("response");
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(text(resp).await, "primary", "{proto}");
+        }
+    }
+    assert_eq!(primary_seen.lock().expect("lock").len(), 20);
+    // Copies are sent in the background; give them a moment to land.
+    for _ in 0..100 {
+        if shadow_seen.lock().expect("lock").len() == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let copies = shadow_seen.lock().expect("lock").clone();
+    assert_eq!(copies.len(), 20, "every request mirrored: {copies:?}");
+    assert!(
+        copies
+            .iter()
+            .all(|(host, _, _)| host == "reviews-shadow:9080"),
+        "{copies:?}"
+    );
+    let h1_copy = copies
+        .iter()
+        .find(|(_, path, _)| path == "/reviews/3")
+        .expect("copy of request 3");
+    assert_eq!(h1_copy.2, "body 3", "the body went with the copy");
+}
+
+/// Counts requests per backend; answers at once.
+#[derive(Default)]
+struct Counter(Mutex<HashMap<String, usize>>);
+
+impl Upstream for Counter {
+    fn send(&self, backend: &str, _req: Request<Body>) -> UpstreamFuture {
+        *self
+            .0
+            .lock()
+            .expect("lock")
+            .entry(backend.into())
+            .or_default() += 1;
+        Box::pin(async { Ok(Response::new(full("ok"))) })
+    }
+}
+
+#[tokio::test]
+async fn a_mirror_percentage_holds_over_many_requests() {
+    let counter = Arc::new(Counter::default());
+    let mut mirrored = rule(vec![], "primary");
+    mirrored.mirrors = vec![Mirror {
+        backend: "shadow".into(),
+        percent: Percent(25.0),
+    }];
+    let router = Router::new(
+        RouteTable {
+            rules: vec![mirrored],
+            ..Default::default()
+        },
+        counter.clone(),
+        Some(11),
+    );
+    for _ in 0..4000 {
+        let resp = router
+            .handle(Request::get("/").body(full("")).expect("request"))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    tokio::task::yield_now().await;
+    let counts = counter.0.lock().expect("lock").clone();
+    assert_eq!(counts.get("primary"), Some(&4000));
+    let shadow = counts.get("shadow").copied().unwrap_or(0) as f64 / 40.0;
+    assert!(
+        (shadow - 25.0).abs() <= 2.0,
+        "mirrored {shadow}% ({counts:?})"
+    );
+}
+
+#[tokio::test]
+async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
+    let (addr, seen) = backend("v1", false).await;
+    let prefix = RequestMatch {
+        path: Some(StringMatch::Prefix("/old/".into())),
+        ..Default::default()
+    };
+    let exact = RequestMatch {
+        path: Some(StringMatch::Exact("/login".into())),
+        ..Default::default()
+    };
+    let mut by_prefix = rule(vec![prefix], "v1");
+    by_prefix.rewrite = Some(Rewrite {
+        path: Some("/new/".into()),
+        authority: Some(HeaderValue::from_static("reviews-v2:9080")),
+    });
+    let mut whole = rule(vec![exact], "v1");
+    whole.rewrite = Some(Rewrite {
+        path: Some("/auth/login".into()),
+        authority: None,
+    });
+    let router = Router::new(
+        RouteTable {
+            rules: vec![by_prefix, whole],
+            ..Default::default()
+        },
+        Arc::new(HttpUpstream::new(HashMap::from([("v1".to_string(), addr)]))),
+        Some(1),
+    );
+    for path in ["/old/a/b?x=1", "/login?next=/"] {
+        let resp = router
+            .handle(
+                Request::get(path)
+                    .header("host", "reviews:9080")
+                    .body(full(""))
+                    .expect("request"),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(
+        seen[0],
+        (
+            "reviews-v2:9080".into(),
+            "/new/a/b?x=1".into(),
+            String::new()
+        )
+    );
+    assert_eq!(
+        seen[1],
+        (
+            "reviews:9080".into(),
+            "/auth/login?next=/".into(),
+            String::new()
+        )
+    );
+}
