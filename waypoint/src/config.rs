@@ -135,10 +135,10 @@ impl Rules<'_> {
 
     fn rewrite(&self, rw: &l7::Rewrite) -> Result<Rewrite, ConfigError> {
         let path = Some(rw.uri.clone()).filter(|u| !u.is_empty());
-        if let Some(p) = &path {
-            if !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() {
-                return Err(self.invalid("rewrite.uri", format!("{p:?} is not a path")));
-            }
+        if let Some(p) = &path
+            && (!p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err())
+        {
+            return Err(self.invalid("rewrite.uri", format!("{p:?} is not a path")));
         }
         let authority = Some(rw.authority.as_str())
             .filter(|a| !a.is_empty())

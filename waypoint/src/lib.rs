@@ -19,3 +19,5 @@ pub mod matching;
 pub mod retry;
 pub mod route;
 pub mod router;
+pub mod telemetry;
+pub mod trace;

@@ -150,10 +150,10 @@ impl Rewrite {
                 uri.path_and_query = Some(pq);
             }
         }
-        if let (Some(a), Some(_)) = (&self.authority, &uri.authority) {
-            if let Ok(a) = http::uri::Authority::try_from(a.as_bytes()) {
-                uri.authority = Some(a);
-            }
+        if let (Some(a), Some(_)) = (&self.authority, &uri.authority)
+            && let Ok(a) = http::uri::Authority::try_from(a.as_bytes())
+        {
+            uri.authority = Some(a);
         }
         parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
     }

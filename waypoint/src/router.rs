@@ -27,6 +27,8 @@ use crate::{
     ingress::Downstream,
     retry::{Outcome, RetryBudget, backoff},
     route::{Action, RouteTable, Rule, WeightedBackend},
+    telemetry::{Counting, Metered, Record, ResponseFlag, Routed},
+    trace,
 };
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -116,24 +118,44 @@ impl Attempt {
         }
     }
 
-    /// The client's answer when this was the last attempt.
-    fn into_response(self, backend: &str) -> Response<Body> {
+    /// The client's answer when this was the last attempt (after `retries`).
+    fn into_response(self, backend: &str, retries: u32) -> Response<Body> {
+        let exhausted = |flag| {
+            if retries > 0 {
+                ResponseFlag::RETRIES_EXHAUSTED
+            } else {
+                flag
+            }
+        };
         match self {
             Attempt::Answered(r) => r,
             Attempt::Failed(UpstreamError::NoEndpoint(_)) => {
                 warn!(%backend, "no endpoint for backend");
-                respond(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream")
+                respond_flagged(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no healthy upstream",
+                    ResponseFlag::NO_HEALTHY_UPSTREAM,
+                )
             }
             Attempt::Failed(e) => {
-                warn!(%backend, error = %e, "upstream failed");
-                respond(
+                warn!(%backend, error = %e, retries, "upstream failed");
+                let flag = match e {
+                    UpstreamError::Connect { .. } => ResponseFlag::CONNECT_FAILURE,
+                    _ => ResponseFlag::UPSTREAM_RESET,
+                };
+                respond_flagged(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error or disconnect/reset before headers",
+                    exhausted(flag),
                 )
             }
             Attempt::TimedOut => {
-                warn!(%backend, "upstream per-try timeout");
-                respond(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+                warn!(%backend, retries, "upstream per-try timeout");
+                respond_flagged(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    exhausted(ResponseFlag::UPSTREAM_TIMEOUT),
+                )
             }
         }
     }
@@ -226,6 +248,12 @@ async fn buffer_for_retry(mut body: Body) -> Result<Result<Bytes, Body>, BoxErro
 }
 
 /// Envoy's answer bodies, so clients and tests see the same text as with Istio.
+fn respond_flagged(status: StatusCode, body: &'static str, flag: ResponseFlag) -> Response<Body> {
+    let mut resp = respond(status, body);
+    resp.extensions_mut().insert(flag);
+    resp
+}
+
 fn respond(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
@@ -282,8 +310,47 @@ impl Router {
         self.table.store(Arc::new(table));
     }
 
-    /// Answers one request: policy check, rule, fault, action.
-    pub async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    /// Answers one request: policy check, rule, fault, action; recorded in
+    /// metrics and the access log when the response ends.
+    pub async fn handle(&self, mut req: Request<Body>) -> Response<Body> {
+        let start = std::time::Instant::now();
+        let ids = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            trace::propagate(req.headers_mut(), &mut *rng)
+        };
+        let grpc = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let downstream = req.extensions().get::<Arc<Downstream>>().cloned();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let req = req.map(|b| Counting::new(b, request_bytes.clone()).boxed());
+        let resp = self.answer(req).await;
+        let (mut parts, body) = resp.into_parts();
+        let record = Record {
+            start,
+            downstream,
+            method,
+            path,
+            grpc,
+            ids,
+            request_bytes,
+            status: parts.status,
+            grpc_status: parts
+                .headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            flag: parts.extensions.remove::<ResponseFlag>(),
+            routed: parts.extensions.remove::<Routed>(),
+        };
+        Response::from_parts(parts, Metered::new(body, record).boxed())
+    }
+
+    async fn answer(&self, req: Request<Body>) -> Response<Body> {
         let table = self.table.load_full();
         let (mut parts, body) = req.into_parts();
         if let Verdict::Deny(by) = authorize(&table.policies, &parts) {
@@ -299,7 +366,11 @@ impl Router {
         }
         let Some((rule, matched)) = table.select_match(&parts) else {
             debug!(path = %parts.uri.path(), "no route matched");
-            return respond(StatusCode::NOT_FOUND, "no route matched");
+            return respond_flagged(
+                StatusCode::NOT_FOUND,
+                "no route matched",
+                ResponseFlag::NO_ROUTE,
+            );
         };
         let (fault, backend) = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
@@ -314,8 +385,9 @@ impl Router {
             tokio::time::sleep(delay).await;
         }
         if let Some(status) = fault.abort {
-            return respond(status, "fault filter abort");
+            return respond_flagged(status, "fault filter abort", ResponseFlag::FAULT_ABORT);
         }
+        let delayed = fault.delay.is_some();
         let mut resp = match &rule.action {
             Action::Respond { status, body } => {
                 let mut resp = Response::new(full(body.clone()));
@@ -354,22 +426,27 @@ impl Router {
                 resp
             }
             Action::Forward(_) => {
-                let Some(backend) = backend else {
-                    return respond(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+                let Some(backend) = backend.as_deref() else {
+                    return respond_flagged(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no healthy upstream",
+                        ResponseFlag::NO_HEALTHY_UPSTREAM,
+                    );
                 };
                 rule.request_headers.apply(&mut parts.headers);
                 if let Some(rewrite) = &rule.rewrite {
                     rewrite.apply(&mut parts, matched);
                 }
-                let forward = self.forward(rule, &backend, parts, body);
+                let forward = self.forward(rule, backend, parts, body);
                 match rule.timeout {
                     Some(t) => match tokio::time::timeout(t, forward).await {
                         Ok(resp) => resp,
                         Err(_) => {
                             warn!(%backend, timeout = ?t, "upstream request timeout");
-                            return respond(
+                            return respond_flagged(
                                 StatusCode::GATEWAY_TIMEOUT,
                                 "upstream request timeout",
+                                ResponseFlag::UPSTREAM_TIMEOUT,
                             );
                         }
                     },
@@ -378,6 +455,15 @@ impl Router {
             }
         };
         rule.response_headers.apply(resp.headers_mut());
+        if delayed && resp.extensions().get::<ResponseFlag>().is_none() {
+            resp.extensions_mut().insert(ResponseFlag::FAULT_DELAY);
+        }
+        if let Action::Forward(_) = &rule.action {
+            resp.extensions_mut().insert(Routed {
+                backend: backend.unwrap_or_default(),
+                route: rule.name.clone(),
+            });
+        }
         resp
     }
 
@@ -470,11 +556,11 @@ impl Router {
                         })
                 });
             if !again {
-                return attempt.into_response(backend);
+                return attempt.into_response(backend, retries);
             }
             let Some(slot) = self.budget.retry() else {
                 debug!(%backend, "retry budget spent; answering with the last attempt");
-                return attempt.into_response(backend);
+                return attempt.into_response(backend, retries);
             };
             _retrying = Some(slot);
             retries += 1;
