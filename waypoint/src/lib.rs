@@ -11,6 +11,7 @@
 //! weighted choice of backend ([`router::Router`]) sent through an [`router::Upstream`].
 
 pub mod authz;
+pub mod cluster;
 pub mod config;
 pub mod detect;
 pub mod fault;

@@ -2,7 +2,6 @@
 //! directly, redirect, or forward to a backend chosen by weight.
 
 use std::{
-    collections::HashMap,
     future::Future,
     net::SocketAddr,
     pin::Pin,
@@ -53,6 +52,8 @@ pub enum UpstreamError {
     Reset { backend: String, source: BoxError },
     #[error("opaque TCP to {0} is not supported by this upstream")]
     OpaqueUnsupported(String),
+    #[error("{0}: connection pool full (DestinationRule connectionPool)")]
+    Overflow(String),
 }
 
 impl UpstreamError {
@@ -60,7 +61,9 @@ impl UpstreamError {
     /// (no endpoint to try).
     fn outcome(&self) -> Option<Outcome> {
         match self {
-            UpstreamError::NoEndpoint(_) | UpstreamError::OpaqueUnsupported(_) => None,
+            UpstreamError::NoEndpoint(_)
+            | UpstreamError::OpaqueUnsupported(_)
+            | UpstreamError::Overflow(_) => None,
             UpstreamError::Connect { .. } => Some(Outcome::ConnectFailure),
             UpstreamError::RefusedStream { .. } => Some(Outcome::RefusedStream),
             UpstreamError::Reset { .. } => Some(Outcome::Reset),
@@ -135,6 +138,14 @@ impl Attempt {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "no healthy upstream",
                     ResponseFlag::NO_HEALTHY_UPSTREAM,
+                )
+            }
+            Attempt::Failed(UpstreamError::Overflow(_)) => {
+                warn!(%backend, "upstream connection pool overflow");
+                respond_flagged(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                    ResponseFlag::OVERFLOW,
                 )
             }
             Attempt::Failed(e) => {
@@ -214,13 +225,16 @@ fn authorize(policies: &Policies, parts: &http::request::Parts) -> Verdict {
     })
 }
 
-/// The request head again, for another attempt (extensions stay with the original).
+/// The request head again, for another attempt (of the extensions, only who sent it).
 fn copy_head(parts: &http::request::Parts, body: Body) -> Request<Body> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
+    if let Some(d) = parts.extensions.get::<Arc<Downstream>>() {
+        req.extensions_mut().insert(d.clone());
+    }
     req
 }
 
@@ -575,35 +589,32 @@ impl Router {
     }
 }
 
-/// Plain HTTP to fixed endpoint addresses per backend (endpoints outside the mesh;
-/// HBONE upstreams come with the waypoint issue). Pooled, HTTP/1.1.
-pub struct HttpUpstream {
+/// Plain HTTP/1.1 to endpoints (those outside the mesh), pooled per endpoint;
+/// `connect_timeout` is DestinationRule's `connectionPool.tcp.connectTimeout`.
+pub struct HttpTransport {
     client: Client<HttpConnector, Body>,
-    endpoints: HashMap<String, SocketAddr>,
 }
 
-impl HttpUpstream {
-    pub fn new(endpoints: HashMap<String, SocketAddr>) -> Self {
-        HttpUpstream {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            endpoints,
+impl HttpTransport {
+    pub fn new(connect_timeout: Option<std::time::Duration>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(connect_timeout);
+        connector.set_nodelay(true);
+        HttpTransport {
+            client: Client::builder(TokioExecutor::new()).build(connector),
         }
     }
 }
 
-impl Upstream for HttpUpstream {
-    fn send(&self, backend: &str, mut req: Request<Body>) -> UpstreamFuture {
-        let Some(addr) = self.endpoints.get(backend).copied() else {
-            let backend = backend.to_owned();
-            return Box::pin(async move { Err(UpstreamError::NoEndpoint(backend)) });
-        };
+impl crate::cluster::Transport for HttpTransport {
+    fn send(&self, addr: SocketAddr, mut req: Request<Body>) -> UpstreamFuture {
         let path = req
             .uri()
             .path_and_query()
             .map_or("/".to_owned(), |p| p.to_string());
         let client = self.client.clone();
-        let backend = backend.to_owned();
         Box::pin(async move {
+            let backend = addr.to_string();
             *req.uri_mut() =
                 format!("http://{addr}{path}")
                     .parse()
@@ -630,18 +641,13 @@ impl Upstream for HttpUpstream {
         })
     }
 
-    fn open(&self, backend: &str) -> OpenFuture {
-        let backend = backend.to_owned();
-        let addr = self.endpoints.get(&backend).copied();
+    fn open(&self, addr: SocketAddr) -> OpenFuture {
         Box::pin(async move {
-            let Some(addr) = addr else {
-                return Err(UpstreamError::NoEndpoint(backend));
-            };
             let tcp =
                 tokio::net::TcpStream::connect(addr)
                     .await
                     .map_err(|e| UpstreamError::Connect {
-                        backend,
+                        backend: addr.to_string(),
                         source: e.into(),
                     })?;
             let _ = tcp.set_nodelay(true);

@@ -23,10 +23,11 @@ use cairn_hbone::{
 };
 use cairn_waypoint::{
     authz::{Effect, Operation, Policies, Policy, PolicyRule, Source, Values},
+    cluster::Clusters,
     ingress::{ConnLimits, Ingress, Service},
     matching::{HeaderRule, RequestMatch, StringMatch},
     route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
-    router::{Body, HttpUpstream, Router, full},
+    router::{Body, Router, full},
 };
 use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -117,7 +118,7 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
         ),
         ("mysql".to_string(), greeter().await),
     ]);
-    let upstream = Arc::new(HttpUpstream::new(endpoints));
+    let upstream = Arc::new(Clusters::plain_http(endpoints));
     let forward = |backend: &str| {
         Action::Forward(vec![WeightedBackend {
             backend: backend.into(),

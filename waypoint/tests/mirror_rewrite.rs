@@ -12,10 +12,11 @@ use std::{
 
 use bytes::Bytes;
 use cairn_waypoint::{
+    cluster::Clusters,
     fault::Percent,
     matching::{RequestMatch, StringMatch},
     route::{Action, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend},
-    router::{Body, HttpUpstream, Router, Upstream, UpstreamFuture, full, serve},
+    router::{Body, Router, Upstream, UpstreamFuture, full, serve},
 };
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -107,7 +108,7 @@ async fn the_mirror_gets_copies_while_the_client_sees_only_the_primary() {
             rules: vec![mirrored],
             ..Default::default()
         },
-        Arc::new(HttpUpstream::new(HashMap::from([
+        Arc::new(Clusters::plain_http(HashMap::from([
             ("primary".to_string(), primary),
             ("shadow".to_string(), shadow),
         ]))),
@@ -232,7 +233,10 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
             rules: vec![by_prefix, whole],
             ..Default::default()
         },
-        Arc::new(HttpUpstream::new(HashMap::from([("v1".to_string(), addr)]))),
+        Arc::new(Clusters::plain_http(HashMap::from([(
+            "v1".to_string(),
+            addr,
+        )]))),
         Some(1),
     );
     for path in ["/old/a/b?x=1", "/login?next=/"] {

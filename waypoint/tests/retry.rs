@@ -14,9 +14,10 @@ use std::{
 
 use bytes::Bytes;
 use cairn_waypoint::{
+    cluster::Clusters,
     retry::{RetryOn, RetryPolicy},
     route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
-    router::{Body, BoxError, HttpUpstream, Router, full, serve},
+    router::{Body, BoxError, Router, full, serve},
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
@@ -102,7 +103,10 @@ fn router_to(addr: SocketAddr, retry: Option<RetryPolicy>, timeout: Option<Durat
             rules: vec![rule],
             ..Default::default()
         },
-        Arc::new(HttpUpstream::new(HashMap::from([("flaky".into(), addr)]))),
+        Arc::new(Clusters::plain_http(HashMap::from([(
+            "flaky".into(),
+            addr,
+        )]))),
         Some(5),
     )
 }

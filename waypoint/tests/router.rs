@@ -11,10 +11,11 @@ use std::{
 
 use bytes::Bytes;
 use cairn_waypoint::{
+    cluster::Clusters,
     fault::{Fault, Percent},
     matching::{HeaderRule, RequestMatch, StringMatch},
     route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
-    router::{Body, HttpUpstream, Router, Upstream, UpstreamFuture, full, serve},
+    router::{Body, Router, Upstream, UpstreamFuture, full, serve},
 };
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -258,7 +259,7 @@ async fn routes_real_http_requests_over_http1_and_http2() {
     ]);
     let router = Arc::new(Router::new(
         table(),
-        Arc::new(HttpUpstream::new(endpoints)),
+        Arc::new(Clusters::plain_http(endpoints)),
         Some(7),
     ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

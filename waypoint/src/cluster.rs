@@ -1,0 +1,438 @@
+//! Upstream clusters: the endpoints behind one backend (`host|subset|port`) and the
+//! DestinationRule traffic policy that picks among them — load balancer, connection
+//! pool limits (503 with flag `UO` on overflow), outlier detection (ejection).
+//!
+//! Semantics follow Envoy's (what Istio users know):
+//! - `ROUND_ROBIN` cycles, `RANDOM` picks uniformly, `LEAST_REQUEST` takes the less
+//!   loaded of two random endpoints (power of two choices), consistent hashing maps
+//!   a header, cookie or source IP onto a ring so a key sticks to an endpoint while
+//!   the endpoint set holds;
+//! - pool: `http2MaxRequests` bounds requests in flight; with HTTP/1.1 each request
+//!   holds a connection, so past `maxConnections` requests queue, and past
+//!   `maxConnections + http1MaxPendingRequests` they overflow;
+//! - outlier detection: `consecutive5xxErrors` 5xx answers (or
+//!   `consecutiveGatewayErrors` 502/503/504 and connect failures) in a row eject an
+//!   endpoint for `baseEjectionTime` times the number of its ejections; at most
+//!   `maxEjectionPercent` of the endpoints are ejected at once, but at least one may
+//!   be. An ejected endpoint gets no traffic until its ejection ends. When every
+//!   endpoint is ejected, all are used (Envoy's panic mode: better than failing
+//!   everything).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::{
+    ingress::Downstream,
+    router::{Body, OpenFuture, Upstream, UpstreamError, UpstreamFuture},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    SourceIp,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+    ConsistentHash(HashKey),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolLimits {
+    pub max_connections: Option<usize>,
+    pub http1_max_pending_requests: Option<usize>,
+    pub http2_max_requests: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    /// Istio's defaults when `outlierDetection` is given.
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: Some(5),
+            consecutive_gateway_errors: None,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrafficPolicy {
+    pub lb: LoadBalancer,
+    pub pool: PoolLimits,
+    pub outlier: Option<OutlierDetection>,
+}
+
+/// Sends one request to one endpoint (plain HTTP, or HBONE as the waypoint's
+/// identity).
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, endpoint: SocketAddr, req: Request<Body>) -> UpstreamFuture;
+    fn open(&self, endpoint: SocketAddr) -> OpenFuture;
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct Endpoint {
+    addr: SocketAddr,
+    in_flight: AtomicUsize,
+    health: Mutex<Health>,
+}
+
+impl Endpoint {
+    fn ejected(&self, now: Instant) -> bool {
+        let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match h.ejected_until {
+            Some(until) if until > now => true,
+            Some(_) => {
+                // Back from ejection with a clean slate.
+                h.ejected_until = None;
+                h.consecutive_5xx = 0;
+                h.consecutive_gateway = 0;
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+/// One backend's endpoints and policy.
+pub struct Cluster {
+    name: String,
+    endpoints: Vec<Arc<Endpoint>>,
+    policy: TrafficPolicy,
+    in_flight: AtomicUsize,
+    cursor: AtomicUsize,
+    rng: Mutex<StdRng>,
+}
+
+fn hash_of(value: &impl Hash) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// Counts a request in flight (cluster-wide and on its endpoint) until dropped.
+struct InFlight {
+    cluster: Arc<Cluster>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.cluster.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.endpoint.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+const RING_POINTS_PER_ENDPOINT: usize = 64;
+
+impl Cluster {
+    pub fn new(
+        name: impl Into<String>,
+        endpoints: Vec<SocketAddr>,
+        policy: TrafficPolicy,
+        seed: Option<u64>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            endpoints: endpoints
+                .into_iter()
+                .map(|addr| {
+                    Arc::new(Endpoint {
+                        addr,
+                        in_flight: AtomicUsize::new(0),
+                        health: Mutex::default(),
+                    })
+                })
+                .collect(),
+            policy,
+            in_flight: AtomicUsize::new(0),
+            cursor: AtomicUsize::new(0),
+            rng: Mutex::new(match seed {
+                Some(s) => StdRng::seed_from_u64(s),
+                None => StdRng::from_os_rng(),
+            }),
+        }
+    }
+
+    /// Endpoints not ejected now (all of them when every one is: panic mode).
+    fn available(&self, now: Instant) -> Vec<&Arc<Endpoint>> {
+        let up: Vec<_> = self.endpoints.iter().filter(|e| !e.ejected(now)).collect();
+        if up.is_empty() {
+            self.endpoints.iter().collect()
+        } else {
+            up
+        }
+    }
+
+    fn hash_input(key: &HashKey, req: &Request<Body>) -> Option<u64> {
+        match key {
+            HashKey::Header(name) => req.headers().get(name).map(|v| hash_of(&v.as_bytes())),
+            HashKey::Cookie(name) => req
+                .headers()
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| hash_of(&v)),
+            HashKey::SourceIp => req
+                .extensions()
+                .get::<Arc<Downstream>>()
+                .map(|d| hash_of(&d.peer.ip())),
+        }
+    }
+
+    /// The endpoint for `req` by the load balancer, among those available.
+    fn pick(&self, req: &Request<Body>) -> Option<Arc<Endpoint>> {
+        let up = self.available(Instant::now());
+        if up.is_empty() {
+            return None;
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let chosen = match &self.policy.lb {
+            LoadBalancer::RoundRobin => up[self.cursor.fetch_add(1, Ordering::Relaxed) % up.len()],
+            LoadBalancer::Random => up[rng.random_range(0..up.len())],
+            LoadBalancer::LeastRequest => {
+                let a = up[rng.random_range(0..up.len())];
+                let b = up[rng.random_range(0..up.len())];
+                if b.in_flight.load(Ordering::Relaxed) < a.in_flight.load(Ordering::Relaxed) {
+                    b
+                } else {
+                    a
+                }
+            }
+            LoadBalancer::ConsistentHash(key) => match Self::hash_input(key, req) {
+                // Without the key (header absent), any endpoint will do.
+                None => up[rng.random_range(0..up.len())],
+                Some(h) => {
+                    let mut ring: Vec<(u64, usize)> = up
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, e)| {
+                            (0..RING_POINTS_PER_ENDPOINT).map(move |p| (hash_of(&(e.addr, p)), i))
+                        })
+                        .collect();
+                    ring.sort_unstable();
+                    let at = ring.partition_point(|(point, _)| *point < h) % ring.len();
+                    up[ring[at].1]
+                }
+            },
+        };
+        Some(chosen.clone())
+    }
+
+    /// Admits one more request under the pool limits, or says it overflows.
+    fn admit(self: &Arc<Self>, endpoint: Arc<Endpoint>) -> Option<InFlight> {
+        let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight {
+            cluster: self.clone(),
+            endpoint,
+        };
+        let pool = &self.policy.pool;
+        let h1_cap = pool
+            .max_connections
+            .map(|c| c + pool.http1_max_pending_requests.unwrap_or(usize::MAX - c));
+        let over =
+            pool.http2_max_requests.is_some_and(|m| now > m) || h1_cap.is_some_and(|m| now > m);
+        (!over).then_some(guard)
+    }
+
+    /// Counts an attempt's outcome against its endpoint; ejects it when it crosses
+    /// a threshold and the ejection cap allows.
+    fn observe(&self, endpoint: &Endpoint, outcome: Result<StatusCode, bool>) {
+        let Some(od) = &self.policy.outlier else {
+            return;
+        };
+        let now = Instant::now();
+        // Ok(status), or Err(connect failure?) for no answer.
+        let (is_5xx, is_gateway) = match outcome {
+            Ok(s) => (s.is_server_error(), matches!(s.as_u16(), 502..=504)),
+            Err(_) => (true, true),
+        };
+        let ejected_now = self
+            .endpoints
+            .iter()
+            .filter(|e| !std::ptr::eq(e.as_ref(), endpoint) && e.ejected(now))
+            .count();
+        let mut h = endpoint.health.lock().unwrap_or_else(|e| e.into_inner());
+        if h.ejected_until.is_some() {
+            return;
+        }
+        h.consecutive_5xx = if is_5xx { h.consecutive_5xx + 1 } else { 0 };
+        h.consecutive_gateway = if is_gateway {
+            h.consecutive_gateway + 1
+        } else {
+            0
+        };
+        let tripped = od
+            .consecutive_5xx
+            .is_some_and(|n| n > 0 && h.consecutive_5xx >= n)
+            || od
+                .consecutive_gateway_errors
+                .is_some_and(|n| n > 0 && h.consecutive_gateway >= n);
+        if !tripped {
+            return;
+        }
+        let cap = (self.endpoints.len() * od.max_ejection_percent as usize / 100).max(1);
+        if ejected_now + 1 > cap {
+            warn!(cluster = %self.name, endpoint = %endpoint.addr, ejected = ejected_now, "outlier not ejected: maxEjectionPercent reached");
+            return;
+        }
+        h.ejections += 1;
+        let duration = od.base_ejection_time.saturating_mul(h.ejections);
+        h.ejected_until = Some(now + duration);
+        info!(cluster = %self.name, endpoint = %endpoint.addr, ?duration, ejections = h.ejections, "outlier ejected");
+    }
+}
+
+/// A body that keeps a request counted in flight until it ends or is dropped.
+struct Holding {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = crate::router::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The clusters of every backend, over one transport; an [`Upstream`].
+pub struct Clusters {
+    clusters: HashMap<String, Arc<Cluster>>,
+    transport: Arc<dyn Transport>,
+}
+
+impl Clusters {
+    pub fn new(clusters: Vec<Cluster>, transport: Arc<dyn Transport>) -> Self {
+        Self {
+            clusters: clusters
+                .into_iter()
+                .map(|c| (c.name.clone(), Arc::new(c)))
+                .collect(),
+            transport,
+        }
+    }
+
+    /// One endpoint per backend over plain HTTP, round robin, no limits (tests,
+    /// benchmarks, endpoints outside the mesh).
+    pub fn plain_http(endpoints: HashMap<String, SocketAddr>) -> Self {
+        Self::new(
+            endpoints
+                .into_iter()
+                .map(|(name, addr)| Cluster::new(name, vec![addr], TrafficPolicy::default(), None))
+                .collect(),
+            Arc::new(crate::router::HttpTransport::new(None)),
+        )
+    }
+
+    /// Requests in flight per endpoint of `backend` (for tests and config dumps).
+    pub fn in_flight(&self, backend: &str) -> BTreeMap<SocketAddr, usize> {
+        self.clusters
+            .get(backend)
+            .map(|c| {
+                c.endpoints
+                    .iter()
+                    .map(|e| (e.addr, e.in_flight.load(Ordering::Relaxed)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Upstream for Clusters {
+    fn send(&self, backend: &str, req: Request<Body>) -> UpstreamFuture {
+        let backend = backend.to_owned();
+        let Some(cluster) = self.clusters.get(&backend).cloned() else {
+            return Box::pin(async move { Err(UpstreamError::NoEndpoint(backend)) });
+        };
+        let Some(endpoint) = cluster.pick(&req) else {
+            return Box::pin(async move { Err(UpstreamError::NoEndpoint(backend)) });
+        };
+        let Some(guard) = cluster.admit(endpoint.clone()) else {
+            return Box::pin(async move { Err(UpstreamError::Overflow(backend)) });
+        };
+        let sent = self.transport.send(endpoint.addr, req);
+        Box::pin(async move {
+            let result = sent.await;
+            let outcome = match &result {
+                Ok(resp) => Ok(resp.status()),
+                Err(e) => Err(matches!(e, UpstreamError::Connect { .. })),
+            };
+            cluster.observe(&endpoint, outcome);
+            // The request stays in flight until its response body is done.
+            result.map(|resp| {
+                resp.map(|b| {
+                    Holding {
+                        inner: b,
+                        _guard: guard,
+                    }
+                    .boxed()
+                })
+            })
+        })
+    }
+
+    fn open(&self, backend: &str) -> OpenFuture {
+        let backend = backend.to_owned();
+        let picked = self.clusters.get(&backend).and_then(|c| {
+            let probe = Request::new(crate::router::full(""));
+            c.pick(&probe).map(|e| e.addr)
+        });
+        match picked {
+            Some(addr) => self.transport.open(addr),
+            None => Box::pin(async move { Err(UpstreamError::NoEndpoint(backend)) }),
+        }
+    }
+}

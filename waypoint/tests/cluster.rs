@@ -1,0 +1,325 @@
+//! Upstream clusters: load balancers, connection pool overflow (503 `UO`), outlier
+//! ejection and its end (paused time), over an in-memory transport whose endpoints
+//! answer as each test scripts them.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use cairn_waypoint::{
+    cluster::{
+        Cluster, Clusters, HashKey, LoadBalancer, OutlierDetection, PoolLimits, TrafficPolicy,
+        Transport,
+    },
+    ingress::Downstream,
+    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+    router::{Body, OpenFuture, Router, UpstreamError, UpstreamFuture, full},
+};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+
+#[derive(Clone)]
+enum Answer {
+    Ok,
+    Status(StatusCode),
+    /// Answers once the gate opens.
+    Wait(Arc<tokio::sync::Semaphore>),
+}
+
+#[derive(Default)]
+struct Scripted {
+    answers: Mutex<HashMap<SocketAddr, Answer>>,
+    seen: Mutex<Vec<SocketAddr>>,
+}
+
+impl Scripted {
+    fn set(&self, addr: SocketAddr, a: Answer) {
+        self.answers.lock().expect("lock").insert(addr, a);
+    }
+
+    fn take_seen(&self) -> Vec<SocketAddr> {
+        std::mem::take(&mut *self.seen.lock().expect("lock"))
+    }
+}
+
+impl Transport for Scripted {
+    fn send(&self, endpoint: SocketAddr, _req: Request<Body>) -> UpstreamFuture {
+        self.seen.lock().expect("lock").push(endpoint);
+        let answer = self
+            .answers
+            .lock()
+            .expect("lock")
+            .get(&endpoint)
+            .cloned()
+            .unwrap_or(Answer::Ok);
+        Box::pin(async move {
+            let mut resp = Response::new(full(endpoint.to_string()));
+            match answer {
+                Answer::Ok => {}
+                Answer::Status(s) => *resp.status_mut() = s,
+                Answer::Wait(gate) => {
+                    let _permit = gate.acquire().await;
+                }
+            }
+            Ok(resp)
+        })
+    }
+
+    fn open(&self, endpoint: SocketAddr) -> OpenFuture {
+        Box::pin(async move { Err(UpstreamError::OpaqueUnsupported(endpoint.to_string())) })
+    }
+}
+
+fn addrs(n: u8) -> Vec<SocketAddr> {
+    (1..=n)
+        .map(|i| SocketAddr::from(([10, 0, 0, i], 9080)))
+        .collect()
+}
+
+fn router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -> Router {
+    let rule = Rule {
+        name: "r".into(),
+        matches: vec![],
+        action: Action::Forward(vec![WeightedBackend {
+            backend: "reviews".into(),
+            weight: 1,
+        }]),
+        fault: None,
+        timeout: None,
+        retry: None,
+        rewrite: None,
+        mirrors: vec![],
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+    };
+    let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
+    Router::new(
+        RouteTable {
+            rules: vec![rule],
+            ..Default::default()
+        },
+        Arc::new(clusters),
+        Some(4),
+    )
+}
+
+fn lb(lb: LoadBalancer) -> TrafficPolicy {
+    TrafficPolicy {
+        lb,
+        ..Default::default()
+    }
+}
+
+fn get() -> Request<Body> {
+    Request::get("/").body(full("")).expect("request")
+}
+
+fn counts(seen: &[SocketAddr]) -> HashMap<SocketAddr, usize> {
+    let mut m = HashMap::new();
+    for a in seen {
+        *m.entry(*a).or_default() += 1;
+    }
+    m
+}
+
+#[tokio::test]
+async fn round_robin_random_and_least_request_spread_load() {
+    let t = Arc::new(Scripted::default());
+    let eps = addrs(3);
+    let rr = router(lb(LoadBalancer::RoundRobin), eps.clone(), t.clone());
+    for _ in 0..300 {
+        rr.handle(get())
+            .await
+            .into_body()
+            .collect()
+            .await
+            .expect("body");
+    }
+    let c = counts(&t.take_seen());
+    assert!(eps.iter().all(|e| c[e] == 100), "round robin: {c:?}");
+
+    let random = router(lb(LoadBalancer::Random), eps.clone(), t.clone());
+    for _ in 0..3000 {
+        random.handle(get()).await;
+    }
+    let c = counts(&t.take_seen());
+    assert!(
+        eps.iter().all(|e| (850..=1150).contains(&c[e])),
+        "random: {c:?}"
+    );
+
+    // Least request: one endpoint never finishes its requests, so they pile up
+    // there; it is chosen only when both random picks land on it (~1/9), where
+    // random choice would give it 1/3.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    t.set(eps[0], Answer::Wait(gate.clone()));
+    let least = Arc::new(router(lb(LoadBalancer::LeastRequest), eps.clone(), t.clone()));
+    let mut sent = Vec::new();
+    for _ in 0..300 {
+        let r = least.clone();
+        sent.push(tokio::spawn(async move { r.handle(get()).await.status() }));
+        // Let the request reach its endpoint (and finish, where it can).
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let c = counts(&t.take_seen());
+    let slow = c.get(&eps[0]).copied().unwrap_or(0);
+    assert!(slow < 60, "the loaded endpoint is mostly avoided: {c:?}");
+    gate.add_permits(1000);
+    for h in sent {
+        assert_eq!(h.await.expect("task"), StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn consistent_hash_sticks_a_key_to_an_endpoint() {
+    let t = Arc::new(Scripted::default());
+    let by_user = router(
+        lb(LoadBalancer::ConsistentHash(HashKey::Header(
+            http::HeaderName::from_static("x-user"),
+        ))),
+        addrs(4),
+        t.clone(),
+    );
+    let mut home = HashMap::new();
+    for round in 0..5 {
+        for user in 0..40 {
+            let req = Request::get("/")
+                .header("x-user", format!("user-{user}"))
+                .body(full(""))
+                .expect("request");
+            by_user.handle(req).await;
+            let ep = t.take_seen()[0];
+            let first = *home.entry(user).or_insert(ep);
+            assert_eq!(first, ep, "user-{user} moved in round {round}");
+        }
+    }
+    let spread = counts(&home.values().copied().collect::<Vec<_>>());
+    assert!(spread.len() >= 3, "40 keys over 4 endpoints: {spread:?}");
+
+    let by_cookie = router(
+        lb(LoadBalancer::ConsistentHash(HashKey::Cookie(
+            "session".into(),
+        ))),
+        addrs(4),
+        t.clone(),
+    );
+    for _ in 0..10 {
+        let req = Request::get("/")
+            .header("cookie", "theme=dark; session=abc123")
+            .body(full(""))
+            .expect("request");
+        by_cookie.handle(req).await;
+    }
+    assert_eq!(counts(&t.take_seen()).len(), 1, "one session, one endpoint");
+
+    let by_ip = router(
+        lb(LoadBalancer::ConsistentHash(HashKey::SourceIp)),
+        addrs(4),
+        t.clone(),
+    );
+    for _ in 0..10 {
+        let mut req = get();
+        req.extensions_mut().insert(Arc::new(Downstream {
+            identity: None,
+            peer: SocketAddr::from(([10, 1, 2, 3], 5555)),
+            service: "reviews:9080".into(),
+            destination: SocketAddr::from(([10, 96, 0, 1], 9080)),
+        }));
+        by_ip.handle(req).await;
+    }
+    assert_eq!(counts(&t.take_seen()).len(), 1, "one source, one endpoint");
+}
+
+#[tokio::test]
+async fn pool_overflow_answers_503_and_admits_again_when_requests_finish() {
+    let t = Arc::new(Scripted::default());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let eps = addrs(1);
+    t.set(eps[0], Answer::Wait(gate.clone()));
+    let policy = TrafficPolicy {
+        pool: PoolLimits {
+            max_connections: Some(1),
+            http1_max_pending_requests: Some(1),
+            http2_max_requests: None,
+        },
+        ..Default::default()
+    };
+    let r = Arc::new(router(policy, eps.clone(), t.clone()));
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let r = r.clone();
+        held.push(tokio::spawn(async move { r.handle(get()).await.status() }));
+    }
+    while t.seen.lock().expect("lock").len() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let resp = r.handle(get()).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("overflow"));
+    assert_eq!(t.take_seen().len(), 2, "the overflowing request never left");
+    gate.add_permits(10);
+    for h in held {
+        assert_eq!(h.await.expect("task"), StatusCode::OK);
+    }
+    t.set(eps[0], Answer::Ok);
+    assert_eq!(r.handle(get()).await.status(), StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ejected_endpoint_gets_no_traffic_until_its_ejection_ends() {
+    let t = Arc::new(Scripted::default());
+    let eps = addrs(2);
+    let (good, bad) = (eps[0], eps[1]);
+    t.set(bad, Answer::Status(StatusCode::INTERNAL_SERVER_ERROR));
+    let policy = TrafficPolicy {
+        outlier: Some(OutlierDetection {
+            consecutive_5xx: Some(2),
+            consecutive_gateway_errors: None,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 50,
+        }),
+        ..Default::default()
+    };
+    let r = router(policy, eps.clone(), t.clone());
+    // Round robin: the bad endpoint fails twice in the first four requests.
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 2);
+    for _ in 0..50 {
+        assert_eq!(r.handle(get()).await.status(), StatusCode::OK);
+    }
+    assert!(
+        t.take_seen().iter().all(|a| *a == good),
+        "no traffic to the ejected endpoint"
+    );
+    tokio::time::advance(Duration::from_secs(31)).await;
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert_eq!(
+        counts(&t.take_seen())[&bad],
+        2,
+        "back after 30 s, and ejected again after two more failures"
+    );
+    // The second ejection lasts twice as long.
+    tokio::time::advance(Duration::from_secs(45)).await;
+    for _ in 0..10 {
+        r.handle(get()).await;
+    }
+    assert!(
+        t.take_seen().iter().all(|a| *a == good),
+        "still ejected at 45 s of 60"
+    );
+    tokio::time::advance(Duration::from_secs(16)).await;
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert!(t.take_seen().contains(&bad), "back after 60 s");
+}
