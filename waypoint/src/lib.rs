@@ -15,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod detect;
 pub mod fault;
+pub mod hbone_upstream;
 pub mod ingress;
 pub mod matching;
 pub mod retry;

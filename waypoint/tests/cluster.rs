@@ -156,7 +156,11 @@ async fn round_robin_random_and_least_request_spread_load() {
     // random choice would give it 1/3.
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     t.set(eps[0], Answer::Wait(gate.clone()));
-    let least = Arc::new(router(lb(LoadBalancer::LeastRequest), eps.clone(), t.clone()));
+    let least = Arc::new(router(
+        lb(LoadBalancer::LeastRequest),
+        eps.clone(),
+        t.clone(),
+    ));
     let mut sent = Vec::new();
     for _ in 0..300 {
         let r = least.clone();

@@ -511,3 +511,100 @@ async fn l7_policy_admits_the_listed_principal_and_denies_the_rest_with_403() {
         "only the allowed GETs (HTTP/1.1 and HTTP/2) reached the backend"
     );
 }
+
+#[tokio::test]
+async fn the_waypoint_reaches_mesh_endpoints_over_hbone_as_its_own_identity() {
+    use cairn_waypoint::{
+        cluster::{Cluster, TrafficPolicy},
+        hbone_upstream::HboneTransport,
+    };
+    // The "endpoint": an HBONE server whose ingress only admits the waypoint's
+    // principal (as a destination ztunnel with policy would), in front of v1.
+    let only_waypoint = Policy {
+        name: "bookinfo/from-waypoint".into(),
+        effect: Effect::Allow,
+        rules: vec![PolicyRule {
+            from: vec![Source {
+                principals: Values::parse(&[WAYPOINT.trim_start_matches("spiffe://").into()], &[]),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let endpoint = waypoint_with(
+        ConnLimits::default(),
+        Policies {
+            policies: vec![only_waypoint],
+        },
+    )
+    .await;
+    let mesh = &endpoint.mesh;
+    let me = Arc::new(mesh.workload(WAYPOINT));
+    let roots = mesh.roots();
+    let tls: cairn_waypoint::hbone_upstream::TlsFor =
+        Arc::new(move |peer: &cairn_identity::SpiffeId| {
+            client_config(&me, &roots, peer.clone()).map_err(|e| e.into())
+        });
+    // The endpoint's HBONE port is not 15008 here: CONNECT goes to the server's
+    // address, the tunnel's authority is the service address it routes by.
+    let hbone = Client::new(H2Settings::default(), PoolSettings::default());
+    let vip: SocketAddr = REVIEWS.parse().expect("addr");
+    let run = |expected: &str| {
+        let transport = HboneTransport::new(
+            hbone.clone(),
+            WAYPOINT.parse().expect("id"),
+            tls.clone(),
+            HashMap::from([(vip, expected.parse().expect("id"))]),
+        )
+        .with_hbone_port(endpoint.addr.port())
+        .with_hbone_ip(endpoint.addr.ip());
+        let clusters = Clusters::new(
+            vec![Cluster::new(
+                "reviews",
+                vec![vip],
+                TrafficPolicy::default(),
+                None,
+            )],
+            Arc::new(transport),
+        );
+        Router::new(
+            RouteTable {
+                rules: vec![Rule {
+                    name: "all".into(),
+                    matches: vec![],
+                    action: Action::Forward(vec![WeightedBackend {
+                        backend: "reviews".into(),
+                        weight: 1,
+                    }]),
+                    fault: None,
+                    timeout: None,
+                    retry: None,
+                    rewrite: None,
+                    mirrors: vec![],
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                }],
+                ..Default::default()
+            },
+            Arc::new(clusters),
+            Some(1),
+        )
+    };
+    let router = run(WAYPOINT);
+    for i in 0..5 {
+        let resp = router.handle(get(&format!("/r/{i}"), None)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], format!("v1:/r/{i}").as_bytes());
+    }
+    assert_eq!(
+        hbone.connections_opened(),
+        1,
+        "one pooled HBONE connection carried every request"
+    );
+    // An endpoint that does not prove the identity the config gives it is refused.
+    let impostor = run("spiffe://cluster.local/ns/bookinfo/sa/reviews");
+    let resp = impostor.handle(get("/r/x", None)).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(endpoint.v1_hits.load(Ordering::SeqCst), 5);
+}
