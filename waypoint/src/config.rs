@@ -2,16 +2,23 @@
 //! router reads). Conversion is all or nothing: one bad rule refuses the whole config
 //! (the xDS client NACKs it and the last good table keeps serving).
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use cairn_api::proto::cairn::l7::v1 as l7;
 use http::{HeaderName, HeaderValue, StatusCode};
 
+use cairn_identity::SpiffeId;
+
 use crate::{
     authz::{
         Attribute, Condition, Effect, Operation, Policies, Policy, PolicyRule, Source, Values,
     },
+    cluster::{Cluster, HashKey, LoadBalancer, OutlierDetection, PoolLimits, TrafficPolicy},
     fault::{Fault, Percent},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
     retry::{RetryOn, RetryPolicy},
@@ -273,6 +280,89 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
     }
 }
 
+/// A route config's backends: one [`Cluster`] each, and the identity every mesh
+/// endpoint must prove (for [`crate::hbone_upstream::HboneTransport`]).
+pub fn clusters(
+    c: &l7::RouteConfig,
+    seed: Option<u64>,
+) -> Result<(Vec<Cluster>, HashMap<SocketAddr, SpiffeId>), ConfigError> {
+    let mut identities = HashMap::new();
+    let mut out = Vec::with_capacity(c.backends.len());
+    for b in &c.backends {
+        let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
+            rule: b.name.clone(),
+            field,
+            reason,
+        };
+        let mut endpoints = Vec::with_capacity(b.endpoints.len());
+        for e in &b.endpoints {
+            let ip = match e.address.len() {
+                4 => IpAddr::from(<[u8; 4]>::try_from(&e.address[..]).unwrap_or_default()),
+                16 => IpAddr::from(<[u8; 16]>::try_from(&e.address[..]).unwrap_or_default()),
+                n => return Err(invalid("endpoints.address", format!("{n} bytes"))),
+            };
+            let port =
+                u16::try_from(e.port).map_err(|_| invalid("endpoints.port", e.port.to_string()))?;
+            let addr = SocketAddr::new(ip, port);
+            if !e.identity.is_empty() {
+                let id = e
+                    .identity
+                    .parse::<SpiffeId>()
+                    .map_err(|err| invalid("endpoints.identity", err.to_string()))?;
+                identities.insert(addr, id);
+            }
+            endpoints.push(addr);
+        }
+        let lb = match &b.load_balancer {
+            None => LoadBalancer::RoundRobin,
+            Some(lb) => {
+                use l7::load_balancer::{Hash, Simple};
+                match &lb.hash {
+                    Some(Hash::HttpHeaderName(h)) => LoadBalancer::ConsistentHash(HashKey::Header(
+                        HeaderName::try_from(h.as_str()).map_err(|e| {
+                            invalid("load_balancer.http_header_name", e.to_string())
+                        })?,
+                    )),
+                    Some(Hash::HttpCookie(c)) => {
+                        LoadBalancer::ConsistentHash(HashKey::Cookie(c.clone()))
+                    }
+                    Some(Hash::UseSourceIp(true)) => {
+                        LoadBalancer::ConsistentHash(HashKey::SourceIp)
+                    }
+                    _ => match Simple::try_from(lb.simple) {
+                        Ok(Simple::LeastRequest) => LoadBalancer::LeastRequest,
+                        Ok(Simple::Random) => LoadBalancer::Random,
+                        _ => LoadBalancer::RoundRobin,
+                    },
+                }
+            }
+        };
+        let limit = |n: u32| (n > 0).then_some(n as usize);
+        let pool = b
+            .pool
+            .as_ref()
+            .map_or(PoolLimits::default(), |p| PoolLimits {
+                max_connections: limit(p.max_connections),
+                http1_max_pending_requests: limit(p.http1_max_pending_requests),
+                http2_max_requests: limit(p.http2_max_requests),
+            });
+        let outlier = b.outlier_detection.as_ref().map(|o| OutlierDetection {
+            consecutive_5xx: (o.consecutive_5xx_errors > 0).then_some(o.consecutive_5xx_errors),
+            consecutive_gateway_errors: (o.consecutive_gateway_errors > 0)
+                .then_some(o.consecutive_gateway_errors),
+            base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
+            max_ejection_percent: o.max_ejection_percent.min(100),
+        });
+        out.push(Cluster::new(
+            b.name.clone(),
+            endpoints,
+            TrafficPolicy { lb, pool, outlier },
+            seed,
+        ));
+    }
+    Ok((out, identities))
+}
+
 /// The policies of a route config; an unknown condition key refuses the config.
 fn policies(ps: &[l7::Policy]) -> Result<Policies, ConfigError> {
     let values = |v: &[String], n: &[String]| Values::parse(v, n);
@@ -458,5 +548,40 @@ mod tests {
             e.to_string().contains("bookinfo/p") && e.to_string().contains("source.ip"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn backends_become_clusters_with_mesh_identities() {
+        let config = l7::RouteConfig {
+            backends: vec![l7::Backend {
+                name: "reviews.bookinfo.svc.cluster.local|v1|9080".into(),
+                endpoints: vec![
+                    l7::Endpoint {
+                        address: vec![10, 244, 1, 12],
+                        port: 9080,
+                        identity: "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews".into(),
+                    },
+                    l7::Endpoint {
+                        address: vec![10, 244, 9, 9],
+                        port: 9080,
+                        identity: String::new(),
+                    },
+                ],
+                load_balancer: Some(l7::LoadBalancer {
+                    simple: l7::load_balancer::Simple::Random as i32,
+                    hash: None,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (built, ids) = clusters(&config, Some(1)).expect("accepted");
+        assert_eq!(built.len(), 1);
+        assert_eq!(ids.len(), 1, "only the mesh endpoint gets HBONE");
+        assert!(ids.contains_key(&"10.244.1.12:9080".parse().expect("addr")));
+        let mut bad = config.clone();
+        bad.backends[0].endpoints[0].address = vec![1, 2, 3];
+        let e = clusters(&bad, None).err().expect("refused");
+        assert!(e.to_string().contains("3 bytes"), "{e}");
     }
 }

@@ -216,5 +216,6 @@ impl Store {
         service_entries, service_entries_in, ServiceEntry, istio::ServiceEntry;
         authorization_policies, authorization_policies_in, AuthorizationPolicy, istio::AuthorizationPolicy;
         peer_authentications, peer_authentications_in, PeerAuthentication, istio::PeerAuthentication;
+        destination_rules, destination_rules_in, DestinationRule, istio::DestinationRule;
     }
 }

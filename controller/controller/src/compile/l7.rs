@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use cairn_api::proto::cairn::l7::v1 as l7;
 
 use super::{
-    MeshConfig, Notice, l7_policy,
+    MeshConfig, Notice, l7_backend, l7_policy,
     waypoint::{For, resolve_name},
 };
 use crate::{
@@ -388,6 +388,7 @@ pub fn route_configs(
                         port,
                         rules,
                         policies: vec![],
+                        backends: vec![],
                     },
                 );
             }
@@ -433,6 +434,9 @@ pub fn route_configs(
                 .collect();
         }
     }
+    for config in out.values_mut() {
+        config.backends = l7_backend::backends(store, mesh, config, &mut notices);
+    }
     (out, notices)
 }
 
@@ -457,6 +461,7 @@ fn default_config(namespace: &str, name: &str, hostname: &str, port: u32) -> l7:
             ..Default::default()
         }],
         policies: vec![],
+        backends: vec![],
     }
 }
 

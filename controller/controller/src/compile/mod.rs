@@ -6,6 +6,7 @@
 
 pub mod authorization;
 pub mod l7;
+pub mod l7_backend;
 pub mod l7_policy;
 pub mod peer_authentication;
 pub mod service;
@@ -279,9 +280,11 @@ fn affected(store: &Store, mesh: &MeshConfig, changed: &ObjectRef) -> BTreeSet<S
     let ns = changed.namespace.as_str();
     let mut out = BTreeSet::new();
     out.extend(source_of(changed));
+    // Routes carry endpoints (pods) and their DestinationRule policies.
     if matches!(
         changed.kind,
         Kind::Namespace
+            | Kind::Pod
             | Kind::Service
             | Kind::Gateway
             | Kind::VirtualService

@@ -522,3 +522,92 @@ fn check_same(published: &BTreeMap<(ResourceType, String), Vec<u8>>, full: &Comp
     assert_eq!(got_keys, want_keys);
     assert_eq!(published, &want);
 }
+
+#[test]
+fn route_backends_carry_subset_endpoints_identities_and_destination_rule_policy() {
+    let routing = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 90
+    - destination: {host: reviews, subset: v2}
+      weight: 10
+    mirror: {host: reviews, subset: v3}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 250ms}
+      http: {http1MaxPendingRequests: 5}
+    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s, maxEjectionPercent: 50}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      loadBalancer:
+        consistentHash: {httpHeaderName: X-User}
+"#;
+    let store = store_of(&[BOOKINFO, routing]);
+    let (configs, notices) = super::l7::route_configs(&store, &MeshConfig::default());
+    let c = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
+    let by_name: BTreeMap<&str, &cairn_api::proto::cairn::l7::v1::Backend> =
+        c.backends.iter().map(|b| (b.name.as_str(), b)).collect();
+    let v1 = by_name["reviews.bookinfo.svc.cluster.local|v1|9080"];
+    assert_eq!(v1.endpoints.len(), 1, "{v1:?}");
+    assert_eq!(v1.endpoints[0].address, vec![10, 244, 1, 12]);
+    assert_eq!(v1.endpoints[0].port, 9080, "named targetPort resolved");
+    assert_eq!(
+        v1.endpoints[0].identity,
+        "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+    );
+    let lb = v1.load_balancer.as_ref().expect("lb");
+    assert_eq!(
+        lb.simple,
+        cairn_api::proto::cairn::l7::v1::load_balancer::Simple::LeastRequest as i32
+    );
+    let pool = v1.pool.as_ref().expect("pool");
+    assert_eq!(
+        (pool.max_connections, pool.http1_max_pending_requests),
+        (10, 5)
+    );
+    assert_eq!(v1.connect_timeout_ms, 250);
+    let od = v1.outlier_detection.as_ref().expect("outlier detection");
+    assert_eq!(
+        (
+            od.consecutive_5xx_errors,
+            od.base_ejection_time_ms,
+            od.max_ejection_percent
+        ),
+        (3, 10_000, 50)
+    );
+    let v2 = by_name["reviews.bookinfo.svc.cluster.local|v2|9080"];
+    assert_eq!(v2.endpoints[0].address, vec![10, 244, 2, 13]);
+    assert!(
+        matches!(
+            v2.load_balancer.as_ref().and_then(|l| l.hash.as_ref()),
+            Some(cairn_api::proto::cairn::l7::v1::load_balancer::Hash::HttpHeaderName(h)) if h == "x-user"
+        ),
+        "the subset's load balancer replaces the rule's"
+    );
+    assert!(v2.pool.is_some(), "the rest of the policy is inherited");
+    let v3 = by_name["reviews.bookinfo.svc.cluster.local|v3|9080"];
+    assert!(v3.endpoints.is_empty());
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.message.contains("subset v3") && n.message.contains("not defined")),
+        "{notices:?}"
+    );
+}

@@ -50,7 +50,7 @@ pub fn enrolled(store: &Store, pod: &Pod) -> bool {
         .is_some_and(|m| m == AMBIENT)
 }
 
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+pub(crate) fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };
@@ -68,7 +68,7 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
-fn ready(pod: &Pod) -> bool {
+pub(crate) fn ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -110,7 +110,7 @@ fn owner(pod: &Pod) -> (String, wl::WorkloadType) {
 }
 
 /// Resolves a Service port's targetPort against the pod's container ports.
-fn target_port(pod: &Pod, target: Option<&IntOrString>, port: i32) -> u32 {
+pub(crate) fn target_port(pod: &Pod, target: Option<&IntOrString>, port: i32) -> u32 {
     match target {
         None => u32::try_from(port).unwrap_or(0),
         Some(IntOrString::Int(p)) => u32::try_from(*p).unwrap_or(0),
