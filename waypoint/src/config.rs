@@ -20,6 +20,7 @@ use crate::{
     },
     cluster::{Cluster, HashKey, LoadBalancer, OutlierDetection, PoolLimits, TrafficPolicy},
     fault::{Fault, Percent},
+    jwt::{JwtAuthn, JwtRule, TokenSource, parse_jwks},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
     retry::{RetryOn, RetryPolicy},
     route::{Action, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend},
@@ -276,8 +277,40 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
         Ok(RouteTable {
             rules,
             policies: policies(&c.policies)?,
+            jwt: jwt_rules(&c.jwt_rules)?,
         })
     }
+}
+
+fn jwt_rules(rules: &[l7::JwtRule]) -> Result<JwtAuthn, ConfigError> {
+    let mut out = Vec::with_capacity(rules.len());
+    for r in rules {
+        let invalid = |field: &'static str, reason: String| ConfigError::Invalid {
+            rule: format!("jwt issuer {}", r.issuer),
+            field,
+            reason,
+        };
+        let keys = parse_jwks(&r.jwks).map_err(|e| invalid("jwks", e.to_string()))?;
+        let sources = r
+            .from_headers
+            .iter()
+            .map(|h| {
+                Ok(TokenSource {
+                    header: HeaderName::try_from(h.name.as_str())
+                        .map_err(|e| invalid("from_headers", format!("{}: {e}", h.name)))?,
+                    prefix: h.prefix.clone(),
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        out.push(JwtRule {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            keys,
+            sources,
+            forward_original_token: r.forward_original_token,
+        });
+    }
+    Ok(JwtAuthn { rules: out })
 }
 
 /// A route config's backends: one [`Cluster`] each, and the identity every mesh

@@ -17,6 +17,7 @@ pub mod detect;
 pub mod fault;
 pub mod hbone_upstream;
 pub mod ingress;
+pub mod jwt;
 pub mod matching;
 pub mod retry;
 pub mod route;

@@ -14,6 +14,9 @@ pub struct RouteTable {
     pub rules: Vec<Rule>,
     /// Checked before any rule: a denied request never reaches routing.
     pub policies: Policies,
+    /// Tokens checked before the policies (which may then require a request
+    /// principal).
+    pub jwt: crate::jwt::JwtAuthn,
 }
 
 #[derive(Clone, Debug)]

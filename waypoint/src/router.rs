@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use crate::{
     authz::{Attributes, Policies, Verdict},
     ingress::Downstream,
+    jwt::Authn,
     retry::{Outcome, RetryBudget, backoff},
     route::{Action, RouteTable, Rule, WeightedBackend},
     telemetry::{Counting, Metered, Record, ResponseFlag, Routed},
@@ -200,7 +201,11 @@ fn shadow_host(req: &mut Request<Body>) {
 }
 
 /// The policies' verdict on a request, from its head and who sent it.
-fn authorize(policies: &Policies, parts: &http::request::Parts) -> Verdict {
+fn authorize(
+    policies: &Policies,
+    parts: &http::request::Parts,
+    request_principal: Option<&str>,
+) -> Verdict {
     if policies.policies.is_empty() {
         return Verdict::Allow;
     }
@@ -216,7 +221,7 @@ fn authorize(policies: &Policies, parts: &http::request::Parts) -> Verdict {
     policies.evaluate(&Attributes {
         principal: principal.as_deref(),
         namespace: identity.map(|i| i.namespace()),
-        request_principal: None,
+        request_principal,
         host,
         port: downstream.map_or(0, |d| d.destination.port()),
         method: parts.method.as_str(),
@@ -367,7 +372,19 @@ impl Router {
     async fn answer(&self, req: Request<Body>) -> Response<Body> {
         let table = self.table.load_full();
         let (mut parts, body) = req.into_parts();
-        if let Verdict::Deny(by) = authorize(&table.policies, &parts) {
+        let request_principal = match table.jwt.is_empty() {
+            true => None,
+            false => match table.jwt.authenticate(&mut parts.headers) {
+                Authn::NoToken => None,
+                Authn::Valid(p) => Some(p),
+                Authn::Invalid(why) => {
+                    info!(reason = why, path = %parts.uri.path(), "request token refused");
+                    return respond(StatusCode::UNAUTHORIZED, why);
+                }
+            },
+        };
+        if let Verdict::Deny(by) = authorize(&table.policies, &parts, request_principal.as_deref())
+        {
             let downstream = parts.extensions.get::<Arc<Downstream>>();
             info!(
                 policy = by.as_deref().unwrap_or("(no ALLOW policy matched)"),

@@ -150,6 +150,7 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
             rule("rest", vec![], forward("reviews|v1")),
         ],
         policies,
+        ..Default::default()
     };
     let reviews = Arc::new(Service {
         name: "reviews.bookinfo.svc.cluster.local:9080".into(),

@@ -389,6 +389,7 @@ pub fn route_configs(
                         rules,
                         policies: vec![],
                         backends: vec![],
+                        jwt_rules: vec![],
                     },
                 );
             }
@@ -404,6 +405,18 @@ pub fn route_configs(
     let compiled: Vec<(&istio::AuthorizationPolicy, Option<l7::Policy>)> = bound
         .iter()
         .map(|p| (*p, l7_policy::compile(p, &mut notices)))
+        .collect();
+    let request_authns: Vec<(&istio::RequestAuthentication, Vec<l7::JwtRule>)> = store
+        .of_kind(Kind::RequestAuthentication)
+        .filter_map(|o| match o {
+            Object::RequestAuthentication(ra)
+                if ra.spec.target_ref.is_some() || !ra.spec.target_refs.is_empty() =>
+            {
+                Some(ra.as_ref())
+            }
+            _ => None,
+        })
+        .map(|ra| (ra, l7_policy::jwt_rules(ra, &mut notices)))
         .collect();
     for obj in store.of_kind(Kind::Service) {
         let Object::Service(svc) = obj else { continue };
@@ -429,8 +442,21 @@ pub fn route_configs(
             let wp = waypoint.as_ref().map(|(a, b)| (a.as_str(), b.as_str()));
             config.policies = compiled
                 .iter()
-                .filter(|(p, _)| l7_policy::covers(p, ns, name, wp))
+                .filter(|(p, _)| {
+                    let p_ns = p.metadata.namespace.as_deref().unwrap_or_default();
+                    let refs = p.spec.target_ref.iter().chain(&p.spec.target_refs);
+                    l7_policy::covers(p_ns, refs, ns, name, wp)
+                })
                 .filter_map(|(_, c)| c.clone())
+                .collect();
+            config.jwt_rules = request_authns
+                .iter()
+                .filter(|(ra, _)| {
+                    let ra_ns = ra.metadata.namespace.as_deref().unwrap_or_default();
+                    let refs = ra.spec.target_ref.iter().chain(&ra.spec.target_refs);
+                    l7_policy::covers(ra_ns, refs, ns, name, wp)
+                })
+                .flat_map(|(_, rules)| rules.iter().cloned())
                 .collect();
         }
     }
@@ -462,6 +488,7 @@ fn default_config(namespace: &str, name: &str, hostname: &str, port: u32) -> l7:
         }],
         policies: vec![],
         backends: vec![],
+        jwt_rules: vec![],
     }
 }
 
@@ -496,7 +523,13 @@ mod tests {
         let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - name: jason\n    match:\n    - headers: {end-user: {exact: jason}}\n    route:\n    - destination: {host: reviews, subset: v2}\n  - fault:\n      abort: {httpStatus: 503, percentage: {value: 50}}\n      delay: {fixedDelay: 2s}\n    timeout: 500ms\n    headers:\n      response: {set: {x-canary: \"true\"}}\n    route:\n    - destination: {host: reviews.bookinfo.svc.cluster.local, subset: v1}\n      weight: 90\n    - destination: {host: reviews, subset: v2}\n      weight: 10\n";
         let (configs, notices) =
             route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
-        assert!(notices.is_empty(), "{notices:?}");
+        // Without a DestinationRule the subsets have no endpoints (reported).
+        assert!(
+            notices
+                .iter()
+                .all(|n| n.message.contains("no DestinationRule defines subsets")),
+            "{notices:?}"
+        );
         let c = configs
             .get("bookinfo/reviews.bookinfo.svc.cluster.local:9080")
             .expect("route config");
@@ -636,7 +669,13 @@ mod tests {
         let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - rewrite: {uri: /v2/, authority: reviews-v2}\n    mirror: {host: reviews, subset: v3}\n    mirrorPercentage: {value: 25}\n    mirrors:\n    - destination: {host: reviews, subset: v4, port: {number: 9443}}\n    route:\n    - destination: {host: reviews, subset: v1}\n";
         let (configs, notices) =
             route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
-        assert!(notices.is_empty(), "{notices:?}");
+        // Without a DestinationRule the subsets have no endpoints (reported).
+        assert!(
+            notices
+                .iter()
+                .all(|n| n.message.contains("no DestinationRule defines subsets")),
+            "{notices:?}"
+        );
         let rule = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"].rules[0];
         let rw = rule.rewrite.as_ref().expect("rewrite");
         assert_eq!(

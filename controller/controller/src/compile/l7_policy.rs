@@ -11,7 +11,9 @@
 use cairn_api::proto::cairn::l7::v1 as l7;
 
 use super::Notice;
-use crate::resources::istio::{AuthorizationAction, AuthorizationPolicy, PolicyTargetReference};
+use crate::resources::istio::{
+    AuthorizationAction, AuthorizationPolicy, PolicyTargetReference, RequestAuthentication,
+};
 
 /// `when` keys the waypoint evaluates (`cairn_waypoint::authz::Attribute`).
 fn supported_key(key: &str) -> bool {
@@ -28,20 +30,16 @@ fn names(p: &AuthorizationPolicy) -> (&str, &str) {
     )
 }
 
-fn refs(p: &AuthorizationPolicy) -> impl Iterator<Item = &PolicyTargetReference> {
-    p.spec.target_ref.iter().chain(p.spec.target_refs.iter())
-}
-
-/// Whether `p` covers service `namespace/service` served by waypoint `waypoint`
-/// (namespace, name).
-pub fn covers(
-    p: &AuthorizationPolicy,
+/// Whether a policy in `p_ns` with these targetRefs covers service
+/// `namespace/service` served by waypoint `waypoint` (namespace, name).
+pub fn covers<'a>(
+    p_ns: &str,
+    mut refs: impl Iterator<Item = &'a PolicyTargetReference>,
     namespace: &str,
     service: &str,
     waypoint: Option<(&str, &str)>,
 ) -> bool {
-    let (p_ns, _) = names(p);
-    refs(p).any(|r| {
+    refs.any(|r| {
         let ns = r.namespace.as_deref().unwrap_or(p_ns);
         if ns != p_ns {
             return false;
@@ -156,4 +154,59 @@ pub fn compile(p: &AuthorizationPolicy, notices: &mut Vec<Notice>) -> Option<l7:
         action: action as i32,
         rules,
     })
+}
+
+/// A RequestAuthentication's rules as the waypoint checks them. JWKS inline, or
+/// from a `file://` jwksUri read now (local mode); other URIs are not fetched: the
+/// rule is left out (tokens of that issuer are then refused) and reported.
+pub fn jwt_rules(ra: &RequestAuthentication, notices: &mut Vec<Notice>) -> Vec<l7::JwtRule> {
+    let ns = ra.metadata.namespace.as_deref().unwrap_or_default();
+    let name = ra.metadata.name.as_deref().unwrap_or_default();
+    let mut out = Vec::new();
+    for r in &ra.spec.jwt_rules {
+        let jwks = match (&r.jwks, &r.jwks_uri) {
+            (Some(inline), _) => inline.clone(),
+            (None, Some(uri)) if uri.starts_with("file://") => {
+                match std::fs::read_to_string(&uri["file://".len()..]) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        notices.push(Notice {
+                            policy: format!("{ns}/{name}"),
+                            message: format!(
+                                "issuer {}: reading {uri}: {e}; rule left out",
+                                r.issuer
+                            ),
+                        });
+                        continue;
+                    }
+                }
+            }
+            (None, uri) => {
+                notices.push(Notice {
+                    policy: format!("{ns}/{name}"),
+                    message: format!(
+                        "issuer {}: jwksUri {} is not fetched by Cairn yet (give jwks inline or a file:// URI); rule left out",
+                        r.issuer,
+                        uri.as_deref().unwrap_or("(none)")
+                    ),
+                });
+                continue;
+            }
+        };
+        out.push(l7::JwtRule {
+            issuer: r.issuer.clone(),
+            audiences: r.audiences.clone(),
+            jwks,
+            from_headers: r
+                .from_headers
+                .iter()
+                .map(|h| l7::JwtHeader {
+                    name: h.name.to_ascii_lowercase(),
+                    prefix: h.prefix.clone(),
+                })
+                .collect(),
+            forward_original_token: r.forward_original_token,
+        });
+    }
+    out
 }
