@@ -49,6 +49,17 @@ spec:
       weight: 90
     - destination: {host: reviews, subset: v2}
       weight: 10
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
 "#;
 
 #[derive(Default)]
@@ -80,6 +91,9 @@ async fn a_virtual_service_routes_the_waypoint() {
     let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
     let table =
         RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
+    let (clusters, _) = cairn_waypoint::config::clusters(config, Some(1))
+        .expect("and the backends the controller compiles");
+    assert_eq!(clusters.len(), 2, "v1 and v2");
 
     let recorder = Arc::new(Recorder::default());
     let router = Router::new(table, recorder.clone(), Some(2026));
