@@ -122,6 +122,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("capture", "cairn-tests", "capture"),
     ("l4-loopback", "cairn-ztunnel", "l4"),
     ("lb", "cairn-ztunnel", "lb"),
+    ("l7", "cairn-waypoint", "l7"),
 ];
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
