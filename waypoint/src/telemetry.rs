@@ -7,9 +7,10 @@
 //! so durations and response sizes cover the whole exchange.
 
 use std::{
+    collections::HashMap,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
@@ -66,6 +67,96 @@ pub struct Record {
     pub routed: Option<Routed>,
 }
 
+/// What a request's metric labels depend on; the metric handles of each label set are
+/// made once (label sets repeat: a handful per service and version).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct LabelKey {
+    source_principal: Option<String>,
+    source_namespace: Option<String>,
+    /// `hostname` of the service.
+    service: Option<String>,
+    version: Option<String>,
+    grpc: bool,
+    code: u16,
+    grpc_status: Option<String>,
+    flag: &'static str,
+    mtls: bool,
+}
+
+struct Handles {
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+    request_bytes: metrics::Histogram,
+    response_bytes: metrics::Histogram,
+}
+
+/// Label sets kept at most; past it the cache starts over (a bound against
+/// unbounded principal or status cardinality, not a limit on the metrics).
+const MAX_LABEL_SETS: usize = 4096;
+
+fn handles(key: LabelKey) -> Arc<Handles> {
+    static CACHE: std::sync::OnceLock<Mutex<HashMap<LabelKey, Arc<Handles>>>> =
+        std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Mutex::default);
+    let mut map = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(h) = map.get(&key) {
+        return h.clone();
+    }
+    if map.len() >= MAX_LABEL_SETS {
+        map.clear();
+    }
+    let labels = labels(&key);
+    let h = Arc::new(Handles {
+        requests: counter!("istio_requests_total", labels.clone()),
+        duration: histogram!("istio_request_duration_milliseconds", labels.clone()),
+        request_bytes: histogram!("istio_request_bytes", labels.clone()),
+        response_bytes: histogram!("istio_response_bytes", labels),
+    });
+    map.insert(key, h.clone());
+    h
+}
+
+fn labels(k: &LabelKey) -> Vec<Label> {
+    let mut host_parts = k.service.as_deref().unwrap_or_default().split('.');
+    let (service_name, service_namespace) = (host_parts.next(), host_parts.next());
+    vec![
+        Label::new("reporter", "waypoint"),
+        Label::new("source_workload", "unknown"),
+        Label::new(
+            "source_workload_namespace",
+            or_unknown(k.source_namespace.as_deref()),
+        ),
+        Label::new(
+            "source_principal",
+            or_unknown(k.source_principal.as_deref()),
+        ),
+        Label::new("source_app", "unknown"),
+        Label::new("source_version", "unknown"),
+        Label::new("destination_service", or_unknown(k.service.as_deref())),
+        Label::new("destination_service_name", or_unknown(service_name)),
+        Label::new(
+            "destination_service_namespace",
+            or_unknown(service_namespace),
+        ),
+        Label::new("destination_workload", "unknown"),
+        Label::new("destination_workload_namespace", "unknown"),
+        Label::new("destination_principal", "unknown"),
+        Label::new("destination_app", "unknown"),
+        Label::new("destination_version", or_unknown(k.version.as_deref())),
+        Label::new("request_protocol", if k.grpc { "grpc" } else { "http" }),
+        Label::new("response_code", k.code.to_string()),
+        Label::new(
+            "grpc_response_status",
+            k.grpc_status.clone().unwrap_or_default(),
+        ),
+        Label::new("response_flags", k.flag),
+        Label::new(
+            "connection_security_policy",
+            if k.mtls { "mutual_tls" } else { "none" },
+        ),
+    ]
+}
+
 fn or_unknown(s: Option<&str>) -> String {
     s.filter(|s| !s.is_empty()).unwrap_or("unknown").to_owned()
 }
@@ -78,57 +169,29 @@ impl Record {
         let source_principal = identity.map(|i| i.to_string());
         // The service's hostname: `name.namespace.svc.<domain>:port` -> parts.
         let service = d.map(|d| d.service.rsplit_once(':').map_or(&*d.service, |(h, _)| h));
-        let mut host_parts = service.unwrap_or_default().split('.');
-        let (service_name, service_namespace) = (host_parts.next(), host_parts.next());
         // `host|subset|port`.
         let version = self
             .routed
             .as_ref()
             .and_then(|r| r.backend.split('|').nth(1));
         let flag = self.flag.map_or("-", |f| f.0);
-        let code = self.status.as_u16().to_string();
-        let labels = vec![
-            Label::new("reporter", "waypoint"),
-            Label::new("source_workload", "unknown"),
-            Label::new(
-                "source_workload_namespace",
-                or_unknown(identity.map(|i| i.namespace())),
-            ),
-            Label::new("source_principal", or_unknown(source_principal.as_deref())),
-            Label::new("source_app", "unknown"),
-            Label::new("source_version", "unknown"),
-            Label::new("destination_service", or_unknown(service)),
-            Label::new("destination_service_name", or_unknown(service_name)),
-            Label::new(
-                "destination_service_namespace",
-                or_unknown(service_namespace),
-            ),
-            Label::new("destination_workload", "unknown"),
-            Label::new("destination_workload_namespace", "unknown"),
-            Label::new("destination_principal", "unknown"),
-            Label::new("destination_app", "unknown"),
-            Label::new("destination_version", or_unknown(version)),
-            Label::new("request_protocol", if self.grpc { "grpc" } else { "http" }),
-            Label::new("response_code", code),
-            Label::new(
-                "grpc_response_status",
-                self.grpc_status.clone().unwrap_or_default(),
-            ),
-            Label::new("response_flags", flag),
-            Label::new(
-                "connection_security_policy",
-                if identity.is_some() {
-                    "mutual_tls"
-                } else {
-                    "none"
-                },
-            ),
-        ];
+        let key = LabelKey {
+            source_principal: source_principal.clone(),
+            source_namespace: identity.map(|i| i.namespace().to_owned()),
+            service: service.map(str::to_owned),
+            version: version.map(str::to_owned),
+            grpc: self.grpc,
+            code: self.status.as_u16(),
+            grpc_status: self.grpc_status.clone(),
+            flag,
+            mtls: identity.is_some(),
+        };
         let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        counter!("istio_requests_total", labels.clone()).increment(1);
-        histogram!("istio_request_duration_milliseconds", labels.clone()).record(elapsed_ms);
-        histogram!("istio_request_bytes", labels.clone()).record(request_bytes as f64);
-        histogram!("istio_response_bytes", labels).record(response_bytes as f64);
+        let h = handles(key);
+        h.requests.increment(1);
+        h.duration.record(elapsed_ms);
+        h.request_bytes.record(request_bytes as f64);
+        h.response_bytes.record(response_bytes as f64);
         info!(
             target: "access",
             method = %self.method,

@@ -21,10 +21,20 @@ pub struct TraceIds {
     pub trace_id: Option<String>,
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+fn hex_of(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
+}
+
 fn hex(rng: &mut impl Rng, bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rng.random::<u8>()))
-        .collect()
+    let raw: Vec<u8> = (0..bytes).map(|_| rng.random::<u8>()).collect();
+    hex_of(&raw)
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -36,7 +46,7 @@ fn uuid(rng: &mut impl Rng) -> String {
     let mut b: [u8; 16] = rng.random();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let h = hex_of(&b);
     format!(
         "{}-{}-{}-{}-{}",
         &h[0..8],
