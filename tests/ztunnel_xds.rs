@@ -10,7 +10,7 @@ use cairn_tests::in_process::start_controller;
 use cairn_ztunnel::{
     SharedState,
     state::ProxyState,
-    xds::{XdsClient, XdsConfig},
+    xds::{StateSink, XdsClient, XdsConfig},
 };
 use tokio::sync::watch;
 
@@ -53,7 +53,7 @@ async fn ztunnel_follows_the_controller_and_survives_its_restart() {
             initial_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(400),
         },
-        state.clone(),
+        StateSink::new(state.clone()),
     );
     let stats = client.stats.clone();
     let (_shutdown, shutdown_rx) = watch::channel(false);

@@ -77,6 +77,73 @@ impl Responder {
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// Accepts HBONE connections on `listener` until the task is aborted, each served by
+/// `handler`. The server configuration is asked for per connection, so certificate
+/// rotations apply to new connections while established ones keep their session.
+///
+/// At most `max_pending_handshakes` TLS handshakes run at once; past that new
+/// connections are closed at once (`cairn_hbone_connections_shed_total`): a flood of
+/// half-open connections costs a bounded number of sockets for at most the handshake
+/// timeout, and connections already established are unaffected. Connections send
+/// GOAWAY when `drain` turns true.
+pub async fn serve_listener<F>(
+    listener: tokio::net::TcpListener,
+    server_config: F,
+    settings: H2Settings,
+    handler: Arc<dyn Handler>,
+    max_pending_handshakes: usize,
+    drain: tokio::sync::watch::Receiver<bool>,
+) where
+    F: Fn() -> Result<Arc<ServerConfig>, String>,
+{
+    let pending = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));
+    let mut shed = 0u64;
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors or memory, or a connection aborted while
+                // queued: all pass. Giving up would cut the listener off for good.
+                warn!(error = %e, "HBONE accept failed; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            shed += 1;
+            metrics::counter!("cairn_hbone_connections_shed_total").increment(1);
+            // 1st, 2nd, 4th, 8th...: visible without flooding the log in turn.
+            if shed.is_power_of_two() {
+                warn!(src.addr = %peer, shed, max_pending_handshakes, "too many HBONE handshakes in progress; closing new connections");
+            }
+            continue;
+        };
+        let config = match server_config() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(src.addr = %peer, error = %e, "refusing HBONE connection: no certificate to present");
+                continue;
+            }
+        };
+        // Small frames (HEADERS, then DATA) must not wait on Nagle + delayed ACK.
+        let _ = tcp.set_nodelay(true);
+        let server = Server::new(config, settings).with_drain(drain.clone());
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let handshake = server.handshake(tcp, peer).await;
+            drop(permit);
+            match handshake {
+                Ok((tls, identity)) => {
+                    if let Err(e) = server.serve(tls, peer, identity, handler).await {
+                        warn!(error = %e, "HBONE connection ended with an error");
+                    }
+                }
+                Err(e) => warn!(error = %e, "HBONE handshake refused"),
+            }
+        });
+    }
+}
+
 /// Decides and serves CONNECT streams.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, connect: Connect, responder: Responder) -> HandlerFuture;

@@ -9,7 +9,7 @@ use cairn_api::model::Workload;
 use cairn_hbone::{
     H2Settings,
     dialer::Dialer,
-    server::{Connect, Handler, HandlerFuture, Responder, Server},
+    server::{Connect, Handler, HandlerFuture, Responder, serve_listener},
 };
 use cairn_identity::SpiffeId;
 use http::StatusCode;
@@ -301,10 +301,8 @@ pub async fn plaintext(
     }
 }
 
-/// TLS handshakes in progress per HBONE listener at most. Past that, new connections
-/// are closed at once: a flood of half-open connections (connect, then silence) costs
-/// a bounded number of sockets for at most the handshake timeout, and connections
-/// already established are unaffected.
+/// TLS handshakes in progress per HBONE listener at most (see
+/// `cairn_hbone::server::serve_listener`).
 pub const MAX_PENDING_HANDSHAKES: usize = 128;
 
 /// Accepts HBONE on `listener` for one local workload until the task is aborted. The
@@ -318,50 +316,13 @@ pub async fn serve_hbone(
     handler: Arc<HboneInbound>,
     max_pending_handshakes: usize,
 ) {
-    let pending = Arc::new(tokio::sync::Semaphore::new(max_pending_handshakes));
-    let mut shed = 0u64;
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors or memory, or a connection aborted while
-                // queued: all pass. Giving up would cut the workload off for good.
-                warn!(error = %e, "HBONE accept failed; retrying in 100ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            shed += 1;
-            metrics::counter!("cairn_hbone_connections_shed_total").increment(1);
-            // 1st, 2nd, 4th, 8th...: visible without flooding the log in turn.
-            if shed.is_power_of_two() {
-                warn!(src.addr = %peer, shed, max_pending_handshakes, "too many HBONE handshakes in progress; closing new connections");
-            }
-            continue;
-        };
-        let config = match certs.server(&identity) {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(src.addr = %peer, error = %e, "refusing HBONE connection: no certificate to present");
-                continue;
-            }
-        };
-        // Small frames (HEADERS, then DATA) must not wait on Nagle + delayed ACK.
-        let _ = tcp.set_nodelay(true);
-        let server = Server::new(config, settings).with_drain(DRAIN.subscribe());
-        let handler = handler.clone();
-        tokio::spawn(async move {
-            let handshake = server.handshake(tcp, peer).await;
-            drop(permit);
-            match handshake {
-                Ok((tls, identity)) => {
-                    if let Err(e) = server.serve(tls, peer, identity, handler).await {
-                        warn!(error = %e, "HBONE connection ended with an error");
-                    }
-                }
-                Err(e) => warn!(error = %e, "HBONE handshake refused"),
-            }
-        });
-    }
+    serve_listener(
+        listener,
+        move || certs.server(&identity).map_err(|e| e.to_string()),
+        settings,
+        handler,
+        max_pending_handshakes,
+        DRAIN.subscribe(),
+    )
+    .await
 }

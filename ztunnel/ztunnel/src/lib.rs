@@ -8,8 +8,7 @@
 
 pub mod admin;
 pub mod balance;
-pub mod ca;
-pub mod certs;
+pub use cairn_client::{ca, certs};
 pub mod config;
 pub mod explicit;
 pub mod inbound;

@@ -28,7 +28,7 @@ use cairn_ztunnel::{
     node::NodeProxy,
     outbound::Outbound,
     state::ProxyState,
-    xds::{XdsClient, XdsConfig},
+    xds::{StateSink, XdsClient, XdsConfig},
 };
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -112,7 +112,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                     initial_backoff: Duration::from_millis(200),
                     max_backoff: Duration::from_secs(15),
                 },
-                state.clone(),
+                StateSink::new(state.clone()),
             );
             let xds_synced = client.synced.clone();
             let ready = ready.clone();

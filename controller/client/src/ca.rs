@@ -20,7 +20,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::{
     certs::{CertError, Certificates},
-    metrics::health,
+    health,
 };
 
 /// How to reach the CA.
