@@ -10,6 +10,7 @@
 //! [`fault`] (delay / abort) -> the rule's action: a direct response, a redirect, or a
 //! weighted choice of backend ([`router::Router`]) sent through an [`router::Upstream`].
 
+pub mod admin;
 pub mod authz;
 pub mod cluster;
 pub mod config;
@@ -24,3 +25,4 @@ pub mod route;
 pub mod router;
 pub mod telemetry;
 pub mod trace;
+pub mod xds;

@@ -11,3 +11,22 @@ pub mod ca;
 pub mod certs;
 pub mod health;
 pub mod xds;
+
+/// A duration as the proxies' settings write it: `500ms`, `30s`, `5m`, `24h`.
+pub fn duration(value: &str) -> Option<std::time::Duration> {
+    let (num, scale) = if let Some(n) = value.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = value.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = value.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = value.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>()
+        .ok()
+        .filter(|v| *v >= 0.0)
+        .and_then(|v| std::time::Duration::try_from_secs_f64(v * scale).ok())
+}

@@ -77,6 +77,9 @@ impl Responder {
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
+/// [`serve_listener`]'s bound on TLS handshakes in progress, unless the proxy says.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 128;
+
 /// Accepts HBONE connections on `listener` until the task is aborted, each served by
 /// `handler`. The server configuration is asked for per connection, so certificate
 /// rotations apply to new connections while established ones keep their session.

@@ -92,26 +92,11 @@ fn boolean(src: &dyn Source, key: &'static str) -> Result<bool, ConfigError> {
 }
 
 fn duration(key: &'static str, value: String) -> Result<Duration, ConfigError> {
-    let (num, scale) = if let Some(n) = value.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = value.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = value.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = value.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (value.as_str(), f64::NAN)
-    };
-    num.parse::<f64>()
-        .ok()
-        .filter(|v| scale.is_finite() && *v >= 0.0)
-        .and_then(|v| Duration::try_from_secs_f64(v * scale).ok())
-        .ok_or_else(|| ConfigError::Invalid {
-            key,
-            value: value.clone(),
-            reason: "write a duration like 500ms, 30s, 5m or 24h".into(),
-        })
+    cairn_client::duration(&value).ok_or_else(|| ConfigError::Invalid {
+        key,
+        value: value.clone(),
+        reason: "write a duration like 500ms, 30s, 5m or 24h".into(),
+    })
 }
 
 impl Config {

@@ -303,7 +303,7 @@ pub async fn plaintext(
 
 /// TLS handshakes in progress per HBONE listener at most (see
 /// `cairn_hbone::server::serve_listener`).
-pub const MAX_PENDING_HANDSHAKES: usize = 128;
+pub const MAX_PENDING_HANDSHAKES: usize = cairn_hbone::server::DEFAULT_MAX_PENDING_HANDSHAKES;
 
 /// Accepts HBONE on `listener` for one local workload until the task is aborted. The
 /// server certificate is taken from `certs` per connection, so rotations apply to new
