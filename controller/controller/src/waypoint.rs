@@ -12,7 +12,7 @@ use serde_yaml::Value;
 
 use crate::{
     compile::{
-        waypoint::{USE_WAYPOINT, WAYPOINT_FOR},
+        waypoint::{GATEWAY_NAME_LABEL, USE_WAYPOINT, WAYPOINT_FOR},
         workload::{AMBIENT, DATAPLANE_MODE},
     },
     local::{LocalSource, yaml_files},
@@ -142,6 +142,41 @@ pub fn manifest(namespace: &str, name: &str, for_: &str) -> String {
          kind: Gateway\n\
          metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    {WAYPOINT_FOR}: {for_}\n\
          spec:\n  gatewayClassName: {WAYPOINT_CLASS}\n  listeners:\n  - name: mesh\n    port: 15008\n    protocol: HBONE\n"
+    )
+}
+
+/// Where a local-mode waypoint runs: the node, the pod's IP and the Service's VIP
+/// (chosen by the process that runs pods: the test harness, the demo).
+#[derive(Clone, Debug)]
+pub struct Placement<'a> {
+    pub node: &'a str,
+    pub pod_ip: &'a str,
+    pub cluster_ip: &'a str,
+}
+
+/// What stands in for the waypoint's Deployment and Service in local mode: one pod
+/// (identity `sa/<name>`, as Istio names a waypoint's ServiceAccount, never captured
+/// itself) and a Service whose VIP is the waypoint's address in the Address
+/// resources. In Kubernetes mode the controller reconciles a Gateway into the same
+/// objects; the runner of pods starts `waypoint` in this pod.
+pub fn local_deployment(namespace: &str, name: &str, at: &Placement<'_>) -> String {
+    let Placement {
+        node,
+        pod_ip,
+        cluster_ip,
+    } = at;
+    format!(
+        "# The local-mode stand-in for waypoint {namespace}/{name}'s Deployment and Service.\n\
+         apiVersion: v1\n\
+         kind: Pod\n\
+         metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    {GATEWAY_NAME_LABEL}: {name}\n    {DATAPLANE_MODE}: none\n    {USE_WAYPOINT}: none\n\
+         spec:\n  serviceAccountName: {name}\n  nodeName: {node}\n  containers:\n  - name: waypoint\n    image: cairn/waypoint\n    ports: [{{name: mesh, containerPort: 15008}}]\n\
+         status:\n  phase: Running\n  podIP: {pod_ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n\
+         ---\n\
+         apiVersion: v1\n\
+         kind: Service\n\
+         metadata:\n  name: {name}\n  namespace: {namespace}\n  labels:\n    {GATEWAY_NAME_LABEL}: {name}\n    {USE_WAYPOINT}: none\n\
+         spec:\n  clusterIP: {cluster_ip}\n  selector:\n    {GATEWAY_NAME_LABEL}: {name}\n  ports:\n  - {{name: mesh, port: 15008, targetPort: 15008}}\n"
     )
 }
 

@@ -117,7 +117,9 @@ pub fn backends(
     config: &l7::RouteConfig,
     notices: &mut Vec<Notice>,
 ) -> Vec<l7::Backend> {
-    let mut wanted: BTreeSet<(String, String, u32)> = BTreeSet::new();
+    // The service itself, always: opaque (non-HTTP) connections go to its endpoints.
+    let mut wanted: BTreeSet<(String, String, u32)> =
+        BTreeSet::from([(config.hostname.clone(), String::new(), config.port)]);
     for rule in &config.rules {
         if let Some(l7::rule::Action::Forward(f)) = &rule.action {
             wanted.extend(

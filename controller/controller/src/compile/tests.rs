@@ -564,6 +564,11 @@ spec:
     let c = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
     let by_name: BTreeMap<&str, &cairn_api::proto::cairn::l7::v1::Backend> =
         c.backends.iter().map(|b| (b.name.as_str(), b)).collect();
+    let whole = by_name["reviews.bookinfo.svc.cluster.local||9080"];
+    assert!(
+        whole.endpoints.len() >= 2,
+        "the service itself (for opaque traffic) has every endpoint: {whole:?}"
+    );
     let v1 = by_name["reviews.bookinfo.svc.cluster.local|v1|9080"];
     assert_eq!(v1.endpoints.len(), 1, "{v1:?}");
     assert_eq!(v1.endpoints[0].address, vec![10, 244, 1, 12]);

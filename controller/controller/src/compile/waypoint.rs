@@ -10,6 +10,21 @@ use crate::{resources::gateway::WAYPOINT_CLASS, store::Store};
 pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 pub const USE_WAYPOINT_NAMESPACE: &str = "istio.io/use-waypoint-namespace";
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+/// The label a waypoint's pods and Service carry (Gateway API's convention).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// Whether `pod` runs a waypoint: it names, with [`GATEWAY_NAME_LABEL`], a waypoint
+/// Gateway of its namespace. Such a pod is a workload (it speaks HBONE itself) even
+/// though it is never captured.
+pub fn is_waypoint_pod(store: &Store, pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+        .and_then(|name| store.gateway(ns, name))
+        .is_some_and(|gw| gw.spec.gateway_class_name == WAYPOINT_CLASS)
+}
 
 /// What a waypoint handles, from its Gateway's `istio.io/waypoint-for` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -148,7 +148,8 @@ pub fn compile(store: &Store, mesh: &MeshConfig, pod: &Pod) -> Option<wl::Worklo
     let name = pod.metadata.name.as_deref()?;
     let namespace = pod.metadata.namespace.as_deref()?;
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded" | "Failed")) || !enrolled(store, pod) {
+    let in_mesh = enrolled(store, pod) || super::waypoint::is_waypoint_pod(store, pod);
+    if matches!(phase, Some("Succeeded" | "Failed")) || !in_mesh {
         return None;
     }
     let addresses = pod_ips(pod);

@@ -132,3 +132,51 @@ fn a_namespace_outside_the_mesh_is_a_warning() {
         "a namespace without labels gets the map"
     );
 }
+
+#[test]
+fn the_local_deployment_gives_the_waypoint_its_address_and_identity() {
+    let dir = dir_with(&[("bookinfo.yaml", BOOKINFO)]);
+    let target = ConfigDir::new(dir.path());
+    apply(&target, &req("bookinfo", "waypoint", true)).expect("apply");
+    let placed = Placement {
+        node: "node-a",
+        pod_ip: "10.244.1.20",
+        cluster_ip: "10.96.0.20",
+    };
+    std::fs::write(
+        dir.path().join("waypoint-deployment.yaml"),
+        local_deployment("bookinfo", "waypoint", &placed),
+    )
+    .expect("write");
+    let compiled =
+        crate::compile::compile(&target.store(), &crate::compile::MeshConfig::default());
+    use cairn_api::proto::istio::workload::{address::Type, gateway_address::Destination};
+    let service = |name: &str| match compiled
+        .addresses
+        .get(&format!("bookinfo/{name}.bookinfo.svc.cluster.local"))
+        .and_then(|a| a.r#type.as_ref())
+    {
+        Some(Type::Service(s)) => s.clone(),
+        other => panic!("no {name} service: {other:?}"),
+    };
+    let wp = service("reviews").waypoint.expect("reviews is bound");
+    match wp.destination {
+        Some(Destination::Address(a)) => assert_eq!(a.address, vec![10, 96, 0, 20]),
+        other => panic!("waypoint address: {other:?}"),
+    }
+    assert!(
+        service("waypoint").waypoint.is_none(),
+        "the waypoint's own service is not sent through a waypoint"
+    );
+    let pod = compiled
+        .addresses
+        .values()
+        .find_map(|a| match &a.r#type {
+            Some(Type::Workload(w)) if w.name == "waypoint" => Some(w.clone()),
+            _ => None,
+        })
+        .expect("the waypoint pod is a workload");
+    assert_eq!(pod.service_account, "waypoint");
+    assert_eq!(pod.addresses, vec![vec![10, 244, 1, 20]]);
+    assert!(pod.waypoint.is_none());
+}
