@@ -111,6 +111,7 @@ async fn certificates_rotate_without_breaking_established_tunnels() {
         network: String::new(),
         identity: reviews.clone(),
         tunnel_protocol: TunnelProtocol::Hbone,
+        native_tunnel: false,
         waypoint: None,
         node: "node-a".into(),
         canonical_name: "reviews".into(),

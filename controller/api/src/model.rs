@@ -92,6 +92,10 @@ pub struct Workload {
     pub network: String,
     pub identity: SpiffeId,
     pub tunnel_protocol: TunnelProtocol,
+    /// The workload terminates HBONE itself (a waypoint): reached over HBONE at its
+    /// own address, never captured or served by a ztunnel.
+    #[serde(default)]
+    pub native_tunnel: bool,
     #[serde(default)]
     pub waypoint: Option<GatewayAddress>,
     #[serde(default)]

@@ -65,6 +65,7 @@ fn workload(name: &str, ip: [u8; 4]) -> Workload {
         network: String::new(),
         identity: SpiffeId::new("cluster.local", "bench", name).expect("id"),
         tunnel_protocol: TunnelProtocol::Hbone,
+        native_tunnel: false,
         waypoint: None,
         node: "node".into(),
         canonical_name: name.into(),

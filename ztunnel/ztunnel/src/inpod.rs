@@ -200,7 +200,12 @@ impl InPod {
             let key = format!("{}/{}", record.namespace, record.name);
             let workload = state
                 .workload_by_ip(IpAddr::V4(record.ip))
-                .filter(|w| w.node == self.node && w.tunnel_protocol == TunnelProtocol::Hbone)
+                .filter(|w| {
+                    w.node == self.node
+                        && w.tunnel_protocol == TunnelProtocol::Hbone
+                        // A waypoint terminates HBONE itself: never captured.
+                        && !w.native_tunnel
+                })
                 .cloned();
             let enrolled = self.capture.is_enrolled(record.ip);
             match (&workload, synced) {

@@ -79,7 +79,8 @@ impl NodeProxy {
         let state = self.state.load_full();
         let local: Vec<_> = state
             .workloads()
-            .filter(|w| w.node == self.node)
+            // A waypoint on this node serves its own HBONE and proves its own identity.
+            .filter(|w| w.node == self.node && !w.native_tunnel)
             .cloned()
             .collect();
         let wanted: HashSet<&str> = local.iter().map(|w| w.uid.as_str()).collect();

@@ -91,6 +91,7 @@ fn pod(
         network: String::new(),
         identity: sa(service_account),
         tunnel_protocol: TunnelProtocol::Hbone,
+        native_tunnel: false,
         waypoint: None,
         node: "node-a".into(),
         canonical_name: name.into(),

@@ -179,6 +179,7 @@ impl TryFrom<wl::Workload> for Workload {
             network: w.network,
             identity,
             tunnel_protocol,
+            native_tunnel: w.native_tunnel,
             waypoint: w.waypoint.map(TryInto::try_into).transpose()?,
             node: w.node,
             canonical_name: w.canonical_name,

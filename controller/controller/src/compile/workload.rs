@@ -218,6 +218,7 @@ pub fn compile(store: &Store, mesh: &MeshConfig, pod: &Pod) -> Option<wl::Worklo
         addresses: addresses.into_iter().map(super::ip_bytes).collect(),
         network: mesh.network.clone(),
         tunnel_protocol: wl::TunnelProtocol::Hbone as i32,
+        native_tunnel: super::waypoint::is_waypoint_pod(store, pod),
         trust_domain: mesh.trust_domain.clone(),
         service_account: spec
             .and_then(|s| s.service_account_name.clone())

@@ -148,8 +148,7 @@ fn the_local_deployment_gives_the_waypoint_its_address_and_identity() {
         local_deployment("bookinfo", "waypoint", &placed),
     )
     .expect("write");
-    let compiled =
-        crate::compile::compile(&target.store(), &crate::compile::MeshConfig::default());
+    let compiled = crate::compile::compile(&target.store(), &crate::compile::MeshConfig::default());
     use cairn_api::proto::istio::workload::{address::Type, gateway_address::Destination};
     let service = |name: &str| match compiled
         .addresses
@@ -179,4 +178,8 @@ fn the_local_deployment_gives_the_waypoint_its_address_and_identity() {
     assert_eq!(pod.service_account, "waypoint");
     assert_eq!(pod.addresses, vec![vec![10, 244, 1, 20]]);
     assert!(pod.waypoint.is_none());
+    assert!(
+        pod.native_tunnel,
+        "ztunnels reach it over HBONE and never capture it"
+    );
 }

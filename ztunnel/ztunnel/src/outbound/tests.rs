@@ -15,6 +15,7 @@ fn pod(name: &str, ip: [u8; 4], zone: &str, healthy: bool) -> Workload {
         network: String::new(),
         identity: SpiffeId::new("cluster.local", "ns", name).expect("id"),
         tunnel_protocol: TunnelProtocol::Hbone,
+        native_tunnel: false,
         waypoint: None,
         node: format!("node-{zone}"),
         canonical_name: name.into(),

@@ -13,6 +13,7 @@ fn workload(ns: &str, name: &str, ip: [u8; 4], policies: &[&str]) -> Address {
         network: String::new(),
         identity: SpiffeId::new("cluster.local", ns, name).expect("id"),
         tunnel_protocol: TunnelProtocol::Hbone,
+        native_tunnel: false,
         waypoint: None,
         node: "node-a".into(),
         canonical_name: name.into(),
