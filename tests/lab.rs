@@ -111,15 +111,22 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// Writes the two nodes' tokens (`tok-a`, `tok-b`) into `dir` and returns the
+/// The identity `tok-waypoint` authenticates: the waypoint of the `demo` namespace.
+pub const DEMO_WAYPOINT: &str = "spiffe://cluster.local/ns/demo/sa/waypoint";
+
+/// Writes the two nodes' tokens (`tok-a`, `tok-b`) and the demo waypoint's
+/// (`tok-waypoint`) into `dir` and returns the
 /// controller's command line: config from `dir/config`, CA in `dir/ca`, listening on
 /// node A's address.
 pub fn controller_command(dir: &Path) -> Vec<String> {
     std::fs::write(
         dir.join("tokens.yaml"),
-        "- {token: tok-a, node: node-a}\n- {token: tok-b, node: node-b}\n",
+        format!(
+            "- {{token: tok-a, node: node-a}}\n- {{token: tok-b, node: node-b}}\n- {{token: tok-waypoint, identity: \"{DEMO_WAYPOINT}\"}}\n"
+        ),
     )
     .expect("tokens");
+    std::fs::write(dir.join("tok-waypoint"), "tok-waypoint").expect("token");
     std::fs::write(dir.join("tok-a"), "tok-a").expect("token");
     std::fs::write(dir.join("tok-b"), "tok-b").expect("token");
     let d = |p: &str| dir.join(p).display().to_string();

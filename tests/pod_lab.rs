@@ -447,20 +447,54 @@ impl PodLab {
         self.metric(node, "cairn_capture_pods", "state=\"adopted\"")
     }
 
-    /// Sum of a metric's samples whose labels contain `filter`.
+    /// Sum of a metric's samples whose labels contain `filter`, from a node's ztunnel.
     pub fn metric(&self, node: usize, name: &str, filter: &str) -> f64 {
-        let text = self.python_on_node(
-            node,
-            "import sys,urllib.request\ntry: print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())\nexcept Exception as e: print('ERR', e)",
-            &[&format!("http://{}/metrics", self.admin(node))],
-        );
-        text.lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter(|l| l.contains(filter))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        let text = self.fetch(node, &format!("http://{}/metrics", self.admin(node)));
+        sum_metric(&text, name, filter)
     }
 
+    /// GETs `url` from a node's network namespace (as a scraper there would); the
+    /// body, or `ERR <why>`.
+    pub fn fetch(&self, node: usize, url: &str) -> String {
+        self.python_on_node(
+            node,
+            "import sys,urllib.request\ntry: print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())\nexcept Exception as e: print('ERR', e)",
+            &[url],
+        )
+    }
+
+    /// Starts the `waypoint` binary in `pod` as the demo namespace's waypoint (token
+    /// `tok-waypoint`), talking to the controller on node A.
+    pub fn start_waypoint(&mut self, pod: &str) {
+        let d = |p: &str| self.dir.path().join(p).display().to_string();
+        let env = [
+            format!("CAIRN_IDENTITY={}", crate::lab::DEMO_WAYPOINT),
+            "CAIRN_CONTROLLER=https://10.77.1.1:15012".into(),
+            "CAIRN_CONTROLLER_NAME=localhost".into(),
+            format!("CAIRN_ROOT_CERT={}", d("ca/root-cert.pem")),
+            format!("CAIRN_TOKEN_FILE={}", d("tok-waypoint")),
+            "CAIRN_WORKER_THREADS=1".into(),
+            "CAIRN_DRAIN=1s".into(),
+            "RUST_LOG=info".into(),
+        ];
+        let bin = binary("waypoint").display().to_string();
+        let mut args = vec!["env"];
+        args.extend(env.iter().map(String::as_str));
+        args.push(&bin);
+        self.spawn_in_pod(pod, &args, "waypoint.log");
+    }
+}
+
+/// Sum of the samples of metric `name` in Prometheus text whose labels contain `filter`.
+pub fn sum_metric(text: &str, name: &str, filter: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+impl PodLab {
     /// Runs python3 `script` in a node's network namespace (as the kubelet would run).
     pub fn python_on_node(&self, node: usize, script: &str, args: &[&str]) -> String {
         let out = Command::new("nsenter")
@@ -525,6 +559,7 @@ impl PodLab {
         let mut out = String::new();
         for name in [
             "controller.log",
+            "waypoint.log",
             "ztunnel-node-a.log.prev",
             "ztunnel-node-a.log",
             "ztunnel-node-b.log.prev",
