@@ -93,7 +93,11 @@ async fn a_virtual_service_routes_the_waypoint() {
         RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
     let (clusters, _) = cairn_waypoint::config::clusters(config, Some(1))
         .expect("and the backends the controller compiles");
-    assert_eq!(clusters.len(), 2, "v1 and v2");
+    assert_eq!(
+        clusters.len(),
+        3,
+        "v1, v2, and the service itself (for opaque traffic)"
+    );
 
     let recorder = Arc::new(Recorder::default());
     let router = Router::new(table, recorder.clone(), Some(2026));
@@ -140,4 +144,103 @@ async fn a_virtual_service_routes_the_waypoint() {
     }
     let share = f64::from(aborted) / 20.0;
     assert!((share - 50.0).abs() <= 3.0, "aborted {share}% of 2,000");
+}
+
+const HTTP_ROUTE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v1, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.13
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.14
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: reviews, port: 9080}
+  rules:
+  - name: jason
+    matches:
+    - path: {type: PathPrefix, value: /api/}
+      headers: [{name: X-User, value: jason}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - name: health
+    matches:
+    - path: {type: Exact, value: /api/health}
+    backendRefs: [{name: reviews-v1, port: 9080}]
+  - name: canary
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        set: [{name: x-route, value: canary}]
+    backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+"#;
+
+#[tokio::test]
+async fn an_http_route_routes_the_waypoint_in_gateway_api_precedence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("bookinfo.yaml"), HTTP_ROUTE).expect("write");
+    let mut store = Store::default();
+    let scan = LocalSource::new(dir.path()).scan(&mut store);
+    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    let (configs, notices) = route_configs(&store, &MeshConfig::default());
+    assert!(notices.is_empty(), "{notices:?}");
+    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
+    let table = RouteTable::try_from(config).expect("the waypoint accepts it");
+    let recorder = Arc::new(Recorder::default());
+    let router = Router::new(table, recorder.clone(), Some(7));
+    let get = |path: &str, user: Option<&str>| {
+        let mut b = Request::get(path);
+        if let Some(u) = user {
+            b = b.header("x-user", u);
+        }
+        b.body(full("")).expect("request")
+    };
+    let v1 = "reviews-v1.bookinfo.svc.cluster.local||9080";
+    let v2 = "reviews-v2.bookinfo.svc.cluster.local||9080";
+    let only = |recorder: &Recorder| {
+        let mut seen = recorder.seen.lock().expect("lock");
+        let out: Vec<(String, usize)> = seen.drain().collect();
+        out
+    };
+
+    // The exact path outranks the earlier prefix rule, even for jason.
+    router.handle(get("/api/health", Some("jason"))).await;
+    assert_eq!(only(&recorder), vec![(v1.to_string(), 1)]);
+    router.handle(get("/api/reviews/1", Some("jason"))).await;
+    assert_eq!(only(&recorder), vec![(v2.to_string(), 1)]);
+
+    let resp = router.handle(get("/api/reviews/1", None)).await;
+    assert_eq!(
+        resp.headers().get("x-route").map(|v| v.as_bytes()),
+        Some(&b"canary"[..]),
+        "the catch-all rule's response header filter"
+    );
+    for _ in 1..2_000 {
+        router.handle(get("/reviews/1", None)).await;
+    }
+    let seen: HashMap<String, usize> = only(&recorder).into_iter().collect();
+    let share = seen.get(v2).copied().unwrap_or(0) as f64 / 20.0;
+    assert!(
+        (share - 10.0).abs() <= 2.0,
+        "v2 {share}% of 2,000 ({seen:?})"
+    );
 }

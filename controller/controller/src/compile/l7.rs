@@ -395,6 +395,7 @@ pub fn route_configs(
             }
         }
     }
+    super::l7_httproute::merge(store, mesh, &mut out, &mut notices);
     // Every service port a waypoint serves gets a config, routes or not: the
     // waypoint must know the service to serve it (default route, policies).
     let bound: Vec<&istio::AuthorizationPolicy> = store
@@ -493,7 +494,7 @@ fn default_config(namespace: &str, name: &str, hostname: &str, port: u32) -> l7:
 }
 
 /// Istio's retry policy for routes that name none.
-fn default_retry() -> l7::Retry {
+pub(crate) fn default_retry() -> l7::Retry {
     l7::Retry {
         attempts: DEFAULT_RETRIES,
         per_try_timeout_ms: 0,

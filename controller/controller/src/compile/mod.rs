@@ -7,6 +7,7 @@
 pub mod authorization;
 pub mod l7;
 pub mod l7_backend;
+pub mod l7_httproute;
 pub mod l7_policy;
 pub mod peer_authentication;
 pub mod service;
