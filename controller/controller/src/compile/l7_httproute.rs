@@ -312,6 +312,14 @@ impl Route<'_> {
     }
 }
 
+/// The rules attached to one service port: (precedence, attachment order, rule).
+struct Attached {
+    namespace: String,
+    hostname: String,
+    port: u32,
+    rules: Vec<(Precedence, usize, l7::Rule)>,
+}
+
 /// Adds the routes of every mesh HTTPRoute to `out` (keyed as
 /// [`resource_name`]); service ports a VirtualService routes are left as they are.
 pub fn merge(
@@ -328,9 +336,7 @@ pub fn merge(
         })
         .collect();
     routes.sort_by_key(|r| (r.metadata.namespace.clone(), r.metadata.name.clone()));
-    // (key) -> (precedence, order, rule) for every attached rule match.
-    let mut attached: BTreeMap<String, (String, String, u32, Vec<(Precedence, usize, l7::Rule)>)> =
-        BTreeMap::new();
+    let mut attached: BTreeMap<String, Attached> = BTreeMap::new();
     let owned_by_vs: Vec<String> = out.keys().cloned().collect();
     let mut order = 0usize;
     for r in routes {
@@ -371,15 +377,18 @@ pub fn merge(
                     ));
                     continue;
                 }
-                let entry = attached
-                    .entry(key)
-                    .or_insert_with(|| (svc_ns.to_owned(), hostname.clone(), p, Vec::new()));
+                let entry = attached.entry(key).or_insert_with(|| Attached {
+                    namespace: svc_ns.to_owned(),
+                    hostname: hostname.clone(),
+                    port: p,
+                    rules: Vec::new(),
+                });
                 for (i, rule) in r.spec.rules.iter().enumerate() {
                     let label = rule.name.clone().unwrap_or_else(|| i.to_string());
                     if rule.matches.is_empty() {
                         order += 1;
                         entry
-                            .3
+                            .rules
                             .push((precedence(None), order, cx.rule(&label, rule, None, p)));
                     }
                     for (j, m) in rule.matches.iter().enumerate() {
@@ -389,7 +398,7 @@ pub fn merge(
                             label.clone()
                         };
                         order += 1;
-                        entry.3.push((
+                        entry.rules.push((
                             precedence(Some(m)),
                             order,
                             cx.rule(&label, rule, Some(m), p),
@@ -399,15 +408,15 @@ pub fn merge(
             }
         }
     }
-    for (key, (namespace, hostname, port, mut rules)) in attached {
-        rules.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (key, mut a) in attached {
+        a.rules.sort_by(|x, y| y.0.cmp(&x.0).then(x.1.cmp(&y.1)));
         out.insert(
             key,
             l7::RouteConfig {
-                namespace,
-                hostname,
-                port,
-                rules: rules.into_iter().map(|(_, _, r)| r).collect(),
+                namespace: a.namespace,
+                hostname: a.hostname,
+                port: a.port,
+                rules: a.rules.into_iter().map(|(_, _, r)| r).collect(),
                 ..Default::default()
             },
         );
