@@ -8,7 +8,7 @@
 //! Needs what tests/capture.rs needs (root, iproute2, nsenter, python3, cgroup v2,
 //! BPF links); without them it says why and stops.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use cairn_controller::waypoint::{Placement, local_deployment};
 use cairn_tests::{
@@ -114,21 +114,29 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
     let mut lab = PodLab::new(&manifests());
     let config = lab.dir().join("config");
 
-    // The operator's step: declare the waypoint and send the namespace through it.
-    let out = Command::new(binary("cairn"))
-        .args(["waypoint", "apply", "-n", "demo", "--enroll-namespace"])
+    // The operator's step: declare the waypoint, send the namespace through it, and
+    // wait for it to be Programmed...
+    let apply = Command::new(binary("cairn"))
+        .args([
+            "waypoint",
+            "apply",
+            "-n",
+            "demo",
+            "--enroll-namespace",
+            "--wait",
+        ])
+        .args(["--timeout", "30"])
         .arg("--config-dir")
         .arg(&config)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("cairn");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "cairn waypoint apply: {said}");
-    // The runner's step (the node agent's, in a cluster): the waypoint's pod and
-    // Service, then its process.
+    // ...which happens once the runner (the node agent, in a cluster) has placed its
+    // pod and Service.
+    lab.wait_for("the Gateway written", |_| {
+        config.join("waypoint-demo-waypoint.yaml").exists()
+    });
     std::fs::write(
         config.join("waypoint-demo-waypoint-deployment.yaml"),
         local_deployment(
@@ -142,6 +150,17 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
         ),
     )
     .expect("deployment");
+    let out = apply.wait_with_output().expect("cairn");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "cairn waypoint apply --wait: {said}");
+    assert!(
+        said.contains("Programmed  True") && said.contains("address     10.96.0.20"),
+        "{said}"
+    );
     let cni = lab.add_pod(spec("waypoint", NODE_A, WAYPOINT_POD_IP));
     assert!(
         cni.contains("is not in the mesh"),

@@ -305,6 +305,105 @@ pub fn delete(
     Ok(report)
 }
 
+/// One of a waypoint Gateway's status conditions (Gateway API's `Accepted` and
+/// `Programmed`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Condition {
+    pub type_: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A waypoint's status as the controller computes it: what Kubernetes mode writes to
+/// the Gateway's `status`, and what `cairn waypoint status` shows in local mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub conditions: [Condition; 2],
+    /// The waypoint's address (its Service's VIP) once it has one.
+    pub address: Option<String>,
+}
+
+impl Status {
+    pub fn programmed(&self) -> bool {
+        self.conditions.iter().all(|c| c.status)
+    }
+}
+
+/// The status of waypoint `namespace/name`, or `NotFound`.
+pub fn status(store: &Store, namespace: &str, name: &str) -> Result<Status, WaypointError> {
+    let gw = store
+        .gateway(namespace, name)
+        .filter(|g| g.spec.gateway_class_name == WAYPOINT_CLASS)
+        .ok_or_else(|| WaypointError::NotFound {
+            namespace: namespace.into(),
+            name: name.into(),
+        })?;
+    let hbone = gw
+        .spec
+        .listeners
+        .iter()
+        .any(|l| l.port == u32::from(cairn_api::HBONE_PORT) && l.protocol == "HBONE");
+    let accepted = if hbone {
+        Condition {
+            type_: "Accepted",
+            status: true,
+            reason: "Accepted",
+            message: "waypoint of class istio-waypoint".into(),
+        }
+    } else {
+        Condition {
+            type_: "Accepted",
+            status: false,
+            reason: "UnsupportedProtocol",
+            message: "a waypoint needs a listener on port 15008 with protocol HBONE".into(),
+        }
+    };
+    let address = store
+        .service(namespace, name)
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.cluster_ip.clone())
+        .filter(|ip| !ip.is_empty() && ip != "None");
+    let ready_pods = store
+        .pods_in(namespace)
+        .filter(|p| crate::compile::waypoint::is_waypoint_pod(store, p))
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+                == Some(&name.to_owned())
+        })
+        .filter(|p| crate::compile::workload::ready(p))
+        .count();
+    let programmed = match (&address, ready_pods) {
+        (None, _) => Condition {
+            type_: "Programmed",
+            status: false,
+            reason: "AddressNotAssigned",
+            message: format!(
+                "no Service {namespace}/{name} with a cluster IP yet (made by the controller in Kubernetes, by the runner of pods in local mode)"
+            ),
+        },
+        (Some(_), 0) => Condition {
+            type_: "Programmed",
+            status: false,
+            reason: "NoReadyPods",
+            message: format!("no ready pod labelled {GATEWAY_NAME_LABEL}={name} yet"),
+        },
+        (Some(ip), n) => Condition {
+            type_: "Programmed",
+            status: true,
+            reason: "Programmed",
+            message: format!("{n} ready pod(s) behind {ip}"),
+        },
+    };
+    Ok(Status {
+        conditions: [accepted, programmed],
+        address,
+    })
+}
+
 /// Every waypoint, optionally in one namespace.
 pub fn list(target: &dyn Manifests, namespace: Option<&str>) -> Result<Vec<Listed>, WaypointError> {
     let store = target.store();

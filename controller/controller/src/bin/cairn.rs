@@ -1,11 +1,15 @@
 //! `cairn`: the operator CLI.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use cairn_controller::{
     local::{LocalSource, yaml_files},
     store::Store,
-    waypoint::{self, ConfigDir, Report},
+    waypoint::{self, ConfigDir, Manifests, Report},
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -54,6 +58,21 @@ enum WaypointCommand {
         /// Also label the namespace istio.io/use-waypoint=<name>.
         #[arg(long)]
         enroll_namespace: bool,
+        /// Wait until the waypoint is Programmed (has an address and a ready pod).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        target: Where,
+    },
+    /// Show a waypoint's status conditions (Accepted, Programmed) and address.
+    Status {
+        #[arg(short = 'n', long)]
+        namespace: String,
+        #[arg(long, default_value = "waypoint")]
+        name: String,
         #[command(flatten)]
         target: Where,
     },
@@ -111,16 +130,43 @@ fn waypoint_command(command: WaypointCommand) -> ExitCode {
             name,
             for_,
             enroll_namespace,
+            wait,
+            timeout,
             target,
-        } => report(waypoint::apply(
-            &ConfigDir::new(target.config_dir),
-            &waypoint::Apply {
-                namespace,
-                name,
-                for_,
-                enroll_namespace,
-            },
-        )),
+        } => {
+            let dir = ConfigDir::new(target.config_dir);
+            let applied = report(waypoint::apply(
+                &dir,
+                &waypoint::Apply {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    for_,
+                    enroll_namespace,
+                },
+            ));
+            if applied != ExitCode::SUCCESS || !wait {
+                return applied;
+            }
+            wait_programmed(&dir, &namespace, &name, Duration::from_secs(timeout))
+        }
+        WaypointCommand::Status {
+            namespace,
+            name,
+            target,
+        } => match waypoint::status(
+            &ConfigDir::new(target.config_dir).store(),
+            &namespace,
+            &name,
+        ) {
+            Ok(st) => {
+                print_status(&namespace, &name, &st);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         WaypointCommand::Delete {
             namespace,
             name,
@@ -148,6 +194,53 @@ fn waypoint_command(command: WaypointCommand) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn print_status(namespace: &str, name: &str, st: &waypoint::Status) {
+    println!("waypoint {namespace}/{name}");
+    for c in &st.conditions {
+        let status = if c.status { "True" } else { "False" };
+        println!(
+            "  {:<11} {:<6} {:<20} {}",
+            c.type_, status, c.reason, c.message
+        );
+    }
+    println!("  address     {}", st.address.as_deref().unwrap_or("-"));
+}
+
+/// Polls the waypoint's status until it is Programmed or `timeout` passes.
+fn wait_programmed(dir: &ConfigDir, namespace: &str, name: &str, timeout: Duration) -> ExitCode {
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match waypoint::status(&dir.store(), namespace, name) {
+            Ok(st) if st.programmed() => {
+                print_status(namespace, name, &st);
+                return ExitCode::SUCCESS;
+            }
+            Ok(st) if start.elapsed() >= timeout => {
+                print_status(namespace, name, &st);
+                eprintln!("error: waypoint {namespace}/{name} not Programmed after {timeout:?}");
+                return ExitCode::FAILURE;
+            }
+            Ok(st) => {
+                if !said {
+                    let why = st
+                        .conditions
+                        .iter()
+                        .find(|c| !c.status)
+                        .map(|c| c.message.as_str());
+                    eprintln!("waiting for {namespace}/{name}: {}", why.unwrap_or("?"));
+                    said = true;
+                }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

@@ -138,6 +138,13 @@ fn the_local_deployment_gives_the_waypoint_its_address_and_identity() {
     let dir = dir_with(&[("bookinfo.yaml", BOOKINFO)]);
     let target = ConfigDir::new(dir.path());
     apply(&target, &req("bookinfo", "waypoint", true)).expect("apply");
+    let before = status(&target.store(), "bookinfo", "waypoint").expect("status");
+    assert!(before.conditions[0].status, "Accepted: {before:?}");
+    assert_eq!(
+        (before.conditions[1].status, before.conditions[1].reason),
+        (false, "AddressNotAssigned")
+    );
+    assert!(!before.programmed());
     let placed = Placement {
         node: "node-a",
         pod_ip: "10.244.1.20",
