@@ -3,7 +3,7 @@
 //! (the xDS client NACKs it and the last good table keeps serving).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
@@ -36,6 +36,15 @@ pub enum ConfigError {
     },
     #[error("rule {rule}: {source}")]
     Regex { rule: String, source: BadRegex },
+}
+
+/// An address as the protos carry it: 4 or 16 bytes.
+fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
 }
 
 /// The backend key the [`crate::router::Upstream`] resolves: `hostname|subset|port`.
@@ -138,6 +147,21 @@ impl Rules<'_> {
                     Ok((q.name.clone(), self.string("query_params", v)?))
                 })
                 .collect::<Result<_, _>>()?,
+            source_namespace: (!m.source_namespace.is_empty()).then(|| m.source_namespace.clone()),
+            source_addresses: m
+                .source_addresses
+                .as_ref()
+                .map(|s| {
+                    s.addresses
+                        .iter()
+                        .map(|a| {
+                            ip_of(a).ok_or_else(|| {
+                                self.invalid("source_addresses", format!("{} bytes", a.len()))
+                            })
+                        })
+                        .collect::<Result<HashSet<IpAddr>, _>>()
+                })
+                .transpose()?,
         })
     }
 
@@ -329,11 +353,9 @@ pub fn clusters(
         };
         let mut endpoints = Vec::with_capacity(b.endpoints.len());
         for e in &b.endpoints {
-            let ip = match e.address.len() {
-                4 => IpAddr::from(<[u8; 4]>::try_from(&e.address[..]).unwrap_or_default()),
-                16 => IpAddr::from(<[u8; 16]>::try_from(&e.address[..]).unwrap_or_default()),
-                n => return Err(invalid("endpoints.address", format!("{n} bytes"))),
-            };
+            let ip = ip_of(&e.address).ok_or_else(|| {
+                invalid("endpoints.address", format!("{} bytes", e.address.len()))
+            })?;
             let port =
                 u16::try_from(e.port).map_err(|_| invalid("endpoints.port", e.port.to_string()))?;
             let addr = SocketAddr::new(ip, port);

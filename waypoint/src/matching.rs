@@ -2,8 +2,12 @@
 //! exact, prefix and regex string matches (regexes match the whole value, as Envoy's
 //! RE2 matches do).
 
+use std::{collections::HashSet, net::IpAddr, sync::Arc};
+
 use http::HeaderName;
 use regex::Regex;
+
+use crate::ingress::Downstream;
 
 #[derive(Clone, Debug)]
 pub enum StringMatch {
@@ -56,11 +60,38 @@ pub struct RequestMatch {
     pub authority: Option<StringMatch>,
     pub headers: Vec<(HeaderName, HeaderRule)>,
     pub query: Vec<(String, StringMatch)>,
+    /// The client's namespace, from its proven identity.
+    pub source_namespace: Option<String>,
+    /// The client pods' addresses (`sourceLabels` as the controller resolved them).
+    pub source_addresses: Option<HashSet<IpAddr>>,
 }
 
 impl RequestMatch {
+    /// Source conditions: a request with no known client matches none of them.
+    fn source_matches(&self, downstream: Option<&Arc<Downstream>>) -> bool {
+        let Some(d) = downstream else {
+            return false;
+        };
+        if let Some(ns) = &self.source_namespace
+            && d.identity.as_ref().map(|i| i.namespace()) != Some(ns.as_str())
+        {
+            return false;
+        }
+        if let Some(addrs) = &self.source_addresses
+            && !addrs.contains(&d.peer.ip())
+        {
+            return false;
+        }
+        true
+    }
+
     /// Every condition set must hold.
     pub fn matches(&self, req: &http::request::Parts) -> bool {
+        if (self.source_namespace.is_some() || self.source_addresses.is_some())
+            && !self.source_matches(req.extensions.get::<Arc<Downstream>>())
+        {
+            return false;
+        }
         let path = req.uri.path();
         if self.path.as_ref().is_some_and(|m| !m.matches(path)) {
             return false;
@@ -154,6 +185,7 @@ mod tests {
                 (HeaderName::from_static("x-debug"), HeaderRule::Absent),
             ],
             query: vec![("v".into(), StringMatch::Exact("2".into()))],
+            ..Default::default()
         };
         let ok = [
             ("host", "reviews:9080"),
@@ -186,6 +218,42 @@ mod tests {
         assert!(
             RequestMatch::default().matches(&parts("DELETE", "/", &[])),
             "empty matches all"
+        );
+    }
+
+    #[test]
+    fn source_namespace_and_addresses_come_from_the_downstream() {
+        let m = RequestMatch {
+            source_namespace: Some("frontend".into()),
+            source_addresses: Some(["10.77.1.10".parse().expect("ip")].into()),
+            ..Default::default()
+        };
+        let with = |id: &str, peer: &str| {
+            let mut p = parts("GET", "/", &[]);
+            p.extensions.insert(Arc::new(Downstream {
+                identity: Some(id.parse().expect("id")),
+                peer: peer.parse().expect("peer"),
+                service: "reviews:9080".into(),
+                destination: "10.96.0.12:9080".parse().expect("dst"),
+            }));
+            p
+        };
+        let client = "spiffe://cluster.local/ns/frontend/sa/web";
+        assert!(m.matches(&with(client, "10.77.1.10:40000")));
+        assert!(
+            !m.matches(&with(client, "10.77.1.11:40000")),
+            "another pod of the namespace"
+        );
+        assert!(
+            !m.matches(&with(
+                "spiffe://cluster.local/ns/other/sa/web",
+                "10.77.1.10:1"
+            )),
+            "another namespace"
+        );
+        assert!(
+            !m.matches(&parts("GET", "/", &[])),
+            "no known client: no source condition holds"
         );
     }
 }

@@ -120,6 +120,22 @@ impl Context<'_> {
         });
     }
 
+    /// Addresses of the mesh's pods carrying every one of `labels` (`sourceLabels`).
+    fn pods_labelled(&self, labels: &BTreeMap<String, String>) -> Vec<Vec<u8>> {
+        self.store
+            .pods()
+            .filter(|p| super::workload::enrolled(self.store, p))
+            .filter(|p| {
+                let own = p.metadata.labels.as_ref();
+                labels
+                    .iter()
+                    .all(|(k, v)| own.and_then(|l| l.get(k)) == Some(v))
+            })
+            .flat_map(|p| super::workload::pod_ips(p))
+            .map(super::ip_bytes)
+            .collect()
+    }
+
     /// A route or mirror destination: its host resolved to the service's FQDN, the
     /// route's port unless it names one.
     fn backend(&self, d: &istio::Destination, port: u32) -> l7::WeightedBackend {
@@ -195,13 +211,6 @@ impl Context<'_> {
         if route.route.iter().any(|d| d.headers.is_some()) {
             unsupported.push("per-destination headers");
         }
-        if route
-            .matches
-            .iter()
-            .any(|m| !m.source_labels.is_empty() || m.source_namespace.is_some())
-        {
-            unsupported.push("source matches (the route never matches)");
-        }
         if !unsupported.is_empty() {
             self.notice(format!(
                 "http route {label}: not applied yet by waypoints: {}",
@@ -227,13 +236,6 @@ impl Context<'_> {
                     name: name.to_ascii_lowercase(),
                     rule: Some(l7::header_match::Rule::Absent(true)),
                 }));
-                // A source match we cannot evaluate yet must not widen the route.
-                if !m.source_labels.is_empty() || m.source_namespace.is_some() {
-                    headers.push(l7::HeaderMatch {
-                        name: "x-cairn-unsupported-source-match".into(),
-                        rule: Some(l7::header_match::Rule::Present(true)),
-                    });
-                }
                 l7::Match {
                     uri: m.uri.as_ref().and_then(string_match),
                     method: m.method.as_ref().and_then(string_match),
@@ -249,6 +251,10 @@ impl Context<'_> {
                             })
                         })
                         .collect(),
+                    source_namespace: m.source_namespace.clone().unwrap_or_default(),
+                    source_addresses: (!m.source_labels.is_empty()).then(|| l7::SourceAddresses {
+                        addresses: self.pods_labelled(&m.source_labels),
+                    }),
                 }
             })
             .collect();
@@ -717,6 +723,32 @@ mod tests {
             text.iter()
                 .any(|m| m.contains("host ratings: no such service")),
             "{text:?}"
+        );
+    }
+
+    #[test]
+    fn source_matches_compile_to_the_selected_pods_addresses() {
+        let pods = "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: bookinfo, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: bookinfo, labels: {app: web, tier: front}}\nstatus: {phase: Running, podIP: 10.244.1.5}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: batch, namespace: bookinfo, labels: {app: batch}}\nstatus: {phase: Running, podIP: 10.244.1.6}\n";
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - match:\n    - sourceLabels: {app: web}\n      sourceNamespace: bookinfo\n    - sourceLabels: {app: nobody}\n    route:\n    - destination: {host: reviews}\n";
+        let (configs, notices) = route_configs(
+            &store_of(&format!("{SERVICE}{pods}{vs}")),
+            &MeshConfig::default(),
+        );
+        assert!(notices.is_empty(), "{notices:?}");
+        let rule = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"].rules[0];
+        let web = &rule.matches[0];
+        assert_eq!(web.source_namespace, "bookinfo");
+        assert_eq!(
+            web.source_addresses.as_ref().map(|s| s.addresses.clone()),
+            Some(vec![vec![10, 244, 1, 5]])
+        );
+        assert_eq!(
+            rule.matches[1]
+                .source_addresses
+                .as_ref()
+                .map(|s| s.addresses.len()),
+            Some(0),
+            "labels no pod carries: set and empty (matches no client), not unset"
         );
     }
 }

@@ -100,6 +100,8 @@ fn compile_match(m: &HttpRouteMatch) -> l7::Match {
                 value: Some(exact_or_regex(q.type_.as_deref(), &q.value)),
             })
             .collect(),
+        source_namespace: String::new(),
+        source_addresses: None,
     }
 }
 
