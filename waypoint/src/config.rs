@@ -19,7 +19,7 @@ use crate::{
         Attribute, Condition, Effect, Operation, Policies, Policy, PolicyRule, Source, Values,
     },
     cluster::{Cluster, HashKey, LoadBalancer, OutlierDetection, PoolLimits, TrafficPolicy},
-    fault::{Fault, Percent},
+    fault::{Abort, Fault, Percent},
     jwt::{JwtAuthn, JwtRule, TokenSource, parse_jwks},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
     retry::{RetryOn, RetryPolicy},
@@ -260,8 +260,20 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
                         .abort
                         .as_ref()
                         .map(|a| {
+                            let abort = match a.grpc_status {
+                                0 => Abort::Http(
+                                    cx.status("fault.abort.http_status", a.http_status)?,
+                                ),
+                                1..=16 => Abort::Grpc(a.grpc_status),
+                                n => {
+                                    return Err(cx.invalid(
+                                        "fault.abort.grpc_status",
+                                        format!("{n} is not a gRPC status code (1..=16)"),
+                                    ));
+                                }
+                            };
                             Ok::<_, ConfigError>((
-                                cx.status("fault.abort.http_status", a.http_status)?,
+                                abort,
                                 cx.percent("fault.abort.percent", a.percent)?,
                             ))
                         })
@@ -538,6 +550,16 @@ mod tests {
             abort: Some(l7::Abort {
                 http_status: 503,
                 percent: 150.0,
+                grpc_status: 0,
+            }),
+            delay: None,
+        });
+        let mut bad_grpc = forward_rule("bookinfo/reviews/5");
+        bad_grpc.fault = Some(l7::Fault {
+            abort: Some(l7::Abort {
+                http_status: 0,
+                percent: 50.0,
+                grpc_status: 99,
             }),
             delay: None,
         });
@@ -547,6 +569,7 @@ mod tests {
             (bad_header, "bad header"),
             (bad_percent, "150 is not a percentage"),
             (bad_retry, "when-it-rains"),
+            (bad_grpc, "99 is not a gRPC status code"),
         ] {
             let name = rule.name.clone();
             let config = l7::RouteConfig {

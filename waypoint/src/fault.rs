@@ -9,7 +9,21 @@ use rand::Rng;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fault {
     pub delay: Option<(Duration, Percent)>,
-    pub abort: Option<(StatusCode, Percent)>,
+    pub abort: Option<(Abort, Percent)>,
+}
+
+/// How an aborted request is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    Http(StatusCode),
+    /// A gRPC status code (1..=16), answered trailers-only with HTTP 200.
+    Grpc(u32),
+}
+
+impl From<StatusCode> for Abort {
+    fn from(s: StatusCode) -> Self {
+        Abort::Http(s)
+    }
 }
 
 /// 0.0..=100.0.
@@ -27,7 +41,7 @@ impl Percent {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Decision {
     pub delay: Option<Duration>,
-    pub abort: Option<StatusCode>,
+    pub abort: Option<Abort>,
 }
 
 impl Fault {
@@ -50,7 +64,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let fault = Fault {
             delay: Some((Duration::from_millis(5), Percent(10.0))),
-            abort: Some((StatusCode::SERVICE_UNAVAILABLE, Percent(50.0))),
+            abort: Some((StatusCode::SERVICE_UNAVAILABLE.into(), Percent(50.0))),
         };
         let n = 20_000;
         let (mut delayed, mut aborted) = (0, 0);
@@ -72,7 +86,7 @@ mod tests {
         );
         let never = Fault {
             delay: None,
-            abort: Some((StatusCode::BAD_GATEWAY, Percent(0.0))),
+            abort: Some((StatusCode::BAD_GATEWAY.into(), Percent(0.0))),
         };
         assert_eq!(never.decide(&mut rng), Decision::default());
     }

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     authz::{Attributes, Policies, Verdict},
+    fault::Abort,
     ingress::Downstream,
     jwt::Authn,
     retry::{Outcome, RetryBudget, backoff},
@@ -273,6 +274,24 @@ fn respond_flagged(status: StatusCode, body: &'static str, flag: ResponseFlag) -
     resp
 }
 
+/// A gRPC status as Envoy's fault filter answers it: HTTP 200, trailers-only (the
+/// status in the headers), no body.
+fn grpc_abort(code: u32) -> Response<Body> {
+    let mut resp = Response::new(full(""));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", header::HeaderValue::from(code));
+    h.insert(
+        "grpc-message",
+        header::HeaderValue::from_static("fault filter abort"),
+    );
+    resp.extensions_mut().insert(ResponseFlag::FAULT_ABORT);
+    resp
+}
+
 fn respond(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
@@ -415,8 +434,12 @@ impl Router {
         if let Some(delay) = fault.delay {
             tokio::time::sleep(delay).await;
         }
-        if let Some(status) = fault.abort {
-            return respond_flagged(status, "fault filter abort", ResponseFlag::FAULT_ABORT);
+        match fault.abort {
+            Some(Abort::Http(status)) => {
+                return respond_flagged(status, "fault filter abort", ResponseFlag::FAULT_ABORT);
+            }
+            Some(Abort::Grpc(code)) => return grpc_abort(code),
+            None => {}
         }
         let delayed = fault.delay.is_some();
         let mut resp = match &rule.action {

@@ -12,7 +12,7 @@ use std::{
 use bytes::Bytes;
 use cairn_waypoint::{
     cluster::Clusters,
-    fault::{Fault, Percent},
+    fault::{Abort, Fault, Percent},
     matching::{HeaderRule, RequestMatch, StringMatch},
     route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
     router::{Body, Router, Upstream, UpstreamFuture, full, serve},
@@ -139,6 +139,52 @@ async fn a_delay_fault_holds_the_request_for_its_duration() {
     assert!(start.elapsed() < Duration::from_secs(8));
 }
 
+#[tokio::test]
+async fn a_grpc_abort_answers_trailers_only_with_the_status_for_its_share() {
+    let mut chaos = rule("chaos", vec![], split(100, 0));
+    chaos.fault = Some(Fault {
+        delay: None,
+        abort: Some((Abort::Grpc(14), Percent(50.0))),
+    });
+    let recorder = Arc::new(Recorder::default());
+    let router = Router::new(
+        RouteTable {
+            rules: vec![chaos],
+            ..Default::default()
+        },
+        recorder.clone(),
+        Some(3),
+    );
+    let mut aborted = 0usize;
+    const N: usize = 2_000;
+    for _ in 0..N {
+        let req = Request::post("/reviews.Reviews/Get")
+            .header("content-type", "application/grpc")
+            .body(full(""))
+            .expect("request");
+        let resp = router.handle(req).await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "gRPC errors ride on HTTP 200"
+        );
+        if let Some(status) = resp.headers().get("grpc-status") {
+            assert_eq!(status, "14");
+            assert_eq!(resp.headers()["content-type"], "application/grpc");
+            assert_eq!(text(resp).await, "", "trailers-only: no message");
+            aborted += 1;
+        }
+    }
+    let share = aborted as f64 * 100.0 / N as f64;
+    assert!((share - 50.0).abs() <= 3.0, "aborted {share}%");
+    let reached = recorder.seen.lock().expect("lock").values().sum::<usize>();
+    assert_eq!(
+        reached + aborted,
+        N,
+        "an aborted call never reaches the backend"
+    );
+}
+
 /// An HTTP backend answering `<name>:<x-route header>:<path>`, after `delay`.
 async fn backend(name: &'static str, delay: Duration) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -195,7 +241,7 @@ fn table() -> RouteTable {
     let mut aborted = rule("abort", vec![path("/abort")], split(100, 0));
     aborted.fault = Some(Fault {
         delay: None,
-        abort: Some((StatusCode::SERVICE_UNAVAILABLE, Percent(100.0))),
+        abort: Some((StatusCode::SERVICE_UNAVAILABLE.into(), Percent(100.0))),
     });
     let mut slow = rule(
         "slow",

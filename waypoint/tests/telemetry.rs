@@ -90,7 +90,7 @@ async fn requests_are_counted_and_measured_with_istios_labels() {
     let mut aborted = rule("bookinfo/reviews/chaos", "/chaos");
     aborted.fault = Some(Fault {
         delay: None,
-        abort: Some((StatusCode::SERVICE_UNAVAILABLE, Percent(100.0))),
+        abort: Some((StatusCode::SERVICE_UNAVAILABLE.into(), Percent(100.0))),
     });
     let router = Router::new(
         RouteTable {

@@ -302,9 +302,21 @@ impl Context<'_> {
                 percent: percent(&d.percentage),
             }),
             abort: f.abort.as_ref().and_then(|a| {
+                let grpc_status = match a.grpc_status.as_deref().map(grpc_code) {
+                    None => 0,
+                    Some(Some(code)) => code,
+                    Some(None) => {
+                        self.notice(format!(
+                            "http route {label}: abort grpcStatus {:?} is not a gRPC status; ignored",
+                            a.grpc_status.as_deref().unwrap_or_default()
+                        ));
+                        return None;
+                    }
+                };
                 Some(l7::Abort {
-                    http_status: a.http_status?,
+                    http_status: a.http_status.unwrap_or(0),
                     percent: percent(&a.percentage),
+                    grpc_status,
                 })
             }),
         });
@@ -323,6 +335,32 @@ impl Context<'_> {
             request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             response_headers: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
         }
+    }
+}
+
+/// A gRPC status code from its name (`UNAVAILABLE`) or number (`14`); 1..=16.
+fn grpc_code(s: &str) -> Option<u32> {
+    const NAMES: [&str; 16] = [
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    match s.parse::<u32>() {
+        Ok(n) => (1..=16).contains(&n).then_some(n),
+        Err(_) => NAMES.iter().position(|n| *n == s).map(|i| i as u32 + 1),
     }
 }
 
@@ -750,5 +788,24 @@ mod tests {
             Some(0),
             "labels no pod carries: set and empty (matches no client), not unset"
         );
+    }
+
+    #[test]
+    fn a_grpc_abort_compiles_by_name_or_number() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - fault:\n      abort: {grpcStatus: UNAVAILABLE, percentage: {value: 50}}\n    route:\n    - destination: {host: reviews}\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let rule = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"].rules[0];
+        let abort = rule
+            .fault
+            .as_ref()
+            .and_then(|f| f.abort.as_ref())
+            .expect("abort");
+        assert_eq!((abort.grpc_status, abort.percent), (14, 50.0));
+        assert_eq!(grpc_code("14"), Some(14));
+        assert_eq!(grpc_code("UNAUTHENTICATED"), Some(16));
+        assert_eq!(grpc_code("OK"), None, "OK is no abort");
+        assert_eq!(grpc_code("17"), None);
     }
 }
