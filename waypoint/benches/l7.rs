@@ -51,10 +51,12 @@ fn waypoint_role() {
                 WeightedBackend {
                     backend: "v1".into(),
                     weight: w1,
+                    headers: None,
                 },
                 WeightedBackend {
                     backend: "v2".into(),
                     weight: w2,
+                    headers: None,
                 },
             ])
         };

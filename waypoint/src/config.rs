@@ -5,6 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -23,7 +24,9 @@ use crate::{
     jwt::{JwtAuthn, JwtRule, TokenSource, parse_jwks},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
     retry::{RetryOn, RetryPolicy},
-    route::{Action, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend},
+    route::{
+        Action, BackendHeaders, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend,
+    },
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -223,11 +226,21 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
                 Some(l7::rule::Action::Forward(f)) => Action::Forward(
                     f.backends
                         .iter()
-                        .map(|b| WeightedBackend {
-                            backend: backend_key(&b.hostname, &b.subset, b.port),
-                            weight: b.weight,
+                        .map(|b| {
+                            let headers = match (&b.request_headers, &b.response_headers) {
+                                (None, None) => None,
+                                (req, resp) => Some(Arc::new(BackendHeaders {
+                                    request: cx.header_ops(req.as_ref())?,
+                                    response: cx.header_ops(resp.as_ref())?,
+                                })),
+                            };
+                            Ok(WeightedBackend {
+                                backend: backend_key(&b.hostname, &b.subset, b.port),
+                                weight: b.weight,
+                                headers,
+                            })
                         })
-                        .collect(),
+                        .collect::<Result<_, ConfigError>>()?,
                 ),
                 Some(l7::rule::Action::Redirect(r)) => Action::Redirect {
                     authority: Some(r.authority.clone()).filter(|a| !a.is_empty()),
@@ -514,6 +527,7 @@ mod tests {
                     subset: "v1".into(),
                     port: 9080,
                     weight: 100,
+                    ..Default::default()
                 }],
             })),
             ..Default::default()

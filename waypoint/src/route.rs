@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::sync::Arc;
+
 use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::{authz::Policies, fault::Fault, matching::RequestMatch, retry::RetryPolicy};
@@ -71,14 +73,23 @@ pub struct Mirror {
 
 /// A destination: `backend` names a set of endpoints (service host, subset, port) the
 /// [`crate::router::Upstream`] knows how to reach.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WeightedBackend {
     pub backend: String,
     pub weight: u32,
+    /// Header edits for requests sent to this destination (VirtualService
+    /// `route[].headers`), applied after the rule's own.
+    pub headers: Option<Arc<BackendHeaders>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendHeaders {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
 }
 
 /// Header edits, applied in this order: remove, set (replace), add (append).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeaderOps {
     pub remove: Vec<HeaderName>,
     pub set: Vec<(HeaderName, HeaderValue)>,

@@ -426,7 +426,9 @@ impl Router {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             let fault = rule.fault.as_ref().map(|f| f.decide(&mut *rng));
             let backend = match &rule.action {
-                Action::Forward(backends) => pick(backends, &mut *rng).map(|b| b.backend.clone()),
+                Action::Forward(backends) => {
+                    pick(backends, &mut *rng).map(|b| (b.backend.clone(), b.headers.clone()))
+                }
                 _ => None,
             };
             (fault.unwrap_or_default(), backend)
@@ -442,6 +444,8 @@ impl Router {
             None => {}
         }
         let delayed = fault.delay.is_some();
+        let (backend, backend_headers) = backend.unzip();
+        let backend_headers = backend_headers.flatten();
         let mut resp = match &rule.action {
             Action::Respond { status, body } => {
                 let mut resp = Response::new(full(body.clone()));
@@ -488,6 +492,9 @@ impl Router {
                     );
                 };
                 rule.request_headers.apply(&mut parts.headers);
+                if let Some(h) = &backend_headers {
+                    h.request.apply(&mut parts.headers);
+                }
                 if let Some(rewrite) = &rule.rewrite {
                     rewrite.apply(&mut parts, matched);
                 }
@@ -509,6 +516,9 @@ impl Router {
             }
         };
         rule.response_headers.apply(resp.headers_mut());
+        if let Some(h) = &backend_headers {
+            h.response.apply(resp.headers_mut());
+        }
         if delayed && resp.extensions().get::<ResponseFlag>().is_none() {
             resp.extensions_mut().insert(ResponseFlag::FAULT_DELAY);
         }

@@ -86,6 +86,7 @@ fn router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -
         action: Action::Forward(vec![WeightedBackend {
             backend: "reviews".into(),
             weight: 1,
+            headers: None,
         }]),
         fault: None,
         timeout: None,

@@ -123,6 +123,7 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
         Action::Forward(vec![WeightedBackend {
             backend: backend.into(),
             weight: 1,
+            headers: None,
         }])
     };
     let rule = |name: &str, matches, action| Rule {
@@ -576,6 +577,7 @@ async fn the_waypoint_reaches_mesh_endpoints_over_hbone_as_its_own_identity() {
                     action: Action::Forward(vec![WeightedBackend {
                         backend: "reviews".into(),
                         weight: 1,
+                        headers: None,
                     }]),
                     fault: None,
                     timeout: None,

@@ -115,6 +115,7 @@ async fn tokens_are_validated_and_feed_request_principals() {
                 action: Action::Forward(vec![WeightedBackend {
                     backend: "b".into(),
                     weight: 1,
+                    headers: None,
                 }]),
                 fault: None,
                 timeout: None,

@@ -77,6 +77,7 @@ fn rule(matches: Vec<RequestMatch>, backend: &str) -> Rule {
         action: Action::Forward(vec![WeightedBackend {
             backend: backend.into(),
             weight: 1,
+            headers: None,
         }]),
         fault: None,
         timeout: None,

@@ -89,6 +89,7 @@ fn router_to(addr: SocketAddr, retry: Option<RetryPolicy>, timeout: Option<Durat
         action: Action::Forward(vec![WeightedBackend {
             backend: "flaky".into(),
             weight: 1,
+            headers: None,
         }]),
         fault: None,
         timeout,

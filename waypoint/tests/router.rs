@@ -14,7 +14,7 @@ use cairn_waypoint::{
     cluster::Clusters,
     fault::{Abort, Fault, Percent},
     matching::{HeaderRule, RequestMatch, StringMatch},
-    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+    route::{Action, BackendHeaders, HeaderOps, RouteTable, Rule, WeightedBackend},
     router::{Body, Router, Upstream, UpstreamFuture, full, serve},
 };
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -41,10 +41,12 @@ fn split(v1: u32, v2: u32) -> Action {
         WeightedBackend {
             backend: "reviews|v1".into(),
             weight: v1,
+            headers: None,
         },
         WeightedBackend {
             backend: "reviews|v2".into(),
             weight: v2,
+            headers: None,
         },
     ])
 }
@@ -249,9 +251,24 @@ fn table() -> RouteTable {
         Action::Forward(vec![WeightedBackend {
             backend: "slow".into(),
             weight: 1,
+            headers: None,
         }]),
     );
     slow.timeout = Some(Duration::from_millis(200));
+    // Per-destination headers (VirtualService `route[].headers`) on v2 only.
+    let mut canary = split(90, 10);
+    if let Action::Forward(backends) = &mut canary {
+        let mut h = BackendHeaders::default();
+        h.request.set.push((
+            HeaderName::from_static("x-route"),
+            HeaderValue::from_static("canary-v2"),
+        ));
+        h.response.set.push((
+            HeaderName::from_static("x-version"),
+            HeaderValue::from_static("v2"),
+        ));
+        backends[1].headers = Some(Arc::new(h));
+    }
     RouteTable {
         rules: vec![
             rule(
@@ -280,7 +297,7 @@ fn table() -> RouteTable {
                     path: Some(StringMatch::Prefix("/reviews".into())),
                     ..Default::default()
                 }],
-                split(90, 10),
+                canary,
             ),
         ],
         ..Default::default()
@@ -335,11 +352,17 @@ async fn routes_real_http_requests_over_http1_and_http2() {
         // Weighted split: both versions answer, mostly v1.
         let mut v1 = 0;
         for _ in 0..200 {
-            let body = text(send(get("/reviews/1", None)).await).await;
-            assert!(
-                body == "v1:-:/reviews/1" || body == "v2:-:/reviews/1",
-                "{proto}: {body}"
-            );
+            let resp = send(get("/reviews/1", None)).await;
+            let version = resp.headers().get("x-version").cloned();
+            let body = text(resp).await;
+            // v2's destination headers reach v2's requests and responses only.
+            match body.as_str() {
+                "v1:-:/reviews/1" => assert_eq!(version, None, "{proto}"),
+                "v2:canary-v2:/reviews/1" => {
+                    assert_eq!(version, Some(HeaderValue::from_static("v2")), "{proto}")
+                }
+                other => panic!("{proto}: {other}"),
+            }
             v1 += usize::from(body.starts_with("v1"));
         }
         assert!(

@@ -42,6 +42,7 @@ fn rule(name: &str, path: &str) -> Rule {
         action: Action::Forward(vec![WeightedBackend {
             backend: V2.into(),
             weight: 1,
+            headers: None,
         }]),
         fault: None,
         timeout: None,

@@ -129,6 +129,7 @@ fn route_config(subset: &str, endpoint: SocketAddr, regex: &str) -> Vec<u8> {
         subset: subset.into(),
         port: 9080,
         weight: 1,
+        ..Default::default()
     };
     l7::RouteConfig {
         namespace: "bookinfo".into(),

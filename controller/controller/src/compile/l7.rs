@@ -147,6 +147,7 @@ impl Context<'_> {
             subset: d.subset.clone().unwrap_or_default(),
             port: d.port.as_ref().map_or(port, |p| p.number),
             weight: 0,
+            ..Default::default()
         }
     }
 
@@ -207,16 +208,6 @@ impl Context<'_> {
 
     fn rule(&mut self, index: usize, route: &istio::HttpRoute, port: u32) -> l7::Rule {
         let label = route.name.clone().unwrap_or_else(|| index.to_string());
-        let mut unsupported = Vec::new();
-        if route.route.iter().any(|d| d.headers.is_some()) {
-            unsupported.push("per-destination headers");
-        }
-        if !unsupported.is_empty() {
-            self.notice(format!(
-                "http route {label}: not applied yet by waypoints: {}",
-                unsupported.join(", ")
-            ));
-        }
         let matches = route
             .matches
             .iter()
@@ -281,6 +272,9 @@ impl Context<'_> {
                 .iter()
                 .map(|d| {
                     let mut b = self.backend(&d.destination, port);
+                    let h = d.headers.as_ref();
+                    b.request_headers = header_ops(h.and_then(|h| h.request.as_ref()));
+                    b.response_headers = header_ops(h.and_then(|h| h.response.as_ref()));
                     b.weight = d
                         .weight
                         .map_or(if n == 1 { 100 } else { 0 }, |w| w.max(0) as u32);
@@ -526,6 +520,7 @@ fn default_config(namespace: &str, name: &str, hostname: &str, port: u32) -> l7:
                     subset: String::new(),
                     port,
                     weight: 100,
+                    ..Default::default()
                 }],
             })),
             retry: Some(default_retry()),
@@ -591,7 +586,8 @@ mod tests {
                 hostname: "reviews.bookinfo.svc.cluster.local".into(),
                 subset: "v2".into(),
                 port: 9080,
-                weight: 100
+                weight: 100,
+                ..Default::default()
             }]
         );
         let canary = &c.rules[1];
@@ -749,8 +745,8 @@ mod tests {
         assert_eq!(configs.len(), 1);
         let text: Vec<&str> = notices.iter().map(|n| n.message.as_str()).collect();
         assert!(
-            text.iter().any(|m| m.contains("per-destination headers")),
-            "{text:?}"
+            text.iter().all(|m| !m.contains("headers")),
+            "per-destination headers compile now: {text:?}"
         );
         assert!(
             text.iter()
@@ -807,5 +803,30 @@ mod tests {
         assert_eq!(grpc_code("UNAUTHENTICATED"), Some(16));
         assert_eq!(grpc_code("OK"), None, "OK is no abort");
         assert_eq!(grpc_code("17"), None);
+    }
+
+    #[test]
+    fn per_destination_headers_compile_onto_their_backend() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n      weight: 90\n    - destination: {host: reviews, port: {number: 9080}}\n      weight: 10\n      headers:\n        request: {set: {x-canary: \"1\"}}\n        response: {remove: [x-internal]}\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let rule = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"].rules[0];
+        let Some(l7::rule::Action::Forward(f)) = &rule.action else {
+            panic!("forward: {rule:?}")
+        };
+        assert!(f.backends[0].request_headers.is_none());
+        let canary = &f.backends[1];
+        assert_eq!(
+            canary
+                .request_headers
+                .as_ref()
+                .and_then(|h| h.set.get("x-canary")),
+            Some(&"1".to_string())
+        );
+        assert_eq!(
+            canary.response_headers.as_ref().map(|h| h.remove.clone()),
+            Some(vec!["x-internal".to_string()])
+        );
     }
 }

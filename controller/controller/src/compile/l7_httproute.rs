@@ -149,6 +149,7 @@ impl Route<'_> {
             subset: String::new(),
             port: port.unwrap_or(route_port),
             weight: 0,
+            ..Default::default()
         }
     }
 
