@@ -88,7 +88,16 @@ pub struct TrafficPolicy {
     pub lb: LoadBalancer,
     pub pool: PoolLimits,
     pub outlier: Option<OutlierDetection>,
+    /// `connectionPool.tcp.connectTimeout`: how long opening a connection (an HBONE
+    /// tunnel: TCP, TLS and CONNECT) to an endpoint may take; `None`: the
+    /// transport's default.
+    pub connect_timeout: Option<std::time::Duration>,
 }
+
+/// A request's connect timeout for the transport, from its cluster's policy (carried
+/// in the request's extensions).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectTimeout(pub std::time::Duration);
 
 /// Sends one request to one endpoint (plain HTTP, or HBONE as the waypoint's
 /// identity).
@@ -403,6 +412,10 @@ impl Upstream for Clusters {
         let Some(guard) = cluster.admit(endpoint.clone()) else {
             return Box::pin(async move { Err(UpstreamError::Overflow(backend)) });
         };
+        let mut req = req;
+        if let Some(t) = cluster.policy.connect_timeout {
+            req.extensions_mut().insert(ConnectTimeout(t));
+        }
         let sent = self.transport.send(endpoint.addr, req);
         Box::pin(async move {
             let result = sent.await;

@@ -436,7 +436,13 @@ pub fn clusters(
         out.push(Cluster::new(
             b.name.clone(),
             endpoints,
-            TrafficPolicy { lb, pool, outlier },
+            TrafficPolicy {
+                lb,
+                pool,
+                outlier,
+                connect_timeout: (b.connect_timeout_ms > 0)
+                    .then(|| Duration::from_millis(b.connect_timeout_ms)),
+            },
             seed,
         ));
     }

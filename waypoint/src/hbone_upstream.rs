@@ -22,7 +22,7 @@ use rustls::ClientConfig;
 use tracing::debug;
 
 use crate::{
-    cluster::Transport,
+    cluster::{ConnectTimeout, Transport},
     router::{
         Body, BoxError, ByteStream, HttpTransport, OpenFuture, UpstreamError, UpstreamFuture,
     },
@@ -31,6 +31,10 @@ use crate::{
 /// Client TLS proving the waypoint's identity and expecting `peer` (certificates
 /// rotate underneath, so asked per new HBONE connection).
 pub type TlsFor = Arc<dyn Fn(&SpiffeId) -> Result<Arc<ClientConfig>, BoxError> + Send + Sync>;
+
+/// How long opening a tunnel (TCP, TLS, CONNECT) may take unless the cluster says
+/// (Istio's default `connectTimeout`).
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Idle HTTP/1.1 connections (inside tunnels) kept per endpoint.
 const IDLE_PER_ENDPOINT: usize = 16;
@@ -95,6 +99,7 @@ impl HboneTransport {
         &self,
         endpoint: SocketAddr,
         peer: &SpiffeId,
+        timeout: std::time::Duration,
     ) -> impl Future<Output = Result<cairn_hbone::stream::H2Stream, UpstreamError>> + Send + 'static
     {
         let client = self.client.clone();
@@ -106,18 +111,18 @@ impl HboneTransport {
                 source,
             };
             let tls = tls.map_err(failed)?;
-            client
-                .connect(&key, tls, endpoint)
+            let connected = tokio::time::timeout(timeout, client.connect(&key, tls, endpoint))
                 .await
-                .map_err(|e| match e {
-                    ClientError::H2 { .. } => UpstreamError::Reset {
-                        backend: endpoint.to_string(),
-                        source: e.into(),
-                    },
-                    // Unreachable peer, wrong identity, refused CONNECT: no
-                    // connection to the application was made.
-                    _ => failed(e.into()),
-                })
+                .map_err(|_| failed(format!("connect timeout ({timeout:?})").into()))?;
+            connected.map_err(|e| match e {
+                ClientError::H2 { .. } => UpstreamError::Reset {
+                    backend: endpoint.to_string(),
+                    source: e.into(),
+                },
+                // Unreachable peer, wrong identity, refused CONNECT: no
+                // connection to the application was made.
+                _ => failed(e.into()),
+            })
         }
     }
 }
@@ -141,7 +146,11 @@ impl Transport for HboneTransport {
         let Some(peer) = self.identities.get(&endpoint).cloned() else {
             return self.plain.send(endpoint, req);
         };
-        let tunnel = self.tunnel(endpoint, &peer);
+        let timeout = req
+            .extensions()
+            .get::<ConnectTimeout>()
+            .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0);
+        let tunnel = self.tunnel(endpoint, &peer, timeout);
         let idle = self.idle.clone();
         Box::pin(async move {
             let reset = |source: BoxError| UpstreamError::Reset {
@@ -200,7 +209,7 @@ impl Transport for HboneTransport {
         let Some(peer) = self.identities.get(&endpoint).cloned() else {
             return self.plain.open(endpoint);
         };
-        let tunnel = self.tunnel(endpoint, &peer);
+        let tunnel = self.tunnel(endpoint, &peer, DEFAULT_CONNECT_TIMEOUT);
         Box::pin(async move { Ok(Box::new(tunnel.await?) as Box<dyn ByteStream>) })
     }
 }

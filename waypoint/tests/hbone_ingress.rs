@@ -611,3 +611,80 @@ async fn the_waypoint_reaches_mesh_endpoints_over_hbone_as_its_own_identity() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(endpoint.v1_hits.load(Ordering::SeqCst), 5);
 }
+
+#[tokio::test]
+async fn a_stalled_endpoint_fails_after_its_clusters_connect_timeout() {
+    use cairn_waypoint::{
+        cluster::{Cluster, TrafficPolicy},
+        hbone_upstream::HboneTransport,
+    };
+    // Accepts TCP and never answers the TLS handshake: a wedged peer.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stalled = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let mesh = TestCa::new("mesh");
+    let me = Arc::new(mesh.workload(WAYPOINT));
+    let roots = mesh.roots();
+    let tls: cairn_waypoint::hbone_upstream::TlsFor =
+        Arc::new(move |peer: &cairn_identity::SpiffeId| {
+            client_config(&me, &roots, peer.clone()).map_err(|e| e.into())
+        });
+    let vip: SocketAddr = REVIEWS.parse().expect("addr");
+    let transport = HboneTransport::new(
+        client(),
+        WAYPOINT.parse().expect("id"),
+        tls,
+        HashMap::from([(
+            vip,
+            "spiffe://cluster.local/ns/bookinfo/sa/reviews"
+                .parse()
+                .expect("id"),
+        )]),
+    )
+    .with_hbone_port(stalled.port())
+    .with_hbone_ip(stalled.ip());
+    let policy = TrafficPolicy {
+        connect_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let clusters = Clusters::new(
+        vec![Cluster::new("reviews", vec![vip], policy, None)],
+        Arc::new(transport),
+    );
+    let router = Router::new(
+        RouteTable {
+            rules: vec![Rule {
+                name: "all".into(),
+                matches: vec![],
+                action: Action::Forward(vec![WeightedBackend {
+                    backend: "reviews".into(),
+                    weight: 1,
+                    headers: None,
+                }]),
+                fault: None,
+                timeout: None,
+                retry: None,
+                rewrite: None,
+                mirrors: vec![],
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+            }],
+            ..Default::default()
+        },
+        Arc::new(clusters),
+        Some(1),
+    );
+    let start = std::time::Instant::now();
+    let resp = router.handle(get("/", None)).await;
+    let took = start.elapsed();
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "gave up after {took:?}, the cluster's connectTimeout is 300ms"
+    );
+}
