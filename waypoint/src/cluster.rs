@@ -37,7 +37,7 @@ use tracing::{info, warn};
 
 use crate::{
     ingress::Downstream,
-    router::{Body, OpenFuture, Upstream, UpstreamError, UpstreamFuture},
+    router::{Body, OpenFuture, RetrySlot, Upstream, UpstreamError, UpstreamFuture},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +61,16 @@ pub struct PoolLimits {
     pub max_connections: Option<usize>,
     pub http1_max_pending_requests: Option<usize>,
     pub http2_max_requests: Option<usize>,
+    /// Requests one upstream connection carries before it is closed.
+    pub max_requests_per_connection: Option<usize>,
+    /// Retries in flight to this cluster at once; past it a retry is not made.
+    pub max_retries: Option<usize>,
 }
+
+/// A request's per-connection request cap for the transport (from its cluster's
+/// `maxRequestsPerConnection`, in the request's extensions).
+#[derive(Clone, Copy, Debug)]
+pub struct MaxRequestsPerConnection(pub usize);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutlierDetection {
@@ -144,6 +153,8 @@ pub struct Cluster {
     endpoints: Vec<Arc<Endpoint>>,
     policy: TrafficPolicy,
     in_flight: AtomicUsize,
+    /// Retries in flight (for `maxRetries`).
+    retrying: Arc<AtomicUsize>,
     cursor: AtomicUsize,
     rng: Mutex<StdRng>,
 }
@@ -190,6 +201,7 @@ impl Cluster {
                 .collect(),
             policy,
             in_flight: AtomicUsize::new(0),
+            retrying: Arc::default(),
             cursor: AtomicUsize::new(0),
             rng: Mutex::new(match seed {
                 Some(s) => StdRng::seed_from_u64(s),
@@ -401,6 +413,16 @@ impl Clusters {
 }
 
 impl Upstream for Clusters {
+    fn retry_slot(&self, backend: &str) -> Option<RetrySlot> {
+        let Some(cluster) = self.clusters.get(backend) else {
+            return Some(RetrySlot::unlimited());
+        };
+        match cluster.policy.pool.max_retries {
+            None => Some(RetrySlot::unlimited()),
+            Some(max) => RetrySlot::counted(&cluster.retrying, max),
+        }
+    }
+
     fn send(&self, backend: &str, req: Request<Body>) -> UpstreamFuture {
         let backend = backend.to_owned();
         let Some(cluster) = self.clusters.get(&backend).cloned() else {
@@ -415,6 +437,9 @@ impl Upstream for Clusters {
         let mut req = req;
         if let Some(t) = cluster.policy.connect_timeout {
             req.extensions_mut().insert(ConnectTimeout(t));
+        }
+        if let Some(n) = cluster.policy.pool.max_requests_per_connection {
+            req.extensions_mut().insert(MaxRequestsPerConnection(n));
         }
         let sent = self.transport.send(endpoint.addr, req);
         Box::pin(async move {

@@ -425,6 +425,8 @@ pub fn clusters(
                 max_connections: limit(p.max_connections),
                 http1_max_pending_requests: limit(p.http1_max_pending_requests),
                 http2_max_requests: limit(p.http2_max_requests),
+                max_requests_per_connection: limit(p.max_requests_per_connection),
+                max_retries: limit(p.max_retries),
             });
         let outlier = b.outlier_detection.as_ref().map(|o| OutlierDetection {
             consecutive_5xx: (o.consecutive_5xx_errors > 0).then_some(o.consecutive_5xx_errors),

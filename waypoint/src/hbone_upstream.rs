@@ -22,7 +22,7 @@ use rustls::ClientConfig;
 use tracing::debug;
 
 use crate::{
-    cluster::{ConnectTimeout, Transport},
+    cluster::{ConnectTimeout, MaxRequestsPerConnection, Transport},
     router::{
         Body, BoxError, ByteStream, HttpTransport, OpenFuture, UpstreamError, UpstreamFuture,
     },
@@ -45,7 +45,8 @@ pub struct HboneTransport {
     tls: TlsFor,
     /// The identity each mesh endpoint must prove.
     identities: HashMap<SocketAddr, SpiffeId>,
-    idle: Arc<Mutex<HashMap<SocketAddr, Vec<SendRequest<Body>>>>>,
+    /// Idle HTTP/1.1 connections with the requests each has carried.
+    idle: Arc<Idle>,
     plain: HttpTransport,
     /// Where endpoints' HBONE listens: their IP and 15008, unless overridden
     /// (tests on loopback, where ports are shared).
@@ -127,15 +128,14 @@ impl HboneTransport {
     }
 }
 
-fn take_idle(
-    idle: &Mutex<HashMap<SocketAddr, Vec<SendRequest<Body>>>>,
-    endpoint: SocketAddr,
-) -> Option<SendRequest<Body>> {
+type Idle = Mutex<HashMap<SocketAddr, Vec<(SendRequest<Body>, usize)>>>;
+
+fn take_idle(idle: &Idle, endpoint: SocketAddr) -> Option<(SendRequest<Body>, usize)> {
     let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
     let list = idle.get_mut(&endpoint)?;
-    while let Some(s) = list.pop() {
+    while let Some((s, used)) = list.pop() {
         if s.is_ready() {
-            return Some(s);
+            return Some((s, used));
         }
     }
     None
@@ -151,13 +151,17 @@ impl Transport for HboneTransport {
             .get::<ConnectTimeout>()
             .map_or(DEFAULT_CONNECT_TIMEOUT, |t| t.0);
         let tunnel = self.tunnel(endpoint, &peer, timeout);
+        let max_per_connection = req
+            .extensions()
+            .get::<MaxRequestsPerConnection>()
+            .map(|m| m.0);
         let idle = self.idle.clone();
         Box::pin(async move {
             let reset = |source: BoxError| UpstreamError::Reset {
                 backend: endpoint.to_string(),
                 source,
             };
-            let mut sender = match take_idle(&idle, endpoint) {
+            let (mut sender, used) = match take_idle(&idle, endpoint) {
                 Some(s) => s,
                 None => {
                     let stream = tunnel.await?;
@@ -170,7 +174,7 @@ impl Transport for HboneTransport {
                             debug!(%endpoint, error = %e, "HTTP/1.1 inside HBONE ended with an error");
                         }
                     });
-                    sender
+                    (sender, 0)
                 }
             };
             // Origin form inside the tunnel; the authority moves to Host.
@@ -193,12 +197,14 @@ impl Transport for HboneTransport {
                 .await
                 .map_err(|e| reset(e.into()))?;
             // Ready again once this response's body has been read; until then it
-            // is skipped when taken.
-            {
+            // is skipped when taken. At the cluster's maxRequestsPerConnection it is
+            // dropped instead, and the tunnel closes once this response is done.
+            let used = used + 1;
+            if max_per_connection.is_none_or(|m| used < m) {
                 let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
                 let list = idle.entry(endpoint).or_default();
                 if list.len() < IDLE_PER_ENDPOINT {
-                    list.push(sender);
+                    list.push((sender, used));
                 }
             }
             Ok(resp.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed()))

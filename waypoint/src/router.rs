@@ -88,11 +88,51 @@ pub trait Upstream: Send + Sync + 'static {
     /// Sends one request to one of `backend`'s endpoints.
     fn send(&self, backend: &str, req: Request<Body>) -> UpstreamFuture;
 
+    /// A slot for one more retry to `backend`, held while the retry runs; `None`
+    /// when the backend's `maxRetries` retries are already in flight. Unlimited
+    /// unless the upstream counts.
+    fn retry_slot(&self, _backend: &str) -> Option<RetrySlot> {
+        Some(RetrySlot::unlimited())
+    }
+
     /// Opens a byte stream to one of `backend`'s endpoints, for opaque TCP passed
     /// through. Upstreams that only answer HTTP (in-memory ones in tests) refuse.
     fn open(&self, backend: &str) -> OpenFuture {
         let backend = backend.to_owned();
         Box::pin(async move { Err(UpstreamError::OpaqueUnsupported(backend)) })
+    }
+}
+
+/// One retry in flight, counted against its backend's limit until dropped.
+#[must_use]
+pub struct RetrySlot(Option<Arc<std::sync::atomic::AtomicUsize>>);
+
+impl RetrySlot {
+    pub fn unlimited() -> Self {
+        RetrySlot(None)
+    }
+
+    /// A slot from `count` if fewer than `max` are taken.
+    pub fn counted(count: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let mut now = count.load(Ordering::Acquire);
+        loop {
+            if now >= max {
+                return None;
+            }
+            match count.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(RetrySlot(Some(count.clone()))),
+                Err(actual) => now = actual,
+            }
+        }
+    }
+}
+
+impl Drop for RetrySlot {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 }
 
@@ -626,7 +666,11 @@ impl Router {
                 debug!(%backend, "retry budget spent; answering with the last attempt");
                 return attempt.into_response(backend, retries);
             };
-            _retrying = Some(slot);
+            let Some(cluster_slot) = self.upstream.retry_slot(backend) else {
+                debug!(%backend, "the backend's maxRetries retries are in flight; answering with the last attempt");
+                return attempt.into_response(backend, retries);
+            };
+            _retrying = Some((slot, cluster_slot));
             retries += 1;
             let wait = {
                 let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());

@@ -15,8 +15,9 @@ use cairn_waypoint::{
         Transport,
     },
     ingress::Downstream,
+    retry::{RetryOn, RetryPolicy},
     route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
-    router::{Body, OpenFuture, Router, UpstreamError, UpstreamFuture, full},
+    router::{Body, OpenFuture, RetrySlot, Router, UpstreamError, UpstreamFuture, full},
 };
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -91,6 +92,42 @@ fn router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -
         fault: None,
         timeout: None,
         retry: None,
+        rewrite: None,
+        mirrors: vec![],
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+    };
+    let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
+    Router::new(
+        RouteTable {
+            rules: vec![rule],
+            ..Default::default()
+        },
+        Arc::new(clusters),
+        Some(4),
+    )
+}
+
+/// [`router`], with a rule that retries 5xx twice.
+fn retrying_router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -> Router {
+    let mut on = RetryOn::default();
+    on.add("5xx").expect("condition");
+    let rule = Rule {
+        name: "r".into(),
+        matches: vec![],
+        action: Action::Forward(vec![WeightedBackend {
+            backend: "reviews".into(),
+            weight: 1,
+            headers: None,
+        }]),
+        fault: None,
+        timeout: None,
+        retry: Some(RetryPolicy {
+            retries: 2,
+            per_try_timeout: None,
+            on,
+            status_codes: vec![],
+        }),
         rewrite: None,
         mirrors: vec![],
         request_headers: HeaderOps::default(),
@@ -250,7 +287,7 @@ async fn pool_overflow_answers_503_and_admits_again_when_requests_finish() {
         pool: PoolLimits {
             max_connections: Some(1),
             http1_max_pending_requests: Some(1),
-            http2_max_requests: None,
+            ..Default::default()
         },
         ..Default::default()
     };
@@ -327,4 +364,48 @@ async fn an_ejected_endpoint_gets_no_traffic_until_its_ejection_ends() {
         r.handle(get()).await;
     }
     assert!(t.take_seen().contains(&bad), "back after 60 s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_retries_caps_the_retries_in_flight_to_a_cluster() {
+    let failing = |max_retries| {
+        let t = Arc::new(Scripted::default());
+        let eps = addrs(1);
+        t.set(eps[0], Answer::Status(StatusCode::SERVICE_UNAVAILABLE));
+        let policy = TrafficPolicy {
+            pool: PoolLimits {
+                max_retries,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        (retrying_router(policy, eps, t.clone()), t)
+    };
+    let (r, t) = failing(None);
+    assert_eq!(
+        r.handle(get()).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        t.take_seen().len(),
+        3,
+        "no cap: the first attempt and two retries"
+    );
+    let (r, t) = failing(Some(0));
+    assert_eq!(
+        r.handle(get()).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(t.take_seen().len(), 1, "maxRetries 0: never retried");
+
+    // The cap counts retries in flight, and frees a slot when one ends.
+    let count = Arc::default();
+    let a = RetrySlot::counted(&count, 2).expect("first");
+    let _b = RetrySlot::counted(&count, 2).expect("second");
+    assert!(
+        RetrySlot::counted(&count, 2).is_none(),
+        "third over the cap"
+    );
+    drop(a);
+    assert!(RetrySlot::counted(&count, 2).is_some(), "a slot freed");
 }

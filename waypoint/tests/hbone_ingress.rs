@@ -688,3 +688,126 @@ async fn a_stalled_endpoint_fails_after_its_clusters_connect_timeout() {
         "gave up after {took:?}, the cluster's connectTimeout is 300ms"
     );
 }
+
+/// An HBONE endpoint that counts CONNECTs and answers HTTP/1.1 inside each tunnel.
+struct CountingEndpoint {
+    connects: Arc<AtomicUsize>,
+}
+
+impl cairn_hbone::server::Handler for CountingEndpoint {
+    fn handle(
+        &self,
+        _connect: cairn_hbone::server::Connect,
+        responder: cairn_hbone::server::Responder,
+    ) -> cairn_hbone::server::HandlerFuture {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let Ok(stream) = responder.accept() else {
+                return;
+            };
+            let svc = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        })
+    }
+}
+
+#[tokio::test]
+async fn max_requests_per_connection_opens_a_new_tunnel_after_that_many_requests() {
+    use cairn_waypoint::{
+        cluster::{Cluster, PoolLimits, TrafficPolicy},
+        hbone_upstream::HboneTransport,
+    };
+    const ENDPOINT: &str = "spiffe://cluster.local/ns/bookinfo/sa/reviews";
+    let mesh = TestCa::new("mesh");
+    let connects = Arc::new(AtomicUsize::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = Server::new(
+        server_config(&mesh.workload(ENDPOINT), &mesh.roots()).expect("server config"),
+        H2Settings::default(),
+    );
+    let handler = Arc::new(CountingEndpoint {
+        connects: connects.clone(),
+    });
+    tokio::spawn(async move {
+        while let Ok((tcp, peer)) = listener.accept().await {
+            let (server, handler) = (server.clone(), handler.clone());
+            tokio::spawn(async move {
+                if let Ok((tls, who)) = server.handshake(tcp, peer).await {
+                    let _ = server.serve(tls, peer, who, handler).await;
+                }
+            });
+        }
+    });
+    let me = Arc::new(mesh.workload(WAYPOINT));
+    let roots = mesh.roots();
+    let tls: cairn_waypoint::hbone_upstream::TlsFor =
+        Arc::new(move |peer: &cairn_identity::SpiffeId| {
+            client_config(&me, &roots, peer.clone()).map_err(|e| e.into())
+        });
+    let vip: SocketAddr = REVIEWS.parse().expect("addr");
+    let router_with = |max_requests_per_connection| {
+        let transport = HboneTransport::new(
+            client(),
+            WAYPOINT.parse().expect("id"),
+            tls.clone(),
+            HashMap::from([(vip, ENDPOINT.parse().expect("id"))]),
+        )
+        .with_hbone_port(addr.port())
+        .with_hbone_ip(addr.ip());
+        let policy = TrafficPolicy {
+            pool: PoolLimits {
+                max_requests_per_connection,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        Router::new(
+            RouteTable {
+                rules: vec![Rule {
+                    name: "all".into(),
+                    matches: vec![],
+                    action: Action::Forward(vec![WeightedBackend {
+                        backend: "reviews".into(),
+                        weight: 1,
+                        headers: None,
+                    }]),
+                    fault: None,
+                    timeout: None,
+                    retry: None,
+                    rewrite: None,
+                    mirrors: vec![],
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                }],
+                ..Default::default()
+            },
+            Arc::new(Clusters::new(
+                vec![Cluster::new("reviews", vec![vip], policy, None)],
+                Arc::new(transport),
+            )),
+            Some(1),
+        )
+    };
+    for (limit, tunnels) in [(None, 1), (Some(2), 3), (Some(1), 6)] {
+        connects.store(0, Ordering::SeqCst);
+        let router = router_with(limit);
+        for _ in 0..6 {
+            let resp = router.handle(get("/", None)).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            // The body read to its end: the connection is free for the next request.
+            resp.into_body().collect().await.expect("body");
+        }
+        assert_eq!(
+            connects.load(Ordering::SeqCst),
+            tunnels,
+            "maxRequestsPerConnection {limit:?}: 6 requests"
+        );
+    }
+}

@@ -91,6 +91,11 @@ fn policy(p: &istio::TrafficPolicy, backend: &mut l7::Backend) {
                 .as_ref()
                 .and_then(|h| h.http1_max_pending_requests)),
             http2_max_requests: n(pool.http.as_ref().and_then(|h| h.http2_max_requests)),
+            max_requests_per_connection: n(pool
+                .http
+                .as_ref()
+                .and_then(|h| h.max_requests_per_connection)),
+            max_retries: n(pool.http.as_ref().and_then(|h| h.max_retries)),
         });
         backend.connect_timeout_ms = pool.tcp.as_ref().map_or(0, |t| millis(&t.connect_timeout));
     }

@@ -548,7 +548,7 @@ spec:
     loadBalancer: {simple: LEAST_REQUEST}
     connectionPool:
       tcp: {maxConnections: 10, connectTimeout: 250ms}
-      http: {http1MaxPendingRequests: 5}
+      http: {http1MaxPendingRequests: 5, maxRequestsPerConnection: 3, maxRetries: 4}
     outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s, maxEjectionPercent: 50}
   subsets:
   - name: v1
@@ -587,6 +587,7 @@ spec:
         (pool.max_connections, pool.http1_max_pending_requests),
         (10, 5)
     );
+    assert_eq!((pool.max_requests_per_connection, pool.max_retries), (3, 4));
     assert_eq!(v1.connect_timeout_ms, 250);
     let od = v1.outlier_detection.as_ref().expect("outlier detection");
     assert_eq!(
