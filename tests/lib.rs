@@ -1,8 +1,10 @@
 //! Helpers for cross-component tests and benchmarks: the controller in process, and a
 //! two-node lab in network namespaces running the real `controller` and `ztunnel`
 //! binaries, and a two-node lab whose pods are namespaces + cgroups enrolled by the
-//! real CNI plugin and captured by the eBPF programs.
+//! real CNI plugin and captured by the eBPF programs, with a waypoint when asked
+//! (`waypoint_lab`).
 
 pub mod in_process;
 pub mod lab;
 pub mod pod_lab;
+pub mod waypoint_lab;

@@ -8,12 +8,12 @@
 //! Needs what tests/capture.rs needs (root, iproute2, nsenter, python3, cgroup v2,
 //! BPF links); without them it says why and stops.
 
-use std::process::{Command, Stdio};
-
-use cairn_controller::waypoint::{Placement, local_deployment};
 use cairn_tests::{
-    lab::{DEMO_WAYPOINT, binary},
-    pod_lab::{NODE_A, NODE_B, PodLab, PodSpec, can_run},
+    lab::DEMO_WAYPOINT,
+    pod_lab::{NODE_A, NODE_B, PodLab, can_run},
+    waypoint_lab::{
+        REVIEWS_VIP, WAYPOINT_VIP, apply_and_place, manifests, start_mesh, waypoint_admin,
+    },
 };
 
 /// HTTP/1.1 with keep-alive; answers every GET with `<name>`. The response leaves
@@ -55,35 +55,6 @@ for i in range(n):
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const REVIEWS_V1: &str = "spiffe://cluster.local/ns/demo/sa/reviews-v1";
 const REVIEWS_V2: &str = "spiffe://cluster.local/ns/demo/sa/reviews-v2";
-const WAYPOINT_POD_IP: &str = "10.77.1.20";
-
-fn manifests() -> String {
-    let pod = |name: &str, labels: &str, node: &str, ip: &str| {
-        format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: demo\n  labels: {{{labels}}}\nspec:\n  serviceAccountName: {name}\n  nodeName: {node}\n  containers: [{{name: app, image: test, ports: [{{name: http, containerPort: 9080}}]}}]\nstatus:\n  phase: Running\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
-        )
-    };
-    let mut out =
-        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n  labels: {istio.io/dataplane-mode: ambient}\n"
-            .to_string();
-    out += &pod("client", "app: client", "node-a", "10.77.1.10");
-    out += &pod(
-        "reviews-v1",
-        "app: reviews, version: v1",
-        "node-b",
-        "10.77.2.12",
-    );
-    out += &pod(
-        "reviews-v2",
-        "app: reviews, version: v2",
-        "node-b",
-        "10.77.2.13",
-    );
-    out += "---\napiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: demo}\nspec:\n  clusterIP: 10.96.0.12\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080, targetPort: http}]\n";
-    out += "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: demo}\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n";
-    out += "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: demo}\nspec:\n  hosts: [reviews]\n  http:\n  - name: canary\n    route:\n    - {destination: {host: reviews, subset: v1}, weight: 90}\n    - {destination: {host: reviews, subset: v2}, weight: 10}\n";
-    out
-}
 
 /// Sum of `name`'s samples whose labels contain every one of `filters`.
 fn sum(text: &str, name: &str, filters: &[&str]) -> f64 {
@@ -94,15 +65,6 @@ fn sum(text: &str, name: &str, filters: &[&str]) -> f64 {
         .sum()
 }
 
-fn spec(name: &'static str, node: usize, ip: &'static str) -> PodSpec {
-    PodSpec {
-        namespace: "demo",
-        name,
-        node,
-        ip,
-    }
-}
-
 #[test]
 fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
     if let Err(why) = can_run() {
@@ -111,107 +73,22 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
         );
         return;
     }
-    let mut lab = PodLab::new(&manifests());
-    let config = lab.dir().join("config");
-
-    // The operator's step: declare the waypoint, send the namespace through it, and
-    // wait for it to be Programmed...
-    let apply = Command::new(binary("cairn"))
-        .args([
-            "waypoint",
-            "apply",
-            "-n",
-            "demo",
-            "--enroll-namespace",
-            "--wait",
-        ])
-        .args(["--timeout", "30"])
-        .arg("--config-dir")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cairn");
-    // ...which happens once the runner (the node agent, in a cluster) has placed its
-    // pod and Service.
-    lab.wait_for("the Gateway written", |_| {
-        config.join("waypoint-demo-waypoint.yaml").exists()
-    });
-    std::fs::write(
-        config.join("waypoint-demo-waypoint-deployment.yaml"),
-        local_deployment(
-            "demo",
-            "waypoint",
-            &Placement {
-                node: "node-a",
-                pod_ip: WAYPOINT_POD_IP,
-                cluster_ip: "10.96.0.20",
-            },
-        ),
-    )
-    .expect("deployment");
-    let out = apply.wait_with_output().expect("cairn");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "cairn waypoint apply --wait: {said}");
+    let mut lab = PodLab::new(&manifests(""));
+    // The operator declares the waypoint (--wait returns once the runner placed it).
+    let said = apply_and_place(&mut lab);
     assert!(
-        said.contains("Programmed  True") && said.contains("address     10.96.0.20"),
+        said.contains("Programmed  True") && said.contains(&format!("address     {WAYPOINT_VIP}")),
         "{said}"
     );
-    let cni = lab.add_pod(spec("waypoint", NODE_A, WAYPOINT_POD_IP));
-    assert!(
-        cni.contains("is not in the mesh"),
-        "the waypoint's own pod is never captured: {cni}"
-    );
-    for (name, node, ip) in [
-        ("client", NODE_A, "10.77.1.10"),
-        ("reviews-v1", NODE_B, "10.77.2.12"),
-        ("reviews-v2", NODE_B, "10.77.2.13"),
-    ] {
-        let cni = lab.add_pod(spec(name, node, ip));
-        assert!(cni.contains("enrolled"), "{name}: {cni}");
-    }
-    lab.spawn_in_pod(
-        "reviews-v1",
-        &["python3", "-c", HTTP_SERVER, "v1", "9080"],
-        "v1.log",
-    );
-    lab.spawn_in_pod(
-        "reviews-v2",
-        &["python3", "-c", HTTP_SERVER, "v2", "9080"],
-        "v2.log",
-    );
-    lab.start_waypoint("waypoint");
-    lab.start_ztunnel(NODE_A);
-    lab.start_ztunnel(NODE_B);
-
-    let admin = format!("http://{WAYPOINT_POD_IP}:15020");
-    lab.wait_for("the waypoint ready", |l| {
-        l.fetch(NODE_A, &format!("{admin}/healthz/ready")).trim() == "ready"
+    start_mesh(&mut lab, &|v| {
+        ["python3", "-c", HTTP_SERVER, v, "9080"]
+            .map(str::to_owned)
+            .to_vec()
     });
-    lab.wait_for("the canary route at the waypoint", |l| {
-        let dump = l.fetch(NODE_A, &format!("{admin}/config_dump"));
-        dump.contains("\"10.96.0.12:9080\"") && dump.contains("demo/reviews/canary")
-    });
-    lab.wait_for("ztunnel A sending reviews through the waypoint", |l| {
-        let dump = l.fetch(NODE_A, &format!("http://{}/config_dump", l.admin(NODE_A)));
-        serde_json::from_str::<serde_json::Value>(&dump).is_ok_and(|d| {
-            d["services"].as_array().is_some_and(|s| {
-                s.iter().any(|s| {
-                    s["hostname"] == "reviews.demo.svc.cluster.local" && !s["waypoint"].is_null()
-                })
-            })
-        })
-    });
-    lab.wait_for("both nodes' pods adopted", |l| {
-        l.adopted(NODE_A) >= 1.0 && l.adopted(NODE_B) >= 2.0
-    });
+    let admin = waypoint_admin();
 
     const N: usize = 2000;
-    let answers = lab.python("client", LOAD, &["10.96.0.12", "9080", &N.to_string(), "4"]);
+    let answers = lab.python("client", LOAD, &[REVIEWS_VIP, "9080", &N.to_string(), "4"]);
     let count = |line: &str| answers.lines().filter(|l| *l == line).count();
     let (v1, v2) = (count("200 v1"), count("200 v2"));
     assert_eq!(
