@@ -464,8 +464,8 @@ impl PodLab {
     }
 
     /// Starts the `waypoint` binary in `pod` as the demo namespace's waypoint (token
-    /// `tok-waypoint`), talking to the controller on node A.
-    pub fn start_waypoint(&mut self, pod: &str) {
+    /// `tok-waypoint`), talking to the controller on node A; returns its pid.
+    pub fn start_waypoint(&mut self, pod: &str) -> u32 {
         let d = |p: &str| self.dir.path().join(p).display().to_string();
         let env = [
             format!("CAIRN_IDENTITY={}", crate::lab::DEMO_WAYPOINT),
@@ -481,7 +481,8 @@ impl PodLab {
         let mut args = vec!["env"];
         args.extend(env.iter().map(String::as_str));
         args.push(&bin);
-        self.spawn_in_pod(pod, &args, "waypoint.log");
+        // sh, nsenter and env exec in turn: the pid is the waypoint's.
+        self.spawn_in_pod(pod, &args, "waypoint.log")
     }
 }
 

@@ -75,7 +75,7 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
     }
     let mut lab = PodLab::new(&manifests(""));
     // The operator declares the waypoint (--wait returns once the runner placed it).
-    let said = apply_and_place(&mut lab);
+    let (said, _) = apply_and_place(&mut lab);
     assert!(
         said.contains("Programmed  True") && said.contains(&format!("address     {WAYPOINT_VIP}")),
         "{said}"

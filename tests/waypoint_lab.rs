@@ -66,8 +66,9 @@ pub fn spec(namespace: &'static str, name: &'static str, node: usize, ip: &'stat
 
 /// `cairn waypoint apply -n demo --enroll-namespace --wait`, while the runner places
 /// the waypoint (its pod and Service in the config directory, the pod's namespace,
-/// the `waypoint` process); returns what the CLI printed. Panics if it fails.
-pub fn apply_and_place(lab: &mut PodLab) -> String {
+/// the `waypoint` process); returns what the CLI printed and the waypoint's pid.
+/// Panics if it fails.
+pub fn apply_and_place(lab: &mut PodLab) -> (String, u32) {
     let config = lab.dir().join("config");
     let apply = Command::new(binary("cairn"))
         .args([
@@ -113,8 +114,8 @@ pub fn apply_and_place(lab: &mut PodLab) -> String {
         cni.contains("is not in the mesh"),
         "the waypoint's own pod is never captured: {cni}"
     );
-    lab.start_waypoint("waypoint");
-    said
+    let pid = lab.start_waypoint("waypoint");
+    (said, pid)
 }
 
 /// Creates the client and reviews pods, runs `server(version)` in each reviews pod,

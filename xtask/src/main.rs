@@ -123,6 +123,7 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("l4-loopback", "cairn-ztunnel", "l4"),
     ("lb", "cairn-ztunnel", "lb"),
     ("l7", "cairn-waypoint", "l7"),
+    ("l7-mesh", "cairn-tests", "l7_mesh"),
 ];
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
@@ -133,7 +134,8 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     cargo(root, &["build", "--release", "--bins"])?;
     let mut ran = 0;
     for (name, package, target) in BENCHES {
-        if only.is_some_and(|o| o != *name) {
+        // `l7` runs `l7` and `l7-mesh`: a name selects its family.
+        if only.is_some_and(|o| o != *name && !name.starts_with(&format!("{o}-"))) {
             continue;
         }
         eprintln!("==> benchmark {name}");
