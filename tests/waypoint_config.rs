@@ -244,3 +244,80 @@ async fn an_http_route_routes_the_waypoint_in_gateway_api_precedence() {
         "v2 {share}% of 2,000 ({seen:?})"
     );
 }
+
+const GRPC_ROUTE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{name: grpc, port: 9090, appProtocol: grpc}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: reviews-v2, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.14
+  ports: [{name: grpc, port: 9090}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 9090}]
+  rules:
+  - matches:
+    - method: {service: reviews.v1.Reviews}
+    backendRefs: [{name: reviews, port: 9090}]
+  - matches:
+    - method: {service: reviews.v1.Reviews, method: Rate}
+      headers: [{name: x-canary, value: "yes"}]
+    backendRefs: [{name: reviews-v2, port: 9090}]
+"#;
+
+#[tokio::test]
+async fn a_grpc_route_routes_methods_at_the_waypoint() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("bookinfo.yaml"), GRPC_ROUTE).expect("write");
+    let mut store = Store::default();
+    let scan = LocalSource::new(dir.path()).scan(&mut store);
+    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    let (configs, notices) = route_configs(&store, &MeshConfig::default());
+    assert!(notices.is_empty(), "{notices:?}");
+    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9090"];
+    let table = RouteTable::try_from(config).expect("the waypoint accepts it");
+    let recorder = Arc::new(Recorder::default());
+    let router = Router::new(table, recorder.clone(), Some(1));
+    let call = |path: &str, canary: bool| {
+        let mut b = Request::post(path).header("content-type", "application/grpc");
+        if canary {
+            b = b.header("x-canary", "yes");
+        }
+        b.body(full("")).expect("request")
+    };
+    let last = |recorder: &Recorder| {
+        let mut seen = recorder.seen.lock().expect("lock");
+        let out: Vec<String> = seen.drain().map(|(k, _)| k).collect();
+        out
+    };
+    let v1 = "reviews.bookinfo.svc.cluster.local||9090";
+    let v2 = "reviews-v2.bookinfo.svc.cluster.local||9090";
+    // The exact method with the header outranks the earlier service-wide rule.
+    router.handle(call("/reviews.v1.Reviews/Rate", true)).await;
+    assert_eq!(last(&recorder), [v2]);
+    router.handle(call("/reviews.v1.Reviews/Rate", false)).await;
+    assert_eq!(
+        last(&recorder),
+        [v1],
+        "header missing: the service-wide rule"
+    );
+    router.handle(call("/reviews.v1.Reviews/Get", true)).await;
+    assert_eq!(last(&recorder), [v1]);
+    let resp = router.handle(call("/ratings.v1.Ratings/Get", false)).await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::NOT_FOUND,
+        "another service: no route"
+    );
+    assert!(last(&recorder).is_empty());
+}

@@ -221,6 +221,7 @@ fn decode_kind(
         Kind::RequestAuthentication => crd!(RequestAuthentication, istio::RequestAuthentication),
         Kind::Gateway => crd!(Gateway, gateway::Gateway),
         Kind::HttpRoute => crd!(HttpRoute, gateway::HTTPRoute),
+        Kind::GrpcRoute => crd!(GrpcRoute, gateway::GRPCRoute),
     })
 }
 

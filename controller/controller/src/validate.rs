@@ -76,6 +76,7 @@ pub fn validate(object: &Object) -> Result<Vec<Warning>, FieldError> {
         Object::ServiceEntry(se) => service_entry(&se.spec)?,
         Object::Gateway(gw) => gateway_spec(&gw.spec, &mut warnings)?,
         Object::HttpRoute(r) => http_route(&r.spec)?,
+        Object::GrpcRoute(r) => grpc_route(&r.spec)?,
         Object::Namespace(_)
         | Object::Node(_)
         | Object::EndpointSlice(_)
@@ -527,6 +528,40 @@ fn http_route(spec: &gateway::HTTPRouteSpec) -> Result<(), FieldError> {
     Ok(())
 }
 
+fn grpc_route(spec: &gateway::GRPCRouteSpec) -> Result<(), FieldError> {
+    if spec.parent_refs.is_empty() {
+        return fail(
+            "spec.parentRefs",
+            "at least one parent (Service or Gateway) is required",
+        );
+    }
+    for (i, rule) in spec.rules.iter().enumerate() {
+        for (j, m) in rule.matches.iter().enumerate() {
+            let Some(method) = &m.method else { continue };
+            let path = format!("spec.rules[{i}].matches[{j}].method");
+            match method.type_.as_deref() {
+                None | Some("Exact") => {
+                    if method.service.is_none() && method.method.is_none() {
+                        return fail(path, "an Exact method match needs service, method or both");
+                    }
+                }
+                Some("RegularExpression") => {
+                    for v in [&method.service, &method.method].into_iter().flatten() {
+                        regex::Regex::new(v).or_else(|e| fail(path.clone(), e.to_string()))?;
+                    }
+                }
+                Some(other) => {
+                    return fail(
+                        format!("{path}.type"),
+                        format!("{other:?}: write Exact or RegularExpression"),
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,5 +593,46 @@ mod tests {
         for bad in ["a*b", "**", "*a*", ""] {
             assert!(pattern("p".into(), bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn grpc_route_method_matches_are_checked() {
+        let spec = |type_: Option<&str>, service: Option<&str>, method: Option<&str>| {
+            gateway::GRPCRouteSpec {
+                parent_refs: vec![gateway::ParentReference {
+                    kind: Some("Service".into()),
+                    name: "reviews".into(),
+                    ..Default::default()
+                }],
+                rules: vec![gateway::GrpcRouteRule {
+                    matches: vec![gateway::GrpcRouteMatch {
+                        method: Some(gateway::GrpcMethodMatch {
+                            type_: type_.map(Into::into),
+                            service: service.map(Into::into),
+                            method: method.map(Into::into),
+                        }),
+                        headers: vec![],
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }
+        };
+        assert!(grpc_route(&spec(None, Some("reviews.v1.Reviews"), None)).is_ok());
+        let e = grpc_route(&spec(None, None, None)).expect_err("empty exact");
+        assert_eq!(e.path, "spec.rules[0].matches[0].method");
+        let e = grpc_route(&spec(Some("Prefix"), Some("a"), None)).expect_err("type");
+        assert!(
+            e.message.contains("Exact or RegularExpression"),
+            "{}",
+            e.message
+        );
+        let e = grpc_route(&spec(Some("RegularExpression"), Some("(bad"), None)).expect_err("re");
+        assert_eq!(e.path, "spec.rules[0].matches[0].method");
+        let no_parent = gateway::GRPCRouteSpec::default();
+        assert_eq!(
+            grpc_route(&no_parent).expect_err("parent").path,
+            "spec.parentRefs"
+        );
     }
 }

@@ -1,5 +1,7 @@
-//! Gateway API HTTPRoutes for the mesh (GAMMA): a route whose `parentRefs` name a
-//! Service (kind `Service`, core group) routes that service's traffic at its waypoint.
+//! Gateway API HTTPRoutes and GRPCRoutes for the mesh (GAMMA): a route whose
+//! `parentRefs` name a Service (kind `Service`, core group) routes that service's
+//! traffic at its waypoint. A GRPCRoute is compiled as the HTTP/2 routes it is: a
+//! method match is a match on the path `/<service>/<method>`.
 //!
 //! Rules of every HTTPRoute attached to one service port are merged and ordered by
 //! Gateway API precedence (exact path, then the longest prefix, then method, then the
@@ -19,7 +21,10 @@ use super::{MeshConfig, Notice, l7::resource_name};
 use crate::{
     resources::{
         Kind, Object,
-        gateway::{HTTPRoute, HttpHeaderMatch, HttpRouteFilter, HttpRouteMatch, ParentReference},
+        gateway::{
+            GRPCRouteSpec, GrpcRouteMatch, HttpHeaderMatch, HttpPathMatch, HttpRouteFilter,
+            HttpRouteMatch, HttpRouteRule, ParentReference,
+        },
     },
     store::Store,
     validate::parse_duration,
@@ -157,7 +162,7 @@ impl Route<'_> {
     fn rule(
         &mut self,
         label: &str,
-        rule: &crate::resources::gateway::HttpRouteRule,
+        rule: &HttpRouteRule,
         m: Option<&HttpRouteMatch>,
         port: u32,
     ) -> l7::Rule {
@@ -315,6 +320,58 @@ impl Route<'_> {
     }
 }
 
+/// An HTTPRoute, or a GRPCRoute in HTTPRoute terms.
+struct MeshRoute<'a> {
+    meta: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    parents: &'a [ParentReference],
+    rules: Vec<HttpRouteRule>,
+}
+
+/// A GRPCRoute's rules as HTTPRoute rules: a gRPC method is the HTTP/2 path
+/// `/<service>/<method>`.
+fn grpc_rules(spec: &GRPCRouteSpec) -> Vec<HttpRouteRule> {
+    spec.rules
+        .iter()
+        .map(|r| HttpRouteRule {
+            name: r.name.clone(),
+            matches: r.matches.iter().map(grpc_match).collect(),
+            filters: r.filters.clone(),
+            backend_refs: r.backend_refs.clone(),
+            timeouts: None,
+        })
+        .collect()
+}
+
+fn grpc_match(m: &GrpcRouteMatch) -> HttpRouteMatch {
+    let path = m.method.as_ref().map(|mm| {
+        let any = "[^/]+";
+        let (type_, value) = match (
+            mm.type_.as_deref() == Some("RegularExpression"),
+            mm.service.as_deref(),
+            mm.method.as_deref(),
+        ) {
+            (false, Some(s), Some(m)) => ("Exact", format!("/{s}/{m}")),
+            (false, Some(s), None) => ("RegularExpression", format!("/{}/{any}", regex::escape(s))),
+            (false, None, Some(m)) => ("RegularExpression", format!("/{any}/{}", regex::escape(m))),
+            (false, None, None) => ("PathPrefix", "/".into()),
+            (true, s, m) => (
+                "RegularExpression",
+                format!("/{}/{}", s.unwrap_or(any), m.unwrap_or(any)),
+            ),
+        };
+        HttpPathMatch {
+            type_: Some(type_.into()),
+            value: Some(value),
+        }
+    });
+    HttpRouteMatch {
+        path,
+        headers: m.headers.clone(),
+        query_params: Vec::new(),
+        method: None,
+    }
+}
+
 /// The rules attached to one service port: (precedence, attachment order, rule).
 struct Attached {
     namespace: String,
@@ -331,20 +388,32 @@ pub fn merge(
     out: &mut BTreeMap<String, l7::RouteConfig>,
     notices: &mut Vec<Notice>,
 ) {
-    let mut routes: Vec<&HTTPRoute> = store
-        .of_kind(Kind::HttpRoute)
-        .filter_map(|o| match o {
-            Object::HttpRoute(r) => Some(r.as_ref()),
-            _ => None,
-        })
-        .collect();
-    routes.sort_by_key(|r| (r.metadata.namespace.clone(), r.metadata.name.clone()));
+    // HTTPRoutes, then GRPCRoutes as the HTTP/2 routes they are, each in name order.
+    let mut routes: Vec<MeshRoute> = Vec::new();
+    for o in store.of_kind(Kind::HttpRoute) {
+        if let Object::HttpRoute(r) = o {
+            routes.push(MeshRoute {
+                meta: &r.metadata,
+                parents: &r.spec.parent_refs,
+                rules: r.spec.rules.clone(),
+            });
+        }
+    }
+    for o in store.of_kind(Kind::GrpcRoute) {
+        if let Object::GrpcRoute(r) = o {
+            routes.push(MeshRoute {
+                meta: &r.metadata,
+                parents: &r.spec.parent_refs,
+                rules: grpc_rules(&r.spec),
+            });
+        }
+    }
     let mut attached: BTreeMap<String, Attached> = BTreeMap::new();
     let owned_by_vs: Vec<String> = out.keys().cloned().collect();
     let mut order = 0usize;
-    for r in routes {
-        let namespace = r.metadata.namespace.as_deref().unwrap_or_default();
-        let name = r.metadata.name.as_deref().unwrap_or_default();
+    for r in &routes {
+        let namespace = r.meta.namespace.as_deref().unwrap_or_default();
+        let name = r.meta.name.as_deref().unwrap_or_default();
         let mut cx = Route {
             store,
             mesh,
@@ -352,7 +421,7 @@ pub fn merge(
             name,
             notices,
         };
-        for parent in &r.spec.parent_refs {
+        for parent in r.parents {
             let Some((svc_ns, svc_name, port)) = service_parent(namespace, parent) else {
                 continue;
             };
@@ -386,7 +455,7 @@ pub fn merge(
                     port: p,
                     rules: Vec::new(),
                 });
-                for (i, rule) in r.spec.rules.iter().enumerate() {
+                for (i, rule) in r.rules.iter().enumerate() {
                     let label = rule.name.clone().unwrap_or_else(|| i.to_string());
                     if rule.matches.is_empty() {
                         order += 1;

@@ -291,7 +291,9 @@ fn affected(store: &Store, mesh: &MeshConfig, changed: &ObjectRef) -> BTreeSet<S
             | Kind::VirtualService
             | Kind::DestinationRule
             | Kind::AuthorizationPolicy
+            | Kind::RequestAuthentication
             | Kind::HttpRoute
+            | Kind::GrpcRoute
     ) {
         out.insert(Source::Routes);
     }
@@ -341,7 +343,8 @@ fn affected(store: &Store, mesh: &MeshConfig, changed: &ObjectRef) -> BTreeSet<S
         | Kind::VirtualService
         | Kind::DestinationRule
         | Kind::RequestAuthentication
-        | Kind::HttpRoute => {}
+        | Kind::HttpRoute
+        | Kind::GrpcRoute => {}
     }
     out
 }

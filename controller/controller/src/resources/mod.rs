@@ -32,10 +32,11 @@ pub enum Kind {
     RequestAuthentication,
     Gateway,
     HttpRoute,
+    GrpcRoute,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Namespace,
         Kind::Node,
         Kind::Pod,
@@ -50,6 +51,7 @@ impl Kind {
         Kind::RequestAuthentication,
         Kind::Gateway,
         Kind::HttpRoute,
+        Kind::GrpcRoute,
     ];
 
     /// Resolves a manifest's `apiVersion` and `kind`. Versions that share a schema
@@ -83,6 +85,7 @@ impl Kind {
             ("gateway.networking.k8s.io", k) if ["v1", "v1beta1"].contains(&version) => match k {
                 "Gateway" => Kind::Gateway,
                 "HTTPRoute" => Kind::HttpRoute,
+                "GRPCRoute" => Kind::GrpcRoute,
                 _ => return None,
             },
             _ => return None,
@@ -110,6 +113,7 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::Gateway => "Gateway",
             Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 }
@@ -155,6 +159,7 @@ pub enum Object {
     RequestAuthentication(Arc<istio::RequestAuthentication>),
     Gateway(Arc<gateway::Gateway>),
     HttpRoute(Arc<gateway::HTTPRoute>),
+    GrpcRoute(Arc<gateway::GRPCRoute>),
 }
 
 impl Object {
@@ -174,6 +179,7 @@ impl Object {
             Object::RequestAuthentication(_) => Kind::RequestAuthentication,
             Object::Gateway(_) => Kind::Gateway,
             Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::GrpcRoute(_) => Kind::GrpcRoute,
         }
     }
 
@@ -193,6 +199,7 @@ impl Object {
             Object::RequestAuthentication(o) => o.meta(),
             Object::Gateway(o) => o.meta(),
             Object::HttpRoute(o) => o.meta(),
+            Object::GrpcRoute(o) => o.meta(),
         }
     }
 
