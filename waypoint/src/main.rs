@@ -81,6 +81,7 @@ struct Settings {
 }
 
 fn main() -> anyhow::Result<()> {
+    cairn_client::tune_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 fn main() -> anyhow::Result<()> {
-    tune_malloc();
+    cairn_client::tune_malloc();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -48,27 +48,6 @@ fn main() -> anyhow::Result<()> {
         .context("starting the runtime")?
         .block_on(run(config))
 }
-
-/// glibc's malloc defaults cost the data path dearly: h2 reads each DATA frame into a
-/// fresh buffer that lives until the bytes are written out, and with the default
-/// (dynamic) thresholds glibc hands the freed heap tops back to the kernel and faults
-/// them in again on the next frame. Measured in the two-namespace bench: 1-stream
-/// CPU per GB 2.8 -> 2.1 CPU-s with fixed thresholds. Two arenas (one per worker
-/// thread) instead of eight per core keep idle and loaded RSS down.
-#[cfg(target_env = "gnu")]
-#[allow(unsafe_code)]
-fn tune_malloc() {
-    // SAFETY: mallopt only sets allocator parameters; it is called before any other
-    // thread exists and the return values (0 = rejected) leave the defaults in place.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-    }
-}
-
-#[cfg(not(target_env = "gnu"))]
-fn tune_malloc() {}
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
