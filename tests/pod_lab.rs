@@ -475,7 +475,11 @@ impl PodLab {
             format!("CAIRN_TOKEN_FILE={}", d("tok-waypoint")),
             "CAIRN_WORKER_THREADS=1".into(),
             "CAIRN_DRAIN=1s".into(),
-            "RUST_LOG=info".into(),
+            // `CAIRN_LAB_WAYPOINT_LOG=info,access=off` measures without access logs.
+            format!(
+                "RUST_LOG={}",
+                std::env::var("CAIRN_LAB_WAYPOINT_LOG").unwrap_or_else(|_| "info".into())
+            ),
         ];
         let bin = binary("waypoint").display().to_string();
         let mut args = vec!["env"];
