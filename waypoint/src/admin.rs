@@ -3,7 +3,6 @@
 //! `/config_dump` (identity, certificate, xDS counters, what is served).
 
 use std::{
-    convert::Infallible,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -12,20 +11,16 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use cairn_client::{
+    admin::Page,
     ca::{CertManager, CertState},
     xds::XdsStats,
 };
 use cairn_identity::SpiffeId;
-use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
-use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::warn;
 
 use crate::xds::Dump;
 
@@ -76,62 +71,28 @@ impl Admin {
         })
     }
 
-    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
-        let (status, content_type, body) = match path {
-            "/metrics" => (
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.prometheus.render(),
-            ),
-            "/healthz/ready" if self.ready() => (StatusCode::OK, "text/plain", "ready\n".into()),
-            "/healthz/ready" => (
+    /// The page at `path`.
+    pub fn page(&self, path: &str) -> Page {
+        match path {
+            "/metrics" => Page::ok("text/plain; version=0.0.4", self.prometheus.render()),
+            "/healthz/ready" if self.ready() => Page::ok("text/plain", "ready\n"),
+            "/healthz/ready" => Page::with_status(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "not ready: waiting for the config and the certificate\n".into(),
+                "not ready: waiting for the config and the certificate\n",
             ),
-            "/config_dump" => (
-                StatusCode::OK,
+            "/config_dump" => Page::ok(
                 "application/json",
                 serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default(),
             ),
-            _ => (
+            _ => Page::with_status(
                 StatusCode::NOT_FOUND,
-                "text/plain",
-                "try /healthz/ready, /config_dump or /metrics\n".into(),
+                "try /healthz/ready, /config_dump or /metrics\n",
             ),
-        };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = status;
-        if let Ok(v) = content_type.parse() {
-            resp.headers_mut().insert(CONTENT_TYPE, v);
         }
-        resp
     }
 
-    /// Serves HTTP/1.1 on `listener` until it fails.
+    /// Serves HTTP/1.1 on `listener` until the task is aborted.
     pub async fn serve(self, listener: TcpListener) {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let resp = admin.respond(req.uri().path());
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await
-                {
-                    warn!(src.addr = %peer, error = %e, "admin connection error");
-                }
-            });
-        }
+        cairn_client::admin::serve(listener, Arc::new(move |path: &str| self.page(path))).await
     }
 }

@@ -35,7 +35,7 @@ use cairn_waypoint::{
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 fn duration(s: &str) -> Result<Duration, String> {
     cairn_client::duration(s).ok_or_else(|| format!("{s:?}: write a duration like 500ms or 30s"))
@@ -224,35 +224,10 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         ))
     };
 
-    shutdown_signal().await;
+    cairn_client::process::shutdown_signal().await;
     info!(drain = ?s.drain, "shutting down: no new connections; draining");
     accept.abort();
     let _ = stop_tx.send(true);
-    let deadline = tokio::time::Instant::now() + s.drain;
-    while active.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let left = active.load(Ordering::Acquire);
-    if left > 0 {
-        warn!(
-            connections = left,
-            "drain deadline reached; closing remaining connections"
-        );
-    }
+    cairn_client::process::drain(|| active.load(Ordering::Acquire), s.drain).await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -41,6 +41,24 @@ pub struct Rule {
     pub response_headers: HeaderOps,
 }
 
+impl Rule {
+    /// A rule with no fault, timeout, retries, rewrite, mirrors or header edits.
+    pub fn new(name: impl Into<String>, matches: Vec<RequestMatch>, action: Action) -> Self {
+        Rule {
+            name: name.into(),
+            matches,
+            action,
+            fault: None,
+            timeout: None,
+            retry: None,
+            rewrite: None,
+            mirrors: Vec::new(),
+            request_headers: HeaderOps::default(),
+            response_headers: HeaderOps::default(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum Action {
     /// Send to one of these, chosen by weight.
@@ -80,6 +98,17 @@ pub struct WeightedBackend {
     /// Header edits for requests sent to this destination (VirtualService
     /// `route[].headers`), applied after the rule's own.
     pub headers: Option<Arc<BackendHeaders>>,
+}
+
+impl Action {
+    /// Every request to `backend`.
+    pub fn to(backend: impl Into<String>) -> Self {
+        Action::Forward(vec![WeightedBackend {
+            backend: backend.into(),
+            weight: 1,
+            headers: None,
+        }])
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

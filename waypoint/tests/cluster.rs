@@ -16,7 +16,7 @@ use cairn_waypoint::{
     },
     ingress::Downstream,
     retry::{RetryOn, RetryPolicy},
-    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+    route::{Action, RouteTable, Rule},
     router::{Body, OpenFuture, RetrySlot, Router, UpstreamError, UpstreamFuture, full},
 };
 use http::{Request, Response, StatusCode};
@@ -81,22 +81,7 @@ fn addrs(n: u8) -> Vec<SocketAddr> {
 }
 
 fn router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -> Router {
-    let rule = Rule {
-        name: "r".into(),
-        matches: vec![],
-        action: Action::Forward(vec![WeightedBackend {
-            backend: "reviews".into(),
-            weight: 1,
-            headers: None,
-        }]),
-        fault: None,
-        timeout: None,
-        retry: None,
-        rewrite: None,
-        mirrors: vec![],
-        request_headers: HeaderOps::default(),
-        response_headers: HeaderOps::default(),
-    };
+    let rule = Rule::new("r", vec![], Action::to("reviews"));
     let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
     Router::new(
         RouteTable {
@@ -112,26 +97,15 @@ fn router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -
 fn retrying_router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -> Router {
     let mut on = RetryOn::default();
     on.add("5xx").expect("condition");
-    let rule = Rule {
-        name: "r".into(),
-        matches: vec![],
-        action: Action::Forward(vec![WeightedBackend {
-            backend: "reviews".into(),
-            weight: 1,
-            headers: None,
-        }]),
-        fault: None,
-        timeout: None,
-        retry: Some(RetryPolicy {
+    let rule = {
+        let mut r = Rule::new("r", vec![], Action::to("reviews"));
+        r.retry = Some(RetryPolicy {
             retries: 2,
             per_try_timeout: None,
             on,
             status_codes: vec![],
-        }),
-        rewrite: None,
-        mirrors: vec![],
-        request_headers: HeaderOps::default(),
-        response_headers: HeaderOps::default(),
+        });
+        r
     };
     let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
     Router::new(

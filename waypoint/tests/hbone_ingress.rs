@@ -571,22 +571,7 @@ async fn the_waypoint_reaches_mesh_endpoints_over_hbone_as_its_own_identity() {
         );
         Router::new(
             RouteTable {
-                rules: vec![Rule {
-                    name: "all".into(),
-                    matches: vec![],
-                    action: Action::Forward(vec![WeightedBackend {
-                        backend: "reviews".into(),
-                        weight: 1,
-                        headers: None,
-                    }]),
-                    fault: None,
-                    timeout: None,
-                    retry: None,
-                    rewrite: None,
-                    mirrors: vec![],
-                    request_headers: HeaderOps::default(),
-                    response_headers: HeaderOps::default(),
-                }],
+                rules: vec![Rule::new("all", vec![], Action::to("reviews"))],
                 ..Default::default()
             },
             Arc::new(clusters),
@@ -658,22 +643,7 @@ async fn a_stalled_endpoint_fails_after_its_clusters_connect_timeout() {
     );
     let router = Router::new(
         RouteTable {
-            rules: vec![Rule {
-                name: "all".into(),
-                matches: vec![],
-                action: Action::Forward(vec![WeightedBackend {
-                    backend: "reviews".into(),
-                    weight: 1,
-                    headers: None,
-                }]),
-                fault: None,
-                timeout: None,
-                retry: None,
-                rewrite: None,
-                mirrors: vec![],
-                request_headers: HeaderOps::default(),
-                response_headers: HeaderOps::default(),
-            }],
+            rules: vec![Rule::new("all", vec![], Action::to("reviews"))],
             ..Default::default()
         },
         Arc::new(clusters),
@@ -770,22 +740,7 @@ async fn max_requests_per_connection_opens_a_new_tunnel_after_that_many_requests
         };
         Router::new(
             RouteTable {
-                rules: vec![Rule {
-                    name: "all".into(),
-                    matches: vec![],
-                    action: Action::Forward(vec![WeightedBackend {
-                        backend: "reviews".into(),
-                        weight: 1,
-                        headers: None,
-                    }]),
-                    fault: None,
-                    timeout: None,
-                    retry: None,
-                    rewrite: None,
-                    mirrors: vec![],
-                    request_headers: HeaderOps::default(),
-                    response_headers: HeaderOps::default(),
-                }],
+                rules: vec![Rule::new("all", vec![], Action::to("reviews"))],
                 ..Default::default()
             },
             Arc::new(Clusters::new(

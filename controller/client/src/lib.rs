@@ -6,33 +6,17 @@
 //! - [`ca`]: certificates from the mesh CA, rotated at half life; [`certs`] is the
 //!   seam the proxy paths ask for TLS configurations.
 //! - [`health`]: the metrics both report about the two.
+//! - [`process`] and [`admin`]: what both binaries do alike around that (allocator
+//!   settings, SIGTERM and drain, the admin HTTP listener).
 
+pub mod admin;
 pub mod ca;
 pub mod certs;
 pub mod health;
+pub mod process;
 pub mod xds;
 
-/// Allocator settings both proxies start with (call first thing in `main`, before
-/// any other thread). glibc's malloc defaults cost the data path dearly: h2 reads each DATA frame into a
-/// fresh buffer that lives until the bytes are written out, and with the default
-/// (dynamic) thresholds glibc hands the freed heap tops back to the kernel and faults
-/// them in again on the next frame. Measured in the two-namespace bench: 1-stream
-/// CPU per GB 2.8 -> 2.1 CPU-s with fixed thresholds. Two arenas (one per worker
-/// thread) instead of eight per core keep idle and loaded RSS down.
-#[cfg(target_env = "gnu")]
-#[allow(unsafe_code)]
-pub fn tune_malloc() {
-    // SAFETY: mallopt only sets allocator parameters; it is called before any other
-    // thread exists and the return values (0 = rejected) leave the defaults in place.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-    }
-}
-
-#[cfg(not(target_env = "gnu"))]
-pub fn tune_malloc() {}
+pub use process::tune_malloc;
 
 /// A duration as the proxies' settings write it: `500ms`, `30s`, `5m`, `24h`.
 pub fn duration(value: &str) -> Option<std::time::Duration> {

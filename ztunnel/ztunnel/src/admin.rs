@@ -1,8 +1,6 @@
 //! The admin endpoint (port 15020): `/healthz/ready`, `/config_dump`, `/metrics`.
 
 use std::{
-    convert::Infallible,
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -10,15 +8,11 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
-use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use cairn_client::admin::Page;
+use http::StatusCode;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tracing::warn;
 
 use crate::{
     SharedState,
@@ -72,66 +66,33 @@ impl Admin {
         })
     }
 
-    fn respond(&self, path: &str) -> Response<Full<Bytes>> {
-        let (status, content_type, body) = match path {
+    /// The page at `path`.
+    pub fn page(&self, path: &str) -> Page {
+        match path {
             "/healthz/ready" if self.ready.load(Ordering::Acquire) => {
-                (StatusCode::OK, "text/plain", "ready\n".to_owned())
+                Page::ok("text/plain", "ready\n")
             }
-            "/healthz/ready" => (
+            "/healthz/ready" => Page::with_status(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "text/plain",
-                "not ready: no config yet\n".to_owned(),
+                "not ready: no config yet\n",
             ),
-            "/config_dump" => (
-                StatusCode::OK,
+            "/config_dump" => Page::ok(
                 "application/json",
                 serde_json::to_string_pretty(&self.config_dump()).unwrap_or_default(),
             ),
             "/metrics" => match &self.prometheus {
-                Some(p) => (StatusCode::OK, "text/plain; version=0.0.4", p.render()),
-                None => (
-                    StatusCode::NOT_FOUND,
-                    "text/plain",
-                    "metrics are not enabled\n".into(),
-                ),
+                Some(p) => Page::ok("text/plain; version=0.0.4", p.render()),
+                None => Page::with_status(StatusCode::NOT_FOUND, "metrics are not enabled\n"),
             },
-            _ => (
+            _ => Page::with_status(
                 StatusCode::NOT_FOUND,
-                "text/plain",
-                "try /healthz/ready, /config_dump or /metrics\n".into(),
+                "try /healthz/ready, /config_dump or /metrics\n",
             ),
-        };
-        let mut resp = Response::new(Full::new(Bytes::from(body)));
-        *resp.status_mut() = status;
-        if let Ok(v) = content_type.parse() {
-            resp.headers_mut().insert(CONTENT_TYPE, v);
         }
-        resp
     }
 
-    /// Serves HTTP/1.1 on `listener` until it fails.
+    /// Serves HTTP/1.1 on `listener` until the task is aborted.
     pub async fn serve(self, listener: TcpListener) {
-        loop {
-            let (tcp, peer): (_, SocketAddr) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "admin listener failed");
-                    return;
-                }
-            };
-            let admin = self.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let resp = admin.respond(req.uri().path());
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await
-                {
-                    warn!(src.addr = %peer, error = %e, "admin connection error");
-                }
-            });
-        }
+        cairn_client::admin::serve(listener, Arc::new(move |path: &str| self.page(path))).await
     }
 }

@@ -175,7 +175,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     // Pods enrolled by the CNI plugin are adopted within this much of appearing.
     let mut pod_tick = tokio::time::interval(Duration::from_millis(100));
-    let shutdown = shutdown_signal();
+    let shutdown = cairn_client::process::shutdown_signal();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -195,31 +195,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     cairn_ztunnel::inbound::begin_drain();
     let _ = stop_tx.send(true);
-    let deadline = tokio::time::Instant::now() + config.drain;
-    while ACTIVE_CONNECTIONS.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let left = ACTIVE_CONNECTIONS.load(Ordering::Acquire);
-    if left > 0 {
-        warn!(
-            connections = left,
-            "drain deadline reached; closing remaining connections"
-        );
-    }
+    cairn_client::process::drain(|| ACTIVE_CONNECTIONS.load(Ordering::Acquire), config.drain).await;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the proxy");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
