@@ -425,9 +425,7 @@ pub fn route_configs(
                         hostname: hostname.clone(),
                         port,
                         rules,
-                        policies: vec![],
-                        backends: vec![],
-                        jwt_rules: vec![],
+                        ..Default::default()
                     },
                 );
             }
@@ -478,6 +476,10 @@ pub fn route_configs(
             let Some(config) = out.get_mut(&key) else {
                 continue;
             };
+            config.waypoint = waypoint
+                .as_ref()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .unwrap_or_default();
             let wp = waypoint.as_ref().map(|(a, b)| (a.as_str(), b.as_str()));
             config.policies = compiled
                 .iter()
@@ -526,9 +528,7 @@ fn default_config(namespace: &str, name: &str, hostname: &str, port: u32) -> l7:
             retry: Some(default_retry()),
             ..Default::default()
         }],
-        policies: vec![],
-        backends: vec![],
-        jwt_rules: vec![],
+        ..Default::default()
     }
 }
 

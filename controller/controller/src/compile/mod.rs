@@ -377,6 +377,9 @@ pub struct Encoded {
     pub name: String,
     /// The encoded message (`Address` or `Authorization`), the value of its `Any`.
     pub body: Vec<u8>,
+    /// Who may receive it: `None` every client; `Some(w)` only the waypoint `w`
+    /// (`namespace/name`; empty: no waypoint).
+    pub audience: Option<String>,
 }
 
 /// What one recompile produced: resources to (re)publish and resources gone.
@@ -446,13 +449,18 @@ impl Compiler {
             }
             for o in outputs {
                 let (type_, name) = o.key();
-                let body = match o {
-                    Output::Address(_, a) => a.encode_to_vec(),
-                    Output::Authorization(_, a) => a.encode_to_vec(),
-                    Output::RouteConfig(_, c) => c.encode_to_vec(),
+                let (body, audience) = match o {
+                    Output::Address(_, a) => (a.encode_to_vec(), None),
+                    Output::Authorization(_, a) => (a.encode_to_vec(), None),
+                    Output::RouteConfig(_, c) => (c.encode_to_vec(), Some(c.waypoint.clone())),
                 };
                 written.insert((type_, name.clone()));
-                delta.updated.push(Encoded { type_, name, body });
+                delta.updated.push(Encoded {
+                    type_,
+                    name,
+                    body,
+                    audience,
+                });
             }
         }
         // A resource removed by one source but (re)produced by another stays.

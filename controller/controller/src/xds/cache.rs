@@ -26,6 +26,8 @@ pub const DEFAULT_PENDING_LIMIT: usize = 10_000;
 pub struct Versioned {
     pub version: String,
     pub body: Vec<u8>,
+    /// Who may receive it (see `compile::Encoded::audience`).
+    pub audience: Option<String>,
 }
 
 /// A content hash: the same bytes always get the same version, across restarts, so a
@@ -136,6 +138,7 @@ impl Cache {
                     Arc::new(Versioned {
                         version,
                         body: e.body.clone(),
+                        audience: e.audience.clone(),
                     }),
                 );
                 changed.entry(e.type_).or_default().push(e.name.clone());

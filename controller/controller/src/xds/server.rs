@@ -11,7 +11,10 @@ use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{cache::Cache, stream::StreamState};
+use super::{
+    cache::Cache,
+    stream::{Audience, StreamState},
+};
 use crate::auth::{self, Authenticator};
 
 /// Responses buffered per stream before the stream task waits for the client.
@@ -67,12 +70,20 @@ impl AggregatedDiscoveryService for AdsService {
             .await
             .inspect_err(|e| warn!(peer = %peer, error = %e, "refused xDS stream"))?;
         let client = format!("{caller}@{peer}");
+        // A waypoint proves its ServiceAccount's identity, named like its Gateway.
+        let audience = match &caller {
+            auth::Caller::Node(_) => Audience::All,
+            auth::Caller::Identity(id) => {
+                Audience::Waypoint(format!("{}/{}", id.namespace(), id.service_account()))
+            }
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let cache = self.cache.clone();
         let requests = req.into_inner();
         let span = info_span!("xds", client = %client);
         tokio::spawn(
-            serve_stream(cache, client, requests, tx, self.shutdown.clone()).instrument(span),
+            serve_stream(cache, client, audience, requests, tx, self.shutdown.clone())
+                .instrument(span),
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -81,12 +92,13 @@ impl AggregatedDiscoveryService for AdsService {
 async fn serve_stream(
     cache: Arc<Cache>,
     client: String,
+    audience: Audience,
     mut requests: Streaming<DeltaDiscoveryRequest>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sub = cache.subscribe();
-    let mut state = StreamState::new(client);
+    let mut state = StreamState::for_audience(client, audience);
     info!("xDS stream opened");
     metrics::gauge!("cairn_xds_streams").increment(1.0);
     let reason = loop {

@@ -27,10 +27,29 @@ impl TypeState {
     }
 }
 
+/// Which audience-scoped resources a client may receive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Audience {
+    /// Every resource (node proxies, tests).
+    All,
+    /// Resources for this waypoint (`namespace/name`) and unscoped ones.
+    Waypoint(String),
+}
+
+impl Audience {
+    fn admits(&self, r: &super::cache::Versioned) -> bool {
+        match (self, &r.audience) {
+            (Audience::All, _) | (_, None) => true,
+            (Audience::Waypoint(me), Some(to)) => me == to,
+        }
+    }
+}
+
 /// Stream state; pure logic (no I/O) so it is tested directly.
 #[derive(Debug)]
 pub struct StreamState {
     client: String,
+    audience: Audience,
     types: HashMap<ResourceType, TypeState>,
     nonce: u64,
 }
@@ -43,9 +62,16 @@ pub struct Handled {
 }
 
 impl StreamState {
+    #[cfg(test)]
     pub fn new(client: String) -> Self {
+        Self::for_audience(client, Audience::All)
+    }
+
+    /// A stream that only receives the scoped resources `audience` admits.
+    pub fn for_audience(client: String, audience: Audience) -> Self {
         Self {
             client,
+            audience,
             types: HashMap::new(),
             nonce: 0,
         }
@@ -184,13 +210,16 @@ impl StreamState {
         names: impl Iterator<Item = String>,
     ) -> Option<DeltaDiscoveryResponse> {
         let st = self.types.get_mut(&type_)?;
+        let audience = &self.audience;
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         let mut undo = Undo::new();
         for name in names {
             let wanted = st.wants(&name);
             let held = st.holds.get(&name).cloned();
-            match (wanted, cache.get(type_, &name)) {
+            // A resource scoped to another audience is, for this client, absent.
+            let current = cache.get(type_, &name).filter(|r| audience.admits(r));
+            match (wanted, current) {
                 (true, Some(r)) if held.as_deref() != Some(r.version.as_str()) => {
                     resources.push(Resource {
                         name: name.clone(),

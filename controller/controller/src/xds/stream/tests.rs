@@ -11,6 +11,7 @@ fn put(cache: &Cache, name: &str, body: &[u8]) {
             type_: ResourceType::Address,
             name: name.into(),
             body: body.to_vec(),
+            audience: None,
         }],
         ..Default::default()
     });
@@ -145,4 +146,48 @@ fn overflowing_backlog_turns_into_a_resync() {
         10,
         "the resync sends everything missing"
     );
+}
+
+#[test]
+fn a_waypoint_receives_only_the_route_configs_scoped_to_it() {
+    let cache = Cache::default();
+    let route = |name: &str, body: &[u8], audience: &str| Encoded {
+        type_: ResourceType::RouteConfig,
+        name: name.into(),
+        body: body.to_vec(),
+        audience: Some(audience.into()),
+    };
+    cache.apply(&Delta {
+        updated: vec![
+            route("demo/reviews:9080", b"r1", "demo/waypoint"),
+            route("other/ratings:9080", b"o1", "other/waypoint"),
+            route("demo/unbound:9080", b"u1", ""),
+        ],
+        ..Default::default()
+    });
+    let sub = cache.subscribe();
+    let wildcard = DeltaDiscoveryRequest {
+        type_url: cairn_api::ROUTE_CONFIG_TYPE_URL.into(),
+        ..Default::default()
+    };
+    let mut demo =
+        StreamState::for_audience("wp".into(), Audience::Waypoint("demo/waypoint".into()));
+    let first = demo
+        .handle(&cache, wildcard.clone())
+        .response
+        .expect("answer");
+    assert_eq!(names(&first), ["demo/reviews:9080"]);
+    let mut all = StreamState::new("node".into());
+    let everything = all.handle(&cache, wildcard).response.expect("answer");
+    assert_eq!(everything.resources.len(), 3, "unscoped clients see all");
+
+    // The service moves to another waypoint: demo's waypoint is told it is gone.
+    cache.apply(&Delta {
+        updated: vec![route("demo/reviews:9080", b"r2", "demo/other-waypoint")],
+        ..Default::default()
+    });
+    let pushed = demo.on_pending(&cache, sub.take());
+    assert_eq!(pushed.len(), 1);
+    assert!(pushed[0].resources.is_empty());
+    assert_eq!(pushed[0].removed_resources, ["demo/reviews:9080"]);
 }
