@@ -94,6 +94,91 @@ struct Handles {
 /// unbounded principal or status cardinality, not a limit on the metrics).
 const MAX_LABEL_SETS: usize = 4096;
 
+/// A request's label inputs, borrowed: compared against the recent label sets
+/// without building (allocating) a [`LabelKey`].
+#[derive(Clone, Copy)]
+struct KeyView<'a> {
+    identity: Option<&'a cairn_identity::SpiffeId>,
+    service: Option<&'a str>,
+    version: Option<&'a str>,
+    grpc: bool,
+    code: u16,
+    grpc_status: Option<&'a str>,
+    flag: &'static str,
+}
+
+/// A recently used label set, keyed as its inputs were.
+struct Recent {
+    identity: Option<cairn_identity::SpiffeId>,
+    service: Option<String>,
+    version: Option<String>,
+    grpc: bool,
+    code: u16,
+    grpc_status: Option<String>,
+    flag: &'static str,
+    handles: Arc<Handles>,
+}
+
+impl Recent {
+    fn is(&self, v: &KeyView<'_>) -> bool {
+        self.code == v.code
+            && self.flag == v.flag
+            && self.grpc == v.grpc
+            && self.version.as_deref() == v.version
+            && self.service.as_deref() == v.service
+            && self.grpc_status.as_deref() == v.grpc_status
+            && self.identity.as_ref() == v.identity
+    }
+}
+
+/// Recent label sets per worker thread: the common case (the same few sets request
+/// after request) costs comparisons, not allocations, hashing or a lock.
+const RECENT_PER_THREAD: usize = 16;
+
+thread_local! {
+    static RECENT: std::cell::RefCell<Vec<Recent>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn handles_for(v: KeyView<'_>) -> Arc<Handles> {
+    let hit = RECENT.with(|r| {
+        r.borrow()
+            .iter()
+            .find(|e| e.is(&v))
+            .map(|e| e.handles.clone())
+    });
+    if let Some(h) = hit {
+        return h;
+    }
+    let h = handles(LabelKey {
+        source_principal: v.identity.map(|i| i.to_string()),
+        source_namespace: v.identity.map(|i| i.namespace().to_owned()),
+        service: v.service.map(str::to_owned),
+        version: v.version.map(str::to_owned),
+        grpc: v.grpc,
+        code: v.code,
+        grpc_status: v.grpc_status.map(str::to_owned),
+        flag: v.flag,
+        mtls: v.identity.is_some(),
+    });
+    RECENT.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.len() >= RECENT_PER_THREAD {
+            r.remove(0);
+        }
+        r.push(Recent {
+            identity: v.identity.cloned(),
+            service: v.service.map(str::to_owned),
+            version: v.version.map(str::to_owned),
+            grpc: v.grpc,
+            code: v.code,
+            grpc_status: v.grpc_status.map(str::to_owned),
+            flag: v.flag,
+            handles: h.clone(),
+        });
+    });
+    h
+}
+
 fn handles(key: LabelKey) -> Arc<Handles> {
     static CACHE: std::sync::OnceLock<Mutex<HashMap<LabelKey, Arc<Handles>>>> =
         std::sync::OnceLock::new();
@@ -166,7 +251,6 @@ impl Record {
         let elapsed_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let d = self.downstream.as_deref();
         let identity = d.and_then(|d| d.identity.as_ref());
-        let source_principal = identity.map(|i| i.to_string());
         // The service's hostname: `name.namespace.svc.<domain>:port` -> parts.
         let service = d.map(|d| d.service.rsplit_once(':').map_or(&*d.service, |(h, _)| h));
         // `host|subset|port`.
@@ -175,19 +259,16 @@ impl Record {
             .as_ref()
             .and_then(|r| r.backend.split('|').nth(1));
         let flag = self.flag.map_or("-", |f| f.0);
-        let key = LabelKey {
-            source_principal: source_principal.clone(),
-            source_namespace: identity.map(|i| i.namespace().to_owned()),
-            service: service.map(str::to_owned),
-            version: version.map(str::to_owned),
+        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let h = handles_for(KeyView {
+            identity,
+            service,
+            version,
             grpc: self.grpc,
             code: self.status.as_u16(),
-            grpc_status: self.grpc_status.clone(),
+            grpc_status: self.grpc_status.as_deref(),
             flag,
-            mtls: identity.is_some(),
-        };
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        let h = handles(key);
+        });
         h.requests.increment(1);
         h.duration.record(elapsed_ms);
         h.request_bytes.record(request_bytes as f64);
@@ -202,7 +283,8 @@ impl Record {
             duration_ms = format_args!("{elapsed_ms:.3}"),
             bytes_received = request_bytes,
             bytes_sent = response_bytes,
-            source_principal = source_principal.as_deref().unwrap_or("-"),
+            // Fields are only rendered when the access log is on.
+            source_principal = identity.map(|i| i.to_string()).as_deref().unwrap_or("-"),
             destination_service = service.unwrap_or("-"),
             route = self.routed.as_ref().map_or("-", |r| r.route.as_str()),
             upstream = self.routed.as_ref().map_or("-", |r| r.backend.as_str()),
