@@ -98,7 +98,9 @@ const RETRY_CONDITIONS: &[&str] = &[
     "unavailable",
 ];
 
-fn millis(s: &Option<String>) -> u64 {
+/// A duration field in milliseconds; absent or unparsable (already reported by
+/// validation): 0.
+pub(crate) fn millis(s: &Option<String>) -> u64 {
     s.as_deref()
         .and_then(|d| parse_duration(d).ok())
         .map_or(0, |d| d.as_millis() as u64)

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cairn_api::proto::cairn::l7::v1 as l7;
 
-use super::{MeshConfig, Notice, ip_bytes, selector_matches, workload};
-use crate::{resources::istio, store::Store, validate::parse_duration};
+use super::{MeshConfig, Notice, ip_bytes, l7::millis, selector_matches, workload};
+use crate::{resources::istio, store::Store};
 
 /// `name.namespace.svc.<suffix>` -> (namespace, name).
 fn service_of<'a>(mesh: &MeshConfig, hostname: &'a str) -> Option<(&'a str, &'a str)> {
@@ -50,12 +50,6 @@ fn merged(
         connection_pool: sub.connection_pool.clone().or(top.connection_pool),
         outlier_detection: sub.outlier_detection.clone().or(top.outlier_detection),
     }
-}
-
-fn millis(s: &Option<String>) -> u64 {
-    s.as_deref()
-        .and_then(|d| parse_duration(d).ok())
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn policy(p: &istio::TrafficPolicy, backend: &mut l7::Backend) {

@@ -17,7 +17,10 @@ use std::collections::BTreeMap;
 
 use cairn_api::proto::cairn::l7::v1 as l7;
 
-use super::{MeshConfig, Notice, l7::resource_name};
+use super::{
+    MeshConfig, Notice,
+    l7::{millis, resource_name},
+};
 use crate::{
     resources::{
         Kind, Object,
@@ -27,7 +30,6 @@ use crate::{
         },
     },
     store::Store,
-    validate::parse_duration,
 };
 
 /// Precedence of one match: larger sorts first.
@@ -177,14 +179,9 @@ impl Route<'_> {
             self.filter(label, f, port, &mut out, &mut redirect);
         }
         if let Some(t) = &rule.timeouts {
-            let ms = |s: &Option<String>| {
-                s.as_deref()
-                    .and_then(|d| parse_duration(d).ok())
-                    .map_or(0, |d| d.as_millis() as u64)
-            };
-            out.timeout_ms = ms(&t.request);
+            out.timeout_ms = millis(&t.request);
             if let Some(retry) = out.retry.as_mut() {
-                retry.per_try_timeout_ms = ms(&t.backend_request);
+                retry.per_try_timeout_ms = millis(&t.backend_request);
             }
         }
         if rule.backend_refs.iter().any(|b| !b.filters.is_empty()) {
