@@ -116,6 +116,12 @@ impl RouteSink {
     fn publish(&self) {
         let mut served = HashMap::new();
         let mut dump = Dump::default();
+        let mut by_host: HashMap<(&str, &str), &MeshService> = HashMap::new();
+        for s in self.services.values() {
+            by_host
+                .entry((s.namespace.as_str(), s.hostname.as_str()))
+                .or_insert(s);
+        }
         for (name, b) in &self.routes {
             let c = &b.config;
             dump.routes.insert(
@@ -130,11 +136,7 @@ impl RouteSink {
             let Ok(port) = u16::try_from(c.port) else {
                 continue;
             };
-            let service = self
-                .services
-                .values()
-                .find(|s| s.namespace == c.namespace && s.hostname == c.hostname);
-            let Some(service) = service else {
+            let Some(service) = by_host.get(&(c.namespace.as_str(), c.hostname.as_str())) else {
                 dump.unbound.push(name.clone());
                 continue;
             };
