@@ -16,8 +16,6 @@ pub mod health;
 pub mod process;
 pub mod xds;
 
-pub use process::tune_malloc;
-
 /// A duration as the proxies' settings write it: `500ms`, `30s`, `5m`, `24h`.
 pub fn duration(value: &str) -> Option<std::time::Duration> {
     let (num, scale) = if let Some(n) = value.strip_suffix("ms") {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-/// Allocator settings both proxies start with (call first thing in `main`, before
+/// Allocator settings both proxies start with (called by [`start`], before
 /// any other thread). glibc's malloc defaults cost the data path dearly: h2 reads each DATA frame into a
 /// fresh buffer that lives until the bytes are written out, and with the default
 /// (dynamic) thresholds glibc hands the freed heap tops back to the kernel and faults
@@ -26,6 +26,19 @@ pub fn tune_malloc() {
 
 #[cfg(not(target_env = "gnu"))]
 pub fn tune_malloc() {}
+
+/// What a proxy's `main` does first, before any other thread exists: the allocator
+/// settings, then logging to stdout filtered by `RUST_LOG` (default `info`), with
+/// colours only on a terminal (log files and collectors get plain text).
+pub fn start() {
+    tune_malloc();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+}
 
 /// Returns on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {

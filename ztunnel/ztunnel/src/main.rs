@@ -34,14 +34,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 fn main() -> anyhow::Result<()> {
-    cairn_client::tune_malloc();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        // Colours only for a terminal: log files and collectors get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+    cairn_client::process::start();
     let config = Config::from_source(&Env).context("configuration")?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.worker_threads)
