@@ -81,32 +81,31 @@ fn addrs(n: u8) -> Vec<SocketAddr> {
 }
 
 fn router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -> Router {
-    let rule = Rule::new("r", vec![], Action::to("reviews"));
-    let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
-    Router::new(
-        RouteTable {
-            rules: vec![rule],
-            ..Default::default()
-        },
-        Arc::new(clusters),
-        Some(4),
-    )
+    router_with(None, policy, endpoints, t)
 }
 
 /// [`router`], with a rule that retries 5xx twice.
 fn retrying_router(policy: TrafficPolicy, endpoints: Vec<SocketAddr>, t: Arc<Scripted>) -> Router {
     let mut on = RetryOn::default();
     on.add("5xx").expect("condition");
-    let rule = {
-        let mut r = Rule::new("r", vec![], Action::to("reviews"));
-        r.retry = Some(RetryPolicy {
-            retries: 2,
-            per_try_timeout: None,
-            on,
-            status_codes: vec![],
-        });
-        r
+    let retry = RetryPolicy {
+        retries: 2,
+        per_try_timeout: None,
+        on,
+        status_codes: vec![],
     };
+    router_with(Some(retry), policy, endpoints, t)
+}
+
+/// Every request to the cluster `reviews` of `endpoints`, with `retry`.
+fn router_with(
+    retry: Option<RetryPolicy>,
+    policy: TrafficPolicy,
+    endpoints: Vec<SocketAddr>,
+    t: Arc<Scripted>,
+) -> Router {
+    let mut rule = Rule::new("r", vec![], Action::to("reviews"));
+    rule.retry = retry;
     let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
     Router::new(
         RouteTable {

@@ -26,7 +26,7 @@ use cairn_waypoint::{
     cluster::Clusters,
     ingress::{ConnLimits, Ingress, Service},
     matching::{HeaderRule, RequestMatch, StringMatch},
-    route::{Action, HeaderOps, RouteTable, Rule, WeightedBackend},
+    route::{Action, RouteTable, Rule, WeightedBackend},
     router::{Body, Router, full},
 };
 use http::{HeaderName, Request, Response, StatusCode};
@@ -126,18 +126,7 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
             headers: None,
         }])
     };
-    let rule = |name: &str, matches, action| Rule {
-        name: name.into(),
-        matches,
-        action,
-        fault: None,
-        timeout: None,
-        retry: None,
-        rewrite: None,
-        mirrors: vec![],
-        request_headers: HeaderOps::default(),
-        response_headers: HeaderOps::default(),
-    };
+    let rule = Rule::new;
     let jason = RequestMatch {
         headers: vec![(
             HeaderName::from_static("end-user"),
@@ -237,6 +226,45 @@ fn get(path: &str, user: Option<&str>) -> Request<Body> {
         b = b.header("end-user", u);
     }
     b.body(full("")).expect("request")
+}
+
+/// A router sending every request to one mesh endpoint (`REVIEWS`, which must prove
+/// `endpoint_id`) over HBONE as the waypoint, dialling the test server at `hbone`
+/// (not the endpoint's own address and 15008) through `client`.
+fn hbone_router(
+    mesh: &TestCa,
+    client: Client,
+    hbone: SocketAddr,
+    endpoint_id: &str,
+    policy: cairn_waypoint::cluster::TrafficPolicy,
+) -> Router {
+    use cairn_waypoint::{cluster::Cluster, hbone_upstream::HboneTransport};
+    let me = Arc::new(mesh.workload(WAYPOINT));
+    let roots = mesh.roots();
+    let tls: cairn_waypoint::hbone_upstream::TlsFor =
+        Arc::new(move |peer: &cairn_identity::SpiffeId| {
+            client_config(&me, &roots, peer.clone()).map_err(|e| e.into())
+        });
+    let vip: SocketAddr = REVIEWS.parse().expect("addr");
+    let transport = HboneTransport::new(
+        client,
+        WAYPOINT.parse().expect("id"),
+        tls,
+        HashMap::from([(vip, endpoint_id.parse().expect("id"))]),
+    )
+    .with_hbone_port(hbone.port())
+    .with_hbone_ip(hbone.ip());
+    Router::new(
+        RouteTable {
+            rules: vec![Rule::new("all", vec![], Action::to("reviews"))],
+            ..Default::default()
+        },
+        Arc::new(Clusters::new(
+            vec![Cluster::new("reviews", vec![vip], policy, None)],
+            Arc::new(transport),
+        )),
+        Some(1),
+    )
 }
 
 #[tokio::test]
@@ -516,10 +544,7 @@ async fn l7_policy_admits_the_listed_principal_and_denies_the_rest_with_403() {
 
 #[tokio::test]
 async fn the_waypoint_reaches_mesh_endpoints_over_hbone_as_its_own_identity() {
-    use cairn_waypoint::{
-        cluster::{Cluster, TrafficPolicy},
-        hbone_upstream::HboneTransport,
-    };
+    use cairn_waypoint::cluster::TrafficPolicy;
     // The "endpoint": an HBONE server whose ingress only admits the waypoint's
     // principal (as a destination ztunnel with policy would), in front of v1.
     let only_waypoint = Policy {
@@ -540,42 +565,16 @@ async fn the_waypoint_reaches_mesh_endpoints_over_hbone_as_its_own_identity() {
         },
     )
     .await;
-    let mesh = &endpoint.mesh;
-    let me = Arc::new(mesh.workload(WAYPOINT));
-    let roots = mesh.roots();
-    let tls: cairn_waypoint::hbone_upstream::TlsFor =
-        Arc::new(move |peer: &cairn_identity::SpiffeId| {
-            client_config(&me, &roots, peer.clone()).map_err(|e| e.into())
-        });
     // The endpoint's HBONE port is not 15008 here: CONNECT goes to the server's
     // address, the tunnel's authority is the service address it routes by.
     let hbone = Client::new(H2Settings::default(), PoolSettings::default());
-    let vip: SocketAddr = REVIEWS.parse().expect("addr");
     let run = |expected: &str| {
-        let transport = HboneTransport::new(
+        hbone_router(
+            &endpoint.mesh,
             hbone.clone(),
-            WAYPOINT.parse().expect("id"),
-            tls.clone(),
-            HashMap::from([(vip, expected.parse().expect("id"))]),
-        )
-        .with_hbone_port(endpoint.addr.port())
-        .with_hbone_ip(endpoint.addr.ip());
-        let clusters = Clusters::new(
-            vec![Cluster::new(
-                "reviews",
-                vec![vip],
-                TrafficPolicy::default(),
-                None,
-            )],
-            Arc::new(transport),
-        );
-        Router::new(
-            RouteTable {
-                rules: vec![Rule::new("all", vec![], Action::to("reviews"))],
-                ..Default::default()
-            },
-            Arc::new(clusters),
-            Some(1),
+            endpoint.addr,
+            expected,
+            TrafficPolicy::default(),
         )
     };
     let router = run(WAYPOINT);
@@ -599,10 +598,7 @@ async fn the_waypoint_reaches_mesh_endpoints_over_hbone_as_its_own_identity() {
 
 #[tokio::test]
 async fn a_stalled_endpoint_fails_after_its_clusters_connect_timeout() {
-    use cairn_waypoint::{
-        cluster::{Cluster, TrafficPolicy},
-        hbone_upstream::HboneTransport,
-    };
+    use cairn_waypoint::cluster::TrafficPolicy;
     // Accepts TCP and never answers the TLS handshake: a wedged peer.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let stalled = listener.local_addr().expect("addr");
@@ -612,42 +608,16 @@ async fn a_stalled_endpoint_fails_after_its_clusters_connect_timeout() {
             held.push(s);
         }
     });
-    let mesh = TestCa::new("mesh");
-    let me = Arc::new(mesh.workload(WAYPOINT));
-    let roots = mesh.roots();
-    let tls: cairn_waypoint::hbone_upstream::TlsFor =
-        Arc::new(move |peer: &cairn_identity::SpiffeId| {
-            client_config(&me, &roots, peer.clone()).map_err(|e| e.into())
-        });
-    let vip: SocketAddr = REVIEWS.parse().expect("addr");
-    let transport = HboneTransport::new(
-        client(),
-        WAYPOINT.parse().expect("id"),
-        tls,
-        HashMap::from([(
-            vip,
-            "spiffe://cluster.local/ns/bookinfo/sa/reviews"
-                .parse()
-                .expect("id"),
-        )]),
-    )
-    .with_hbone_port(stalled.port())
-    .with_hbone_ip(stalled.ip());
     let policy = TrafficPolicy {
         connect_timeout: Some(Duration::from_millis(300)),
         ..Default::default()
     };
-    let clusters = Clusters::new(
-        vec![Cluster::new("reviews", vec![vip], policy, None)],
-        Arc::new(transport),
-    );
-    let router = Router::new(
-        RouteTable {
-            rules: vec![Rule::new("all", vec![], Action::to("reviews"))],
-            ..Default::default()
-        },
-        Arc::new(clusters),
-        Some(1),
+    let router = hbone_router(
+        &TestCa::new("mesh"),
+        client(),
+        stalled,
+        "spiffe://cluster.local/ns/bookinfo/sa/reviews",
+        policy,
     );
     let start = std::time::Instant::now();
     let resp = router.handle(get("/", None)).await;
@@ -689,10 +659,7 @@ impl cairn_hbone::server::Handler for CountingEndpoint {
 
 #[tokio::test]
 async fn max_requests_per_connection_opens_a_new_tunnel_after_that_many_requests() {
-    use cairn_waypoint::{
-        cluster::{Cluster, PoolLimits, TrafficPolicy},
-        hbone_upstream::HboneTransport,
-    };
+    use cairn_waypoint::cluster::{PoolLimits, TrafficPolicy};
     const ENDPOINT: &str = "spiffe://cluster.local/ns/bookinfo/sa/reviews";
     let mesh = TestCa::new("mesh");
     let connects = Arc::new(AtomicUsize::new(0));
@@ -715,22 +682,7 @@ async fn max_requests_per_connection_opens_a_new_tunnel_after_that_many_requests
             });
         }
     });
-    let me = Arc::new(mesh.workload(WAYPOINT));
-    let roots = mesh.roots();
-    let tls: cairn_waypoint::hbone_upstream::TlsFor =
-        Arc::new(move |peer: &cairn_identity::SpiffeId| {
-            client_config(&me, &roots, peer.clone()).map_err(|e| e.into())
-        });
-    let vip: SocketAddr = REVIEWS.parse().expect("addr");
     let router_with = |max_requests_per_connection| {
-        let transport = HboneTransport::new(
-            client(),
-            WAYPOINT.parse().expect("id"),
-            tls.clone(),
-            HashMap::from([(vip, ENDPOINT.parse().expect("id"))]),
-        )
-        .with_hbone_port(addr.port())
-        .with_hbone_ip(addr.ip());
         let policy = TrafficPolicy {
             pool: PoolLimits {
                 max_requests_per_connection,
@@ -738,17 +690,7 @@ async fn max_requests_per_connection_opens_a_new_tunnel_after_that_many_requests
             },
             ..Default::default()
         };
-        Router::new(
-            RouteTable {
-                rules: vec![Rule::new("all", vec![], Action::to("reviews"))],
-                ..Default::default()
-            },
-            Arc::new(Clusters::new(
-                vec![Cluster::new("reviews", vec![vip], policy, None)],
-                Arc::new(transport),
-            )),
-            Some(1),
-        )
+        hbone_router(&mesh, client(), addr, ENDPOINT, policy)
     };
     for (limit, tunnels) in [(None, 1), (Some(2), 3), (Some(1), 6)] {
         connects.store(0, Ordering::SeqCst);

@@ -14,7 +14,7 @@ use cairn_waypoint::{
     cluster::Clusters,
     fault::{Abort, Fault, Percent},
     matching::{HeaderRule, RequestMatch, StringMatch},
-    route::{Action, BackendHeaders, HeaderOps, RouteTable, Rule, WeightedBackend},
+    route::{Action, BackendHeaders, RouteTable, Rule, WeightedBackend},
     router::{Body, Router, Upstream, UpstreamFuture, full, serve},
 };
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
@@ -22,18 +22,7 @@ use http_body_util::BodyExt;
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
 
 fn rule(name: &str, matches: Vec<RequestMatch>, action: Action) -> Rule {
-    Rule {
-        name: name.into(),
-        matches,
-        action,
-        fault: None,
-        timeout: None,
-        retry: None,
-        rewrite: None,
-        mirrors: vec![],
-        request_headers: HeaderOps::default(),
-        response_headers: HeaderOps::default(),
-    }
+    Rule::new(name, matches, action)
 }
 
 fn split(v1: u32, v2: u32) -> Action {
