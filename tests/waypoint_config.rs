@@ -2,10 +2,11 @@
 //! route table -> routing decisions: the L7 config path end to end, in process.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
 
+use cairn_api::proto::cairn::l7::v1::RouteConfig;
 use cairn_controller::{
     compile::{MeshConfig, l7::route_configs},
     local::LocalSource,
@@ -79,15 +80,22 @@ impl Upstream for Recorder {
     }
 }
 
-#[tokio::test]
-async fn a_virtual_service_routes_the_waypoint() {
+/// The route configs the controller compiles from `manifests`, which must load and
+/// compile without errors or notices.
+fn compiled(manifests: &str) -> BTreeMap<String, RouteConfig> {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("bookinfo.yaml"), MANIFESTS).expect("write");
+    std::fs::write(dir.path().join("bookinfo.yaml"), manifests).expect("write");
     let mut store = Store::default();
     let scan = LocalSource::new(dir.path()).scan(&mut store);
     assert!(scan.errors.is_empty(), "{:?}", scan.errors);
     let (configs, notices) = route_configs(&store, &MeshConfig::default());
     assert!(notices.is_empty(), "{notices:?}");
+    configs
+}
+
+#[tokio::test]
+async fn a_virtual_service_routes_the_waypoint() {
+    let configs = compiled(MANIFESTS);
     let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
     let table =
         RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
@@ -196,13 +204,7 @@ spec:
 
 #[tokio::test]
 async fn an_http_route_routes_the_waypoint_in_gateway_api_precedence() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("bookinfo.yaml"), HTTP_ROUTE).expect("write");
-    let mut store = Store::default();
-    let scan = LocalSource::new(dir.path()).scan(&mut store);
-    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
-    let (configs, notices) = route_configs(&store, &MeshConfig::default());
-    assert!(notices.is_empty(), "{notices:?}");
+    let configs = compiled(HTTP_ROUTE);
     let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
     let table = RouteTable::try_from(config).expect("the waypoint accepts it");
     let recorder = Arc::new(Recorder::default());
@@ -277,13 +279,7 @@ spec:
 
 #[tokio::test]
 async fn a_grpc_route_routes_methods_at_the_waypoint() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("bookinfo.yaml"), GRPC_ROUTE).expect("write");
-    let mut store = Store::default();
-    let scan = LocalSource::new(dir.path()).scan(&mut store);
-    assert!(scan.errors.is_empty(), "{:?}", scan.errors);
-    let (configs, notices) = route_configs(&store, &MeshConfig::default());
-    assert!(notices.is_empty(), "{notices:?}");
+    let configs = compiled(GRPC_ROUTE);
     let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9090"];
     let table = RouteTable::try_from(config).expect("the waypoint accepts it");
     let recorder = Arc::new(Recorder::default());
