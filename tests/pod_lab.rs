@@ -450,7 +450,7 @@ impl PodLab {
     /// Sum of a metric's samples whose labels contain `filter`, from a node's ztunnel.
     pub fn metric(&self, node: usize, name: &str, filter: &str) -> f64 {
         let text = self.fetch(node, &format!("http://{}/metrics", self.admin(node)));
-        sum_metric(&text, name, filter)
+        sum_metric(&text, name, &[filter])
     }
 
     /// GETs `url` from a node's network namespace (as a scraper there would); the
@@ -490,11 +490,12 @@ impl PodLab {
     }
 }
 
-/// Sum of the samples of metric `name` in Prometheus text whose labels contain `filter`.
-pub fn sum_metric(text: &str, name: &str, filter: &str) -> f64 {
+/// Sum of the samples of metric `name` in Prometheus text whose labels contain every
+/// one of `filters`.
+pub fn sum_metric(text: &str, name: &str, filters: &[&str]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| l.contains(filter))
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

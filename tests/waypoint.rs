@@ -10,7 +10,7 @@
 
 use cairn_tests::{
     lab::DEMO_WAYPOINT,
-    pod_lab::{NODE_A, NODE_B, PodLab, can_run},
+    pod_lab::{NODE_A, NODE_B, PodLab, can_run, sum_metric},
     waypoint_lab::{
         REVIEWS_VIP, WAYPOINT_VIP, apply_and_place, manifests, start_mesh, waypoint_admin,
     },
@@ -55,15 +55,6 @@ for i in range(n):
 const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const REVIEWS_V1: &str = "spiffe://cluster.local/ns/demo/sa/reviews-v1";
 const REVIEWS_V2: &str = "spiffe://cluster.local/ns/demo/sa/reviews-v2";
-
-/// Sum of `name`'s samples whose labels contain every one of `filters`.
-fn sum(text: &str, name: &str, filters: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 #[test]
 fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
@@ -117,7 +108,7 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
 
     // Hop 1: ztunnel A tunnelled the client to the waypoint as the client.
     let a = lab.fetch(NODE_A, &format!("http://{}/metrics", lab.admin(NODE_A)));
-    let to_waypoint = sum(
+    let to_waypoint = sum_metric(
         &a,
         "istio_tcp_connections_opened_total",
         &[
@@ -134,7 +125,7 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
     // Hop 2: the waypoint saw the client's identity and routed per version.
     let w = lab.fetch(NODE_A, &format!("{admin}/metrics"));
     let seen = |version: &str| {
-        sum(
+        sum_metric(
             &w,
             "istio_requests_total",
             &[
@@ -160,7 +151,7 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
     // Hop 3: ztunnel B received the waypoint's tunnels, as the waypoint, for each version.
     let b = lab.fetch(NODE_B, &format!("http://{}/metrics", lab.admin(NODE_B)));
     for dest in [REVIEWS_V1, REVIEWS_V2] {
-        let from_waypoint = sum(
+        let from_waypoint = sum_metric(
             &b,
             "istio_tcp_connections_opened_total",
             &[
@@ -175,7 +166,7 @@ fn a_canary_through_the_waypoint_splits_traffic_with_mtls_at_every_hop() {
             "waypoint -> {dest} over mTLS at ztunnel B: {from_waypoint}\n{b}"
         );
     }
-    let direct = sum(
+    let direct = sum_metric(
         &b,
         "istio_tcp_connections_opened_total",
         &[
