@@ -4,6 +4,7 @@
 //! [`decode`] and [`validate`] -> the typed [`store`] -> the pure [`compile`] step ->
 //! the versioned [`xds`] cache -> each subscribed proxy over delta ADS.
 
+pub mod apply;
 pub mod auth;
 pub mod ca;
 pub mod compile;

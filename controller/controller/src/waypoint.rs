@@ -448,12 +448,12 @@ pub struct ConfigDir {
 }
 
 /// One YAML document of a file: its text and its parsed value.
-struct Document {
-    text: String,
-    value: Value,
+pub(crate) struct Document {
+    pub(crate) text: String,
+    pub(crate) value: Value,
 }
 
-fn split_documents(path: &Path) -> Result<Vec<Document>, WaypointError> {
+pub(crate) fn split_documents(path: &Path) -> Result<Vec<Document>, WaypointError> {
     let text = std::fs::read_to_string(path).map_err(|source| WaypointError::Io {
         path: path.into(),
         source,
@@ -486,14 +486,14 @@ fn split_documents(path: &Path) -> Result<Vec<Document>, WaypointError> {
     Ok(docs)
 }
 
-fn is_object(v: &Value, kind: &str, namespace: Option<&str>, name: &str) -> bool {
+pub(crate) fn is_object(v: &Value, kind: &str, namespace: Option<&str>, name: &str) -> bool {
     let meta = &v["metadata"];
     v["kind"].as_str() == Some(kind)
         && meta["name"].as_str() == Some(name)
         && (namespace.is_none() || meta["namespace"].as_str() == namespace)
 }
 
-fn write_atomically(path: &Path, text: &str) -> Result<(), WaypointError> {
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<(), WaypointError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| WaypointError::Io { path, source }
@@ -513,7 +513,12 @@ impl ConfigDir {
         self.dir.join(format!("waypoint-{namespace}-{name}.yaml"))
     }
 
-    fn files(&self) -> Result<Vec<PathBuf>, WaypointError> {
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn files(&self) -> Result<Vec<PathBuf>, WaypointError> {
         yaml_files(&self.dir).map_err(|source| WaypointError::Io {
             path: self.dir.clone(),
             source,

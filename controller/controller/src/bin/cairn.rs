@@ -7,6 +7,7 @@ use std::{
 };
 
 use cairn_controller::{
+    apply,
     local::{LocalSource, yaml_files},
     store::Store,
     waypoint::{self, ConfigDir, Manifests, Report},
@@ -29,6 +30,20 @@ enum Command {
         /// A YAML file, or a directory searched for *.yaml / *.yml.
         #[arg(short = 'f', long = "filename")]
         path: PathBuf,
+    },
+    /// Create or replace the objects of a manifest in the config directory.
+    Apply {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        target: Where,
+    },
+    /// Remove the objects of a manifest from the config directory.
+    Delete {
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        #[command(flatten)]
+        target: Where,
     },
     /// Declare, remove and list waypoints (L7 proxies).
     Waypoint {
@@ -101,7 +116,23 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Analyze { path } => analyze(&path),
+        Command::Apply { file, target } => {
+            objects(apply::apply(&ConfigDir::new(target.config_dir), &file))
+        }
+        Command::Delete { file, target } => {
+            objects(apply::delete(&ConfigDir::new(target.config_dir), &file))
+        }
         Command::Waypoint { command } => waypoint_command(command),
+    }
+}
+
+fn objects(result: Result<Report, apply::ApplyError>) -> ExitCode {
+    match result {
+        Ok(r) => report(Ok(r)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
