@@ -98,10 +98,16 @@ pub fn can_run() -> Result<(), String> {
     Ok(())
 }
 
-/// A binary of this workspace, next to the running test or bench executable.
+/// A binary of this workspace: next to the running binary (the demo), or one level
+/// up from the running test or bench executable (`target/<profile>/deps/`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let here = exe.parent().expect("target dir");
+    let dir = if here.ends_with("deps") {
+        here.parent().expect("target dir")
+    } else {
+        here
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

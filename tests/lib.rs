@@ -4,6 +4,7 @@
 //! real CNI plugin and captured by the eBPF programs, with a waypoint when asked
 //! (`waypoint_lab`).
 
+pub mod demo_env;
 pub mod in_process;
 pub mod lab;
 pub mod pod_lab;

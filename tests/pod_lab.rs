@@ -23,8 +23,41 @@ pub const NODE_A: usize = 0;
 pub const NODE_B: usize = 1;
 const NODE_IPS: [&str; 2] = ["10.77.1.1", "10.77.2.1"];
 const NODE_NAMES: [&str; 2] = ["node-a", "node-b"];
-/// Namespaces, links and cgroups are `cairn-cap-<pid>-...`.
+/// Tests' namespaces and cgroups are `cairn-cap-<pid>-...`.
 const PREFIX: &str = "cairn-cap-";
+
+/// How a lab is named and where it keeps its files.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Network namespaces and cgroups are `<prefix><pid>-...`.
+    pub prefix: &'static str,
+    /// Config, CA, tokens, pins, pod state and logs; a fresh temporary directory
+    /// when None. A given directory is created, and removed on drop.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            prefix: PREFIX,
+            dir: None,
+        }
+    }
+}
+
+enum LabDir {
+    Temp(tempfile::TempDir),
+    Fixed(PathBuf),
+}
+
+impl LabDir {
+    fn path(&self) -> &Path {
+        match self {
+            LabDir::Temp(t) => t.path(),
+            LabDir::Fixed(p) => p,
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct PodSpec {
@@ -41,13 +74,14 @@ struct PodState {
 }
 
 pub struct PodLab {
+    prefix: &'static str,
     tag: u32,
     nodes: [String; 2],
     pods: Vec<PodState>,
     ztunnels: [Option<Child>; 2],
     children: Vec<Child>,
     cgroup_root: PathBuf,
-    dir: tempfile::TempDir,
+    dir: LabDir,
 }
 
 fn sh(args: &[&str]) -> Result<(), String> {
@@ -79,9 +113,9 @@ pub fn can_run() -> Result<(), String> {
 }
 
 /// Removes what labs of dead processes left behind (namespaces, cgroups).
-fn remove_stale() {
+fn remove_stale(prefix: &str) {
     let dead = |name: &str| {
-        name.strip_prefix(PREFIX)
+        name.strip_prefix(prefix)
             .and_then(|r| r.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
             .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
@@ -132,7 +166,10 @@ impl Drop for PodLab {
                 .args(["netns", "del", &pod.netns])
                 .status();
         }
-        let _ = std::fs::remove_dir(self.cgroup_root.join(format!("{PREFIX}{}", self.tag)));
+        let _ = std::fs::remove_dir(
+            self.cgroup_root
+                .join(format!("{}{}", self.prefix, self.tag)),
+        );
         for node in &self.nodes {
             let _ = Command::new("ip").args(["netns", "del", node]).status();
         }
@@ -142,22 +179,39 @@ impl Drop for PodLab {
                 .stderr(Stdio::null())
                 .status();
         }
+        if let LabDir::Fixed(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
 impl PodLab {
     /// Both nodes and the controller (config: `manifests`); no pods, no ztunnels yet.
     pub fn new(manifests: &str) -> PodLab {
-        remove_stale();
+        PodLab::with(manifests, Options::default())
+    }
+
+    /// [`PodLab::new`] named and placed as `options` say.
+    pub fn with(manifests: &str, options: Options) -> PodLab {
+        let prefix = options.prefix;
+        remove_stale(prefix);
         let tag = std::process::id();
+        let dir = match options.dir {
+            Some(d) => {
+                std::fs::create_dir_all(&d).expect("lab directory");
+                LabDir::Fixed(d)
+            }
+            None => LabDir::Temp(tempfile::tempdir().expect("tempdir")),
+        };
         let mut lab = PodLab {
+            prefix,
             tag,
-            nodes: [format!("{PREFIX}{tag}-a"), format!("{PREFIX}{tag}-b")],
+            nodes: [format!("{prefix}{tag}-a"), format!("{prefix}{tag}-b")],
             pods: Vec::new(),
             ztunnels: [None, None],
             children: Vec::new(),
             cgroup_root: cairn_capture::cgroup2_mount().expect("cgroup2"),
-            dir: tempfile::tempdir().expect("tempdir"),
+            dir,
         };
         lab.nodes_network().expect("node namespaces");
         for i in 0..2 {
@@ -165,9 +219,9 @@ impl PodLab {
             std::fs::create_dir_all(&root).expect("pin root");
             sh(&["mount", "-t", "bpf", "bpf", &root.display().to_string()]).expect("bpffs");
         }
-        std::fs::create_dir_all(lab.cgroup_root.join(format!("{PREFIX}{tag}"))).expect("cgroup");
+        std::fs::create_dir_all(lab.cgroup_root.join(format!("{prefix}{tag}"))).expect("cgroup");
         let dir = lab.dir.path().to_owned();
-        std::fs::create_dir(dir.join("config")).expect("mkdir");
+        std::fs::create_dir_all(dir.join("config")).expect("mkdir");
         lab.set_config(manifests);
         let controller = controller_command(&dir);
         let controller: Vec<&str> = controller.iter().map(String::as_str).collect();
@@ -259,7 +313,7 @@ impl PodLab {
     /// then `cairn-cni ADD`. Returns the plugin's stderr.
     pub fn add_pod(&mut self, spec: PodSpec) -> String {
         let n = self.pods.len();
-        let netns = format!("{PREFIX}{}-p{n}", self.tag);
+        let netns = format!("{}{}-p{n}", self.prefix, self.tag);
         let node = &self.nodes[spec.node];
         let (host, inner) = (
             format!("cph{}x{n}", self.tag),
@@ -312,7 +366,7 @@ impl PodLab {
             Ok(())
         };
         run().expect("pod network");
-        let cgroup_rel = format!("{PREFIX}{}/{}", self.tag, spec.name);
+        let cgroup_rel = format!("{}{}/{}", self.prefix, self.tag, spec.name);
         let cgroup = self.cgroup_root.join(&cgroup_rel);
         std::fs::create_dir_all(&cgroup).expect("pod cgroup");
         let config = serde_json::json!({
@@ -456,11 +510,12 @@ impl PodLab {
     /// GETs `url` from a node's network namespace (as a scraper there would); the
     /// body, or `ERR <why>`.
     pub fn fetch(&self, node: usize, url: &str) -> String {
-        self.python_on_node(
-            node,
-            "import sys,urllib.request\ntry: print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())\nexcept Exception as e: print('ERR', e)",
-            &[url],
-        )
+        get_in(&self.netns_path(node), url).unwrap_or_else(|e| format!("ERR {e}"))
+    }
+
+    /// The path of a node's network namespace.
+    pub fn netns_path(&self, node: usize) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.nodes[node]))
     }
 
     /// Starts the `waypoint` binary in `pod` as the demo namespace's waypoint (token
@@ -488,6 +543,51 @@ impl PodLab {
         // sh, nsenter and env exec in turn: the pid is the waypoint's.
         self.spawn_in_pod(pod, &args, "waypoint.log")
     }
+}
+
+/// A TCP connection made from inside the network namespace at `netns` (a socket
+/// belongs to the namespace it was created in, whichever thread uses it later).
+pub fn connect_in(
+    netns: &Path,
+    addr: std::net::SocketAddr,
+    timeout: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let netns = std::fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            std::net::TcpStream::connect_timeout(&addr, timeout)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
+    })
+}
+
+/// GETs `http://ip:port/path` from inside the network namespace at `netns`; the body,
+/// or an error for a failed connection or a status other than 200.
+pub fn get_in(netns: &Path, url: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad URL {url}"));
+    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let addr: std::net::SocketAddr = authority.parse().map_err(|_| bad())?;
+    let timeout = Duration::from_secs(2);
+    let mut stream = connect_in(netns, addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    // HTTP/1.0: the server closes after the response and never chunks it.
+    let path = if path.is_empty() { "/" } else { path };
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or_default();
+    if status != "200" {
+        return Err(std::io::Error::other(format!("{url}: status {status}")));
+    }
+    Ok(body.to_owned())
 }
 
 /// Sum of the samples of metric `name` in Prometheus text whose labels contain every

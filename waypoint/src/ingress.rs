@@ -49,6 +49,34 @@ pub struct Service {
     pub router: Arc<Router>,
     /// Where opaque (non-HTTP) connections go: the service's endpoints on this port.
     pub opaque_backend: String,
+    /// What the service port says it speaks (port name or `appProtocol`).
+    pub declared: Declared,
+}
+
+/// A service port's declared protocol, as Istio's protocol selection reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Declared {
+    /// Nothing declared: sniffed, and opaque TCP if the client is silent for the
+    /// sniff timeout (a server-speaks-first protocol).
+    #[default]
+    Unknown,
+    /// HTTP, HTTP/2 or gRPC: always served as HTTP (HTTP/2 when the client opens with
+    /// the preface). A client that connects and waits, as pooling HTTP clients do, is
+    /// not mistaken for opaque TCP.
+    Http,
+    /// TCP (or TLS): passed through without looking.
+    Opaque,
+}
+
+impl Declared {
+    pub fn of(p: cairn_api::model::AppProtocol) -> Declared {
+        use cairn_api::model::AppProtocol as A;
+        match p {
+            A::Http11 | A::Http2 | A::Grpc => Declared::Http,
+            A::Tcp | A::Tls => Declared::Opaque,
+            A::Unknown => Declared::Unknown,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -91,7 +119,21 @@ pub async fn serve_connection<IO>(
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let peer = downstream.peer;
-    let (protocol, prefix) = match sniff(&mut io, limits.sniff_timeout).await {
+    let sniffed = match service.declared {
+        Declared::Opaque => Ok((Protocol::Opaque, bytes::Bytes::new())),
+        Declared::Unknown => sniff(&mut io, limits.sniff_timeout).await,
+        // Declared HTTP waits for a request as long as a request head may take.
+        Declared::Http => match sniff(&mut io, limits.header_read_timeout).await {
+            Ok((Protocol::Opaque, prefix)) if prefix.is_empty() => {
+                debug!(%peer, service = %service.name, "HTTP client closed or sent nothing");
+                return;
+            }
+            // Not HTTP on an HTTP port: hyper answers it with 400.
+            Ok((Protocol::Opaque, prefix)) => Ok((Protocol::Http1, prefix)),
+            other => other,
+        },
+    };
+    let (protocol, prefix) = match sniffed {
         Ok(x) => x,
         Err(e) => {
             debug!(%peer, service = %service.name, error = %e, "connection failed before its first bytes");

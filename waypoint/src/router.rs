@@ -759,6 +759,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Arc<Router>) {
         name: "plaintext".into(),
         router,
         opaque_backend: String::new(),
+        declared: crate::ingress::Declared::Http,
     });
     loop {
         let (stream, peer) = match listener.accept().await {

@@ -33,7 +33,7 @@ use tracing::{debug, info};
 use crate::{
     cluster::{Clusters, Transport},
     config::{self, backend_key},
-    ingress::{Ingress, Service},
+    ingress::{Declared, Ingress, Service},
     route::RouteTable,
     router::Router,
 };
@@ -141,10 +141,16 @@ impl RouteSink {
                 continue;
             };
             let label: Arc<str> = format!("{}:{}", c.hostname, c.port).into();
+            let declared = service
+                .ports
+                .iter()
+                .find(|p| p.service_port == port)
+                .map_or(Declared::Unknown, |p| Declared::of(p.app_protocol));
             let served_service = Arc::new(Service {
                 name: label.clone(),
                 router: b.router.clone(),
                 opaque_backend: backend_key(&c.hostname, "", c.port),
+                declared,
             });
             for vip in &service.addresses {
                 let addr = SocketAddr::new(vip.address, port);

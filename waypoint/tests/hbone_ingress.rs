@@ -24,7 +24,7 @@ use cairn_hbone::{
 use cairn_waypoint::{
     authz::{Effect, Operation, Policies, Policy, PolicyRule, Source, Values},
     cluster::Clusters,
-    ingress::{ConnLimits, Ingress, Service},
+    ingress::{ConnLimits, Declared, Ingress, Service},
     matching::{HeaderRule, RequestMatch, StringMatch},
     route::{Action, RouteTable, Rule, WeightedBackend},
     router::{Body, Router, full},
@@ -41,6 +41,8 @@ const CLIENT: &str = "spiffe://cluster.local/ns/bookinfo/sa/productpage";
 const WAYPOINT: &str = "spiffe://cluster.local/ns/bookinfo/sa/waypoint";
 const REVIEWS: &str = "10.96.0.12:9080";
 const MYSQL: &str = "10.96.0.13:3306";
+/// reviews again, on a port declared HTTP (named `http`).
+const REVIEWS_HTTP: &str = "10.96.0.14:9080";
 
 /// An HTTP/1.1 backend answering `<name>:<path>`; counts requests.
 async fn http_backend(name: &'static str, delay: Duration, hits: Arc<AtomicUsize>) -> SocketAddr {
@@ -146,16 +148,25 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
         name: "reviews.bookinfo.svc.cluster.local:9080".into(),
         router: Arc::new(Router::new(table, upstream.clone(), Some(1))),
         opaque_backend: "reviews|v1".into(),
+        declared: Declared::Unknown,
+    });
+    let declared_http = Arc::new(Service {
+        name: reviews.name.clone(),
+        router: reviews.router.clone(),
+        opaque_backend: reviews.opaque_backend.clone(),
+        declared: Declared::Http,
     });
     let mysql = Arc::new(Service {
         name: "mysql.bookinfo.svc.cluster.local:3306".into(),
         router: Arc::new(Router::new(RouteTable::default(), upstream, Some(1))),
         opaque_backend: "mysql".into(),
+        declared: Declared::Unknown,
     });
     let ingress = Arc::new(Ingress::new(limits));
     ingress.set_services(HashMap::from([
         (REVIEWS.parse().expect("addr"), reviews),
         (MYSQL.parse().expect("addr"), mysql),
+        (REVIEWS_HTTP.parse().expect("addr"), declared_http),
     ]));
     let cert = mesh.workload(WAYPOINT);
     let server = Server::new(
@@ -353,6 +364,40 @@ async fn opaque_tcp_passes_through_even_when_the_server_speaks_first() {
     assert!(
         answer.starts_with("HTTP/1.1 400"),
         "the HTTP backend itself answered the bytes it got: {answer}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_connects_then_waits_is_http_on_a_declared_http_port() {
+    let wp = waypoint(ConnLimits::default()).await;
+    let client = client();
+    // Pooling HTTP clients open connections before they have a request for them;
+    // the first bytes come after the 100 ms sniff timeout.
+    let late_request = |authority: &'static str| {
+        let (wp, client) = (&wp, &client);
+        async move {
+            let tunnel = wp.tunnel(client, authority).await.expect("tunnel");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+                .await
+                .expect("http/1.1");
+            tokio::spawn(conn);
+            let resp = h1
+                .send_request(get("/reviews/1", Some("jason")))
+                .await
+                .expect("response");
+            text(resp).await
+        }
+    };
+    assert_eq!(
+        late_request(REVIEWS_HTTP).await,
+        "v2:/reviews/1",
+        "port named http: routed per request (jason goes to v2)"
+    );
+    assert_eq!(
+        late_request(REVIEWS).await,
+        "v1:/reviews/1",
+        "nothing declared: a silent client is opaque TCP, passed to the service's own backend"
     );
 }
 

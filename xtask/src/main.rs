@@ -3,8 +3,10 @@
 //! - `cargo xtask test`: format check, clippy (warnings are errors), every test.
 //! - `cargo xtask bench [name]`: runs the benchmarks at full scale and rewrites
 //!   their tables in `docs/benchmarks.md`.
+//! - `cargo xtask demo [up | down]`: builds the mesh and runs the one-machine demo
+//!   (`tests/demo/`), or removes what a demo left behind.
 //!
-//! Both first install the eBPF build's toolchain if it is missing (`ebpf.rs`).
+//! All first install the eBPF build's toolchain if it is missing (`ebpf.rs`).
 
 use std::{
     path::{Path, PathBuf},
@@ -27,8 +29,14 @@ fn main() -> Result<()> {
             ebpf::ensure_toolchain()?;
             bench(&root, args.get(1).map(String::as_str))
         }
+        Some("demo") => {
+            ebpf::ensure_toolchain()?;
+            demo(&root, &args[1..])
+        }
         _ => {
-            eprintln!("usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb]>");
+            eprintln!(
+                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down]>"
+            );
             bail!("unknown or missing command")
         }
     }
@@ -165,6 +173,39 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     std::fs::write(&doc_path, doc).with_context(|| format!("writing {}", doc_path.display()))?;
     eprintln!("updated {}", doc_path.display());
     Ok(())
+}
+
+/// The binaries the demo runs, built with the `demo` profile (optimised, without the
+/// release profile's whole-program LTO: a fresh build in minutes).
+const DEMO_BINS: &[&str] = &[
+    "cairn-demo",
+    "cairn",
+    "controller",
+    "ztunnel",
+    "waypoint",
+    "cairn-cni",
+];
+
+fn demo(root: &Path, args: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let down = args.first().is_some_and(|a| a == "down");
+    let bin = root.join("target/demo/cairn-demo");
+    // `down` after a crash needs no build when the demo binary is there.
+    if !(down && bin.exists()) {
+        eprintln!(
+            "==> building the mesh ({}; a first build takes several minutes)",
+            DEMO_BINS.join(", ")
+        );
+        let mut build = vec!["build", "--profile", "demo"];
+        for b in DEMO_BINS {
+            build.extend(["--bin", b]);
+        }
+        cargo(root, &build)?;
+    }
+    // The demo replaces this process: Ctrl-C reaches it, not a parent that would
+    // exit before the demo has cleaned up.
+    let err = Command::new(&bin).args(args).current_dir(root).exec();
+    Err(err).with_context(|| format!("running {}", bin.display()))
 }
 
 fn section<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {

@@ -1,0 +1,349 @@
+//! The demo's sample app, one binary in three roles (the "image" of each pod):
+//!
+//! - `ratings`: answers `GET /ratings/...` with a rating.
+//! - `reviews --version vN [--ratings ip:port]`: answers with header `x-version: vN`;
+//!   with `--ratings` it asks ratings first (bookinfo's reviews v2 does).
+//! - `frontend --target ip:port --host h --rate r --stats file`: calls reviews at a
+//!   steady rate over keep-alive connections, one request in four as user `jason`
+//!   (header `end-user`), and writes what it saw (per version, per status code,
+//!   latency) to `file` twice a second for the live view.
+//!
+//! Plain HTTP/1.1 apps: the mesh (capture, ztunnels, the waypoint) adds the mTLS.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioIo},
+};
+use serde::{Deserialize, Serialize};
+
+/// How far back the view's "recent" numbers look.
+pub const WINDOW: Duration = Duration::from_secs(5);
+const PORT: u16 = 9080;
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http()
+}
+
+/// Serves `handle` on 0.0.0.0:9080, HTTP/1.1 with keep-alive.
+async fn serve<F, Fut>(handle: F) -> Result<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send,
+{
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", PORT))
+        .await
+        .with_context(|| format!("binding port {PORT}"))?;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, Infallible>(handle(req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, headers: &[(&str, &str)], body: String) -> Response<Full<Bytes>> {
+    let mut builder = Response::builder().status(status);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+pub async fn ratings() -> Result<()> {
+    serve(|_req| async { text(StatusCode::OK, &[], "4/5".into()) }).await
+}
+
+pub async fn reviews(version: String, ratings: Option<SocketAddr>) -> Result<()> {
+    let client = client();
+    let version: Arc<str> = version.into();
+    serve(move |_req| {
+        let (client, version) = (client.clone(), version.clone());
+        async move {
+            let rating = match ratings {
+                Some(addr) => match get(&client, &format!("http://{addr}/ratings/0"), None).await {
+                    Ok((200, body, _)) => body,
+                    Ok((code, _, _)) => format!("ratings answered {code}"),
+                    Err(e) => format!("ratings unavailable: {e}"),
+                },
+                None => "none".into(),
+            };
+            text(
+                StatusCode::OK,
+                &[("x-version", &version)],
+                format!("reviews {version} (rating: {rating})"),
+            )
+        }
+    })
+    .await
+}
+
+/// Status, body and `x-version` of a GET.
+async fn get(
+    client: &HttpClient,
+    uri: &str,
+    extra: Option<(&str, &str)>,
+) -> Result<(u16, String, Option<String>)> {
+    let mut req = Request::get(uri);
+    if let Some((k, v)) = extra {
+        req = req.header(k, v);
+    }
+    let req = req.body(Empty::new()).context("request")?;
+    let response = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .context("timed out")??;
+    let status = response.status().as_u16();
+    let version = response
+        .headers()
+        .get("x-version")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), version))
+}
+
+/// What the frontend has seen: the view reads this from the stats file.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Tally {
+    pub requests: u64,
+    /// By `x-version` ("-" when the answer had none, e.g. an abort or a denial).
+    pub versions: BTreeMap<String, u64>,
+    /// By status code ("error" when there was no answer).
+    pub codes: BTreeMap<String, u64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    /// Requests sent per second.
+    pub rate: u32,
+    /// Since the frontend started.
+    pub total: Tally,
+    /// The last [`WINDOW`].
+    pub recent: Tally,
+    pub last_error: Option<String>,
+}
+
+struct Outcome {
+    at: Instant,
+    version: String,
+    code: String,
+    micros: u64,
+}
+
+#[derive(Default)]
+struct Recorder {
+    recent: VecDeque<Outcome>,
+    total: Tally,
+    /// Every latency since start, in microseconds (a demo runs minutes, not days).
+    all_micros: Vec<u64>,
+    last_error: Option<String>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+impl Recorder {
+    fn record(&mut self, o: Outcome) {
+        self.total.requests += 1;
+        *self.total.versions.entry(o.version.clone()).or_default() += 1;
+        *self.total.codes.entry(o.code.clone()).or_default() += 1;
+        self.all_micros.push(o.micros);
+        self.recent.push_back(o);
+    }
+
+    fn snapshot(&mut self, rate: u32) -> Stats {
+        let cutoff = Instant::now() - WINDOW;
+        while self.recent.front().is_some_and(|o| o.at < cutoff) {
+            self.recent.pop_front();
+        }
+        let mut recent = Tally::default();
+        let mut micros: Vec<u64> = Vec::with_capacity(self.recent.len());
+        for o in &self.recent {
+            recent.requests += 1;
+            *recent.versions.entry(o.version.clone()).or_default() += 1;
+            *recent.codes.entry(o.code.clone()).or_default() += 1;
+            micros.push(o.micros);
+        }
+        micros.sort_unstable();
+        recent.p50_ms = percentile(&micros, 0.50);
+        recent.p99_ms = percentile(&micros, 0.99);
+        let mut total = self.total.clone();
+        let mut all = self.all_micros.clone();
+        all.sort_unstable();
+        total.p50_ms = percentile(&all, 0.50);
+        total.p99_ms = percentile(&all, 0.99);
+        Stats {
+            rate,
+            total,
+            recent,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
+fn write_stats(path: &Path, stats: &Stats) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(stats)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Reads the stats file the frontend writes.
+pub fn read_stats(path: &Path) -> Option<Stats> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+pub async fn frontend(target: SocketAddr, host: String, rate: u32, stats: PathBuf) -> Result<()> {
+    let client = client();
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    {
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let snapshot = recorder
+                    .lock()
+                    .map(|mut r| r.snapshot(rate))
+                    .unwrap_or_default();
+                if let Err(e) = write_stats(&stats, &snapshot) {
+                    eprintln!("writing {}: {e}", stats.display());
+                }
+            }
+        });
+    }
+    // At most 64 requests in flight: a stalled mesh shows as errors, not a pile-up.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let uri = format!("http://{target}");
+    for i in 0u64.. {
+        tick.tick().await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (client, recorder, host) = (client.clone(), recorder.clone(), host.clone());
+        let uri = format!("{uri}/reviews/{i}");
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let user = (i % 4 == 3).then_some(("end-user", "jason"));
+            let mut req = Request::get(&uri).header("host", host);
+            if let Some((k, v)) = user {
+                req = req.header(k, v);
+            }
+            let result = match req.body(Empty::new()) {
+                Ok(req) => {
+                    match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+                        Ok(Ok(resp)) => {
+                            let code = resp.status().as_u16();
+                            let version = resp
+                                .headers()
+                                .get("x-version")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_owned);
+                            match resp.into_body().collect().await {
+                                Ok(_) => Ok((code, version)),
+                                Err(e) => Err(format!("reading the body: {e}")),
+                            }
+                        }
+                        Ok(Err(e)) => Err(format!("{e:?}")),
+                        Err(_) => Err("no answer within 5 s".into()),
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let micros = start.elapsed().as_micros() as u64;
+            drop(permit);
+            if let Ok(mut r) = recorder.lock() {
+                let (code, version) = match result {
+                    Ok((code, version)) => (code.to_string(), version.unwrap_or("-".into())),
+                    Err(e) => {
+                        r.last_error = Some(e);
+                        ("error".into(), "-".into())
+                    }
+                };
+                r.record(Outcome {
+                    at: Instant::now(),
+                    version,
+                    code,
+                    micros,
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_recorded_latencies() {
+        let mut r = Recorder::default();
+        for (i, code) in ["200", "200", "503", "200"].iter().enumerate() {
+            r.record(Outcome {
+                at: Instant::now(),
+                version: if *code == "200" {
+                    "v1".into()
+                } else {
+                    "-".into()
+                },
+                code: (*code).into(),
+                micros: (i as u64 + 1) * 1000,
+            });
+        }
+        let s = r.snapshot(10);
+        assert_eq!(s.recent.requests, 4);
+        assert_eq!(s.recent.codes["503"], 1);
+        assert_eq!(s.recent.versions["v1"], 3);
+        assert_eq!(s.recent.p50_ms, 3.0);
+        assert_eq!(s.recent.p99_ms, 4.0);
+        assert_eq!(
+            s.total,
+            Tally {
+                p50_ms: 3.0,
+                p99_ms: 4.0,
+                ..s.recent.clone()
+            }
+        );
+    }
+}
