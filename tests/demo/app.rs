@@ -35,9 +35,11 @@ const PORT: u16 = 9080;
 
 type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
+/// Keep-alive connections are dropped after 5 s idle: before the waypoint closes
+/// them (its HTTP/1 head timeout, 10 s), so a request never races that close.
 fn client() -> HttpClient {
     Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_idle_timeout(Duration::from_secs(5))
         .build_http()
 }
 

@@ -115,6 +115,7 @@ pub async fn serve_connection<IO>(
     service: Arc<Service>,
     downstream: Downstream,
     limits: ConnLimits,
+    live: Option<Live>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -142,9 +143,14 @@ pub async fn serve_connection<IO>(
     };
     let io = Prefixed::new(prefix, io);
     let downstream = Arc::new(downstream);
-    let router = service.router.clone();
+    let first = service.router.clone();
     let http = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let router = router.clone();
+        // Each request takes the service's current routes: a config change applies to
+        // the next request on a connection already open (keep-alive, HTTP/2, gRPC).
+        let router = live
+            .as_ref()
+            .and_then(Live::router)
+            .unwrap_or_else(|| first.clone());
         let downstream = downstream.clone();
         async move {
             let mut req = req.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed());
@@ -175,8 +181,13 @@ pub async fn serve_connection<IO>(
     };
     match result {
         Ok(()) => debug!(%peer, service = %service.name, ?protocol, "connection closed"),
+        // hyper's HTTP/1 head timer also runs while a keep-alive connection waits for
+        // its next request: most timeouts are idle clients, not broken ones.
+        Err((true, e)) if e.is_timeout() => {
+            debug!(%peer, service = %service.name, ?protocol, timeout = ?limits.header_read_timeout, "no request head in time (idle keep-alive or slow client); connection closed")
+        }
         Err((true, e)) => {
-            warn!(%peer, service = %service.name, ?protocol, error = %e, "client sent malformed or incomplete HTTP; connection closed")
+            warn!(%peer, service = %service.name, ?protocol, error = %e, "client sent malformed HTTP; connection closed")
         }
         Err((false, e)) => {
             debug!(%peer, service = %service.name, ?protocol, error = %e, "connection ended with an error")
@@ -207,21 +218,43 @@ where
     }
 }
 
+type Services = Arc<ArcSwap<HashMap<SocketAddr, Arc<Service>>>>;
+
+/// Where a connection finds its service's current router, request by request.
+#[derive(Clone)]
+pub struct Live {
+    services: Services,
+    address: SocketAddr,
+}
+
+impl Live {
+    /// None once the service is no longer served: its connections finish on the
+    /// routes they had.
+    fn router(&self) -> Option<Arc<Router>> {
+        self.services
+            .load()
+            .get(&self.address)
+            .map(|s| s.router.clone())
+    }
+}
+
 /// The waypoint's HBONE handler: CONNECT to `service-VIP:port` -> that service.
 pub struct Ingress {
-    services: ArcSwap<HashMap<SocketAddr, Arc<Service>>>,
+    services: Services,
     limits: ConnLimits,
 }
 
 impl Ingress {
     pub fn new(limits: ConnLimits) -> Self {
         Self {
-            services: ArcSwap::from_pointee(HashMap::new()),
+            services: Arc::new(ArcSwap::from_pointee(HashMap::new())),
             limits,
         }
     }
 
-    /// The services served, by `VIP:port`; connections in flight keep theirs.
+    /// The services served, by `VIP:port`. Open connections route their next
+    /// request with the new routes; a connection's protocol and opaque backend stay
+    /// as they were when it opened.
     pub fn set_services(&self, services: HashMap<SocketAddr, Arc<Service>>) {
         self.services.store(Arc::new(services));
     }
@@ -231,6 +264,10 @@ impl Handler for Ingress {
     fn handle(&self, connect: Connect, responder: Responder) -> HandlerFuture {
         let service = self.services.load().get(&connect.authority).cloned();
         let limits = self.limits;
+        let live = Live {
+            services: self.services.clone(),
+            address: connect.authority,
+        };
         Box::pin(async move {
             let Some(service) = service else {
                 warn!(
@@ -254,7 +291,7 @@ impl Handler for Ingress {
                 service: service.name.clone(),
                 destination: connect.authority,
             };
-            serve_connection(stream, service, downstream, limits).await;
+            serve_connection(stream, service, downstream, limits, Some(live)).await;
         })
     }
 }

@@ -784,6 +784,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Arc<Router>) {
             service.clone(),
             downstream,
             ConnLimits::default(),
+            None,
         ));
     }
 }

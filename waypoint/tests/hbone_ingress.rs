@@ -100,6 +100,8 @@ struct Waypoint {
     addr: SocketAddr,
     mesh: TestCa,
     v1_hits: Arc<AtomicUsize>,
+    ingress: Arc<Ingress>,
+    upstream: Arc<Clusters>,
 }
 
 async fn waypoint(limits: ConnLimits) -> Waypoint {
@@ -158,7 +160,11 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
     });
     let mysql = Arc::new(Service {
         name: "mysql.bookinfo.svc.cluster.local:3306".into(),
-        router: Arc::new(Router::new(RouteTable::default(), upstream, Some(1))),
+        router: Arc::new(Router::new(
+            RouteTable::default(),
+            upstream.clone(),
+            Some(1),
+        )),
         opaque_backend: "mysql".into(),
         declared: Declared::Unknown,
     });
@@ -175,9 +181,10 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let handler = ingress.clone();
     tokio::spawn(async move {
         while let Ok((tcp, peer)) = listener.accept().await {
-            let (server, ingress) = (server.clone(), ingress.clone());
+            let (server, ingress) = (server.clone(), handler.clone());
             tokio::spawn(async move {
                 if let Ok((tls, who)) = server.handshake(tcp, peer).await {
                     let _ = server.serve(tls, peer, who, ingress).await;
@@ -189,6 +196,8 @@ async fn waypoint_with(limits: ConnLimits, policies: Policies) -> Waypoint {
         addr,
         mesh,
         v1_hits,
+        ingress,
+        upstream,
     }
 }
 
@@ -398,6 +407,48 @@ async fn a_client_that_connects_then_waits_is_http_on_a_declared_http_port() {
         late_request(REVIEWS).await,
         "v1:/reviews/1",
         "nothing declared: a silent client is opaque TCP, passed to the service's own backend"
+    );
+}
+
+#[tokio::test]
+async fn a_route_change_applies_to_the_next_request_on_an_open_connection() {
+    let wp = waypoint(ConnLimits::default()).await;
+    let client = client();
+    let tunnel = wp.tunnel(&client, REVIEWS).await.expect("tunnel");
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tunnel))
+        .await
+        .expect("http/1.1");
+    tokio::spawn(conn);
+    let resp = h1.send_request(get("/r", None)).await.expect("response");
+    assert_eq!(text(resp).await, "v1:/r");
+
+    // The canary moves: everything to v2.
+    let table = RouteTable {
+        rules: vec![Rule::new(
+            "all-v2",
+            vec![],
+            Action::Forward(vec![WeightedBackend {
+                backend: "reviews|v2".into(),
+                weight: 1,
+                headers: None,
+            }]),
+        )],
+        ..Default::default()
+    };
+    wp.ingress.set_services(HashMap::from([(
+        REVIEWS.parse().expect("addr"),
+        Arc::new(Service {
+            name: "reviews.bookinfo.svc.cluster.local:9080".into(),
+            router: Arc::new(Router::new(table, wp.upstream.clone(), Some(1))),
+            opaque_backend: "reviews|v1".into(),
+            declared: Declared::Unknown,
+        }),
+    )]));
+    let resp = h1.send_request(get("/r", None)).await.expect("response");
+    assert_eq!(
+        text(resp).await,
+        "v2:/r",
+        "the same keep-alive connection follows the new routes"
     );
 }
 
