@@ -9,7 +9,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -201,12 +201,12 @@ fn the_demo_shows_the_canary_reacts_to_each_step_and_leaves_nothing_behind() {
     });
     eprintln!("demo deny step: {:?}", s.recent.codes);
     let deadline = Instant::now() + Duration::from_secs(15);
-    while !demo
-        .output()
-        .rsplit("----- view -----")
-        .next()
-        .is_some_and(|frame| !frame.contains("(403 RBAC: access denied): 0 "))
-    {
+    let counts_denials = |out: String| {
+        out.rsplit("----- view -----")
+            .next()
+            .is_some_and(|frame| !frame.contains("(403 RBAC: access denied): 0 "))
+    };
+    while !counts_denials(demo.output()) {
         assert!(
             Instant::now() < deadline,
             "the view counts the waypoint's denials:\n{}",
