@@ -183,6 +183,48 @@ fn the_demo_shows_the_canary_reacts_to_each_step_and_leaves_nothing_behind() {
         assert!(view.contains(hop), "the view shows the hop {hop}:\n{view}");
     }
 
+    // The printed inspection commands show the mesh as the proxies hold it.
+    let output = demo.output();
+    let printed = |what: &str| {
+        output
+            .lines()
+            .find(|l| l.contains(what) && l.contains("$ "))
+            .and_then(|l| l.split_once("$ "))
+            .map(|(_, c)| c.to_owned())
+            .unwrap_or_else(|| panic!("the demo printed no `{what}` command:\n{output}"))
+    };
+    let run = |command: String| {
+        let out = Command::new("sh")
+            .args(["-c", &command])
+            .current_dir(root())
+            .output()
+            .expect("sh");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{command}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let config = run(printed("ztunnel-config"));
+    for row in [
+        "demo         frontend             10.77.1.10      node-a   HBONE",
+        "demo         waypoint             10.77.1.20      node-a   HBONE*",
+        "available",
+    ] {
+        assert!(
+            config.contains(row),
+            "ztunnel-config shows {row:?}:\n{config}"
+        );
+    }
+    let status = run(printed("proxy-status"));
+    assert_eq!(
+        status.matches("CONNECTED").count(),
+        3,
+        "both ztunnels and the waypoint connected:\n{status}"
+    );
+
     // Each printed step shows in the view's recent window (the last 5 s).
     demo.run_step("apply", "deploy/demo/steps/reviews-50-50.yaml");
     demo.wait("an even split", 30, |s| {

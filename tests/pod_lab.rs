@@ -567,27 +567,16 @@ pub fn connect_in(
 /// GETs `http://ip:port/path` from inside the network namespace at `netns`; the body,
 /// or an error for a failed connection or a status other than 200.
 pub fn get_in(netns: &Path, url: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
     let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad URL {url}"));
     let rest = url.strip_prefix("http://").ok_or_else(bad)?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let addr: std::net::SocketAddr = authority.parse().map_err(|_| bad())?;
-    let timeout = Duration::from_secs(2);
-    let mut stream = connect_in(netns, addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    // HTTP/1.0: the server closes after the response and never chunks it.
+    let stream = connect_in(netns, addr, Duration::from_secs(2))?;
     let path = if path.is_empty() { "/" } else { path };
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {authority}\r\n\r\n")?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or_default();
-    if status != "200" {
-        return Err(std::io::Error::other(format!("{url}: status {status}")));
+    match cairn_controller::inspect::http_get(stream, authority, path)? {
+        (200, body) => Ok(body),
+        (status, _) => Err(std::io::Error::other(format!("{url}: status {status}"))),
     }
-    Ok(body.to_owned())
 }
 
 /// Sum of the samples of metric `name` in Prometheus text whose labels contain every

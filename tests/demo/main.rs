@@ -406,9 +406,11 @@ fn run(rate: u32, dir: &Path, stop: &AtomicBool) -> Result<()> {
         (15122, NODE_A, "10.77.1.20:15020", "waypoint demo/waypoint"),
     ];
     let mut urls = String::new();
+    let mut forwarded = Vec::new();
     for (port, node, to, who) in pages {
         let to: SocketAddr = to.parse().context("admin address")?;
         if forward(port, lab.netns_path(node), to) {
+            forwarded.push(format!("127.0.0.1:{port}"));
             urls += &format!("\n  {who:<23} http://127.0.0.1:{port}/metrics  (and /config_dump)");
         } else {
             urls += &format!(
@@ -417,7 +419,7 @@ fn run(rate: u32, dir: &Path, stop: &AtomicBool) -> Result<()> {
             );
         }
     }
-    let footer = footer(&config, dir, &urls);
+    let footer = footer(&config, dir, &urls, &forwarded);
     println!("\n{footer}\n");
     view_loop(&lab, &stats, rate, &footer, stop);
     step("stopping: removing every process, namespace, link, cgroup and pin");
@@ -425,11 +427,18 @@ fn run(rate: u32, dir: &Path, stop: &AtomicBool) -> Result<()> {
     Ok(())
 }
 
-fn footer(config: &str, dir: &Path, urls: &str) -> String {
+fn footer(config: &str, dir: &Path, urls: &str, forwarded: &[String]) -> String {
     let cli = shown(&binary("cairn"));
     let cmd = |verb: &str, file: &str| format!("$ {cli} {verb} -f {file} --config-dir {config}");
+    let inspect = match forwarded.first() {
+        Some(node_a) => format!(
+            "\ninspect:\n  node-a       $ {cli} ztunnel-config --admin {node_a}\n  all proxies  $ {cli} proxy-status --admin {}",
+            forwarded.join(",")
+        ),
+        None => String::new(),
+    };
     format!(
-        "try it (in another terminal, from this directory; the view changes within seconds):\n  even split   {}\n  50% aborts   {}\n  deny jason   {}\n  undo         {}\n               {}\nmetrics:{urls}\nlogs: {}/*.log    stop: Ctrl-C here, or `cargo xtask demo down` from anywhere",
+        "try it (in another terminal, from this directory; the view changes within seconds):\n  even split   {}\n  50% aborts   {}\n  deny jason   {}\n  undo         {}\n               {}{inspect}\nmetrics:{urls}\nlogs: {}/*.log    stop: Ctrl-C here, or `cargo xtask demo down` from anywhere",
         cmd("apply", "deploy/demo/steps/reviews-50-50.yaml"),
         cmd("apply", "deploy/demo/steps/reviews-abort-50.yaml"),
         cmd("apply", "deploy/demo/steps/deny-jason.yaml"),

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod ca;
 pub mod compile;
 pub mod decode;
+pub mod inspect;
 pub mod local;
 pub mod resources;
 pub mod runtime;

@@ -7,7 +7,7 @@ use std::{
 };
 
 use cairn_controller::{
-    apply,
+    apply, inspect,
     local::{LocalSource, yaml_files},
     store::Store,
     waypoint::{self, ConfigDir, Manifests, Report},
@@ -44,6 +44,22 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         target: Where,
+    },
+    /// Show what a ztunnel holds: workloads, services, policies, certificates.
+    ZtunnelConfig {
+        /// workloads, services, policies, certificates or all.
+        #[arg(default_value = "all")]
+        section: String,
+        /// The ztunnel's admin address (port 15020).
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: String,
+    },
+    /// Show each proxy's xDS connection, accepted/rejected updates, certificate expiry
+    /// and what it holds.
+    ProxyStatus {
+        /// Admin addresses of the proxies (port 15020), comma-separated or repeated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:15020")]
+        admin: Vec<String>,
     },
     /// Declare, remove and list waypoints (L7 proxies).
     Waypoint {
@@ -122,7 +138,44 @@ fn main() -> ExitCode {
         Command::Delete { file, target } => {
             objects(apply::delete(&ConfigDir::new(target.config_dir), &file))
         }
+        Command::ZtunnelConfig { section, admin } => ztunnel_config(&section, &admin),
+        Command::ProxyStatus { admin } => {
+            let rows: Vec<_> = admin.iter().map(|a| inspect::proxy_status(a)).collect();
+            print!("{}", inspect::render_status(&rows));
+            if rows.iter().all(|r| r.kind.is_ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Waypoint { command } => waypoint_command(command),
+    }
+}
+
+fn ztunnel_config(section: &str, admin: &str) -> ExitCode {
+    use inspect::Section;
+    let section = match section {
+        "workloads" | "workload" => Section::Workloads,
+        "services" | "service" => Section::Services,
+        "policies" | "policy" => Section::Policies,
+        "certificates" | "certificate" | "certs" => Section::Certificates,
+        "all" => Section::All,
+        other => {
+            eprintln!("error: {other:?}: write workloads, services, policies, certificates or all");
+            return ExitCode::from(2);
+        }
+    };
+    match inspect::fetch(admin, "/config_dump")
+        .and_then(|dump| inspect::ztunnel_config(admin, &dump, section))
+    {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
