@@ -30,6 +30,10 @@ fn main() -> Result<()> {
             bench(&root, args.get(1).map(String::as_str))
         }
         Some("demo") => {
+            // Checked before the long build: namespaces, cgroups and eBPF need root.
+            if !is_root() {
+                bail!("the demo needs root (network namespaces, cgroups, eBPF): run it as root");
+            }
             ebpf::ensure_toolchain()?;
             demo(&root, &args[1..])
         }
@@ -40,6 +44,15 @@ fn main() -> Result<()> {
             bail!("unknown or missing command")
         }
     }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0")
 }
 
 fn workspace_root() -> Result<PathBuf> {
