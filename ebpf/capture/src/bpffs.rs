@@ -14,6 +14,10 @@ pub fn ensure_mounted(root: &Path) -> std::io::Result<()> {
     if !root.starts_with(base) {
         return Ok(());
     }
+    // Check and mount under one lock: two loaders in one process (parallel tests)
+    // would otherwise both mount, and the second mount hides the first one's pins.
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let is_bpffs = statfs(base)
         .map(|s| s.filesystem_type() == BPF_FS_MAGIC)
         .unwrap_or(false);
