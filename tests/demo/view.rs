@@ -275,7 +275,7 @@ mod tests {
         };
         let text = render(&frame);
         assert!(text.contains("out spiffe://cluster.local/ns/demo/sa/frontend -> spiffe://cluster.local/ns/demo/sa/waypoint  mutual_tls  4"), "{text}");
-        assert!(text.contains("reviews v2            10   10.0%"), "{text}");
+        assert!(text.contains("reviews v2           10   10.0%"), "{text}");
         assert!(
             text.contains("waypoint (403 RBAC: access denied): 25"),
             "{text}"
