@@ -580,13 +580,9 @@ pub fn get_in(netns: &Path, url: &str) -> std::io::Result<String> {
 }
 
 /// Sum of the samples of metric `name` in Prometheus text whose labels contain every
-/// one of `filters`.
+/// one of `filters` (0 when there is none).
 pub fn sum_metric(text: &str, name: &str, filters: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| filters.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    cairn_controller::inspect::sum_metric(text, name, filters).unwrap_or(0.0)
 }
 
 impl PodLab {

@@ -137,6 +137,15 @@ pub fn start_mesh(lab: &mut PodLab, server: &dyn Fn(&str) -> Vec<String>) {
     }
     lab.start_ztunnel(NODE_A);
     lab.start_ztunnel(NODE_B);
+    wait_for_waypoint(lab);
+    lab.wait_for("both nodes' pods adopted", |l| {
+        l.adopted(NODE_A) >= 1.0 && l.adopted(NODE_B) >= 2.0
+    });
+}
+
+/// Waits until the waypoint is ready with the reviews canary route and ztunnel A
+/// sends the reviews service through it.
+pub fn wait_for_waypoint(lab: &PodLab) {
     let admin = format!("http://{WAYPOINT_POD_IP}:15020");
     lab.wait_for("the waypoint ready", |l| {
         l.fetch(NODE_A, &format!("{admin}/healthz/ready")).trim() == "ready"
@@ -154,9 +163,6 @@ pub fn start_mesh(lab: &mut PodLab, server: &dyn Fn(&str) -> Vec<String>) {
                 })
             })
         })
-    });
-    lab.wait_for("both nodes' pods adopted", |l| {
-        l.adopted(NODE_A) >= 1.0 && l.adopted(NODE_B) >= 2.0
     });
 }
 

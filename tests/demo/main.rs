@@ -26,7 +26,7 @@ use cairn_tests::{
     demo_env::{self, DEFAULT_DIR, PREFIX},
     lab::binary,
     pod_lab::{NODE_A, NODE_B, Options, PodLab, connect_in},
-    waypoint_lab::{WAYPOINT_POD_IP, WAYPOINT_VIP, apply_and_place, spec},
+    waypoint_lab::{WAYPOINT_POD_IP, WAYPOINT_VIP, apply_and_place, spec, wait_for_waypoint},
 };
 use clap::{Parser, Subcommand};
 
@@ -357,24 +357,7 @@ fn run(rate: u32, dir: &Path, stop: &AtomicBool) -> Result<()> {
         ],
         "reviews-v2.log",
     );
-    let admin = format!("http://{WAYPOINT_POD_IP}:15020");
-    lab.wait_for("the waypoint ready", |l| {
-        l.fetch(NODE_A, &format!("{admin}/healthz/ready")).trim() == "ready"
-    });
-    lab.wait_for("the canary route at the waypoint", |l| {
-        l.fetch(NODE_A, &format!("{admin}/config_dump"))
-            .contains("demo/reviews/canary")
-    });
-    lab.wait_for("ztunnel node-a sending reviews through the waypoint", |l| {
-        let dump = l.fetch(NODE_A, &format!("http://{}/config_dump", l.admin(NODE_A)));
-        serde_json::from_str::<serde_json::Value>(&dump).is_ok_and(|d| {
-            d["services"].as_array().is_some_and(|s| {
-                s.iter().any(|s| {
-                    s["hostname"] == "reviews.demo.svc.cluster.local" && !s["waypoint"].is_null()
-                })
-            })
-        })
-    });
+    wait_for_waypoint(&lab);
     lab.wait_for("every pod adopted by its node's ztunnel", |l| {
         l.adopted(NODE_A) >= 2.0 && l.adopted(NODE_B) >= 2.0
     });

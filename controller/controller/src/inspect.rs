@@ -219,8 +219,9 @@ pub fn ztunnel_config(admin: &str, dump: &str, section: Section) -> Result<Strin
     Ok(out)
 }
 
-/// Sum of the samples of `name` whose labels contain every `filter`.
-fn metric(text: &str, name: &str, filters: &[&str]) -> Option<f64> {
+/// Sum of the samples of metric `name` in Prometheus text whose labels contain every
+/// one of `filters`; None when there is no such sample.
+pub fn sum_metric(text: &str, name: &str, filters: &[&str]) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
@@ -289,16 +290,18 @@ fn status_of(admin: &str, metrics: &str, dump: &str) -> ProxyStatus {
     } else {
         ("unknown", String::new())
     };
-    let accepted = metric(metrics, "cairn_xds_responses_total", &["result=\"ack"]).unwrap_or(0.0);
-    let rejected = metric(metrics, "cairn_xds_responses_total", &["result=\"nack"]).unwrap_or(0.0);
+    let accepted =
+        sum_metric(metrics, "cairn_xds_responses_total", &["result=\"ack"]).unwrap_or(0.0);
+    let rejected =
+        sum_metric(metrics, "cairn_xds_responses_total", &["result=\"nack"]).unwrap_or(0.0);
     ProxyStatus {
         admin: admin.into(),
         kind: Ok(kind.into()),
-        connected: metric(metrics, "cairn_xds_connected", &[]).map(|c| c >= 1.0),
+        connected: sum_metric(metrics, "cairn_xds_connected", &[]).map(|c| c >= 1.0),
         accepted,
         rejected,
         holds,
-        cert_expiry: metric(
+        cert_expiry: sum_metric(
             metrics,
             "cairn_certificate_earliest_expiry_timestamp_seconds",
             &[],
