@@ -2,8 +2,9 @@
 //! two-node lab in network namespaces running the real `controller` and `ztunnel`
 //! binaries, and a two-node lab whose pods are namespaces + cgroups enrolled by the
 //! real CNI plugin and captured by the eBPF programs, with a waypoint when asked
-//! (`waypoint_lab`).
+//! (`waypoint_lab`), and a local Kubernetes control plane (`cluster`).
 
+pub mod cluster;
 pub mod demo_env;
 pub mod in_process;
 pub mod lab;

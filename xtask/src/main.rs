@@ -6,7 +6,13 @@
 //! - `cargo xtask demo [up | down]`: builds the mesh and runs the one-machine demo
 //!   (`tests/demo/`), or removes what a demo left behind.
 //!
-//! All first install the eBPF build's toolchain if it is missing (`ebpf.rs`).
+//! - `cargo xtask cluster build`: builds (once, cached) the local cluster's
+//!   kube-apiserver, kubectl and etcd from their Go modules (`k8s.rs`).
+//! - `cargo xtask codegen [--check]`: writes `deploy/crds/` from the Rust types (or
+//!   checks it is up to date).
+//!
+//! All first install the eBPF build's toolchain if it is missing (`ebpf.rs`); `test`
+//! also builds the Kubernetes binaries and hands them to the tests in `CAIRN_K8S_BIN`.
 
 use std::{
     path::{Path, PathBuf},
@@ -16,6 +22,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 mod ebpf;
+mod k8s;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,8 +30,18 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => {
             ebpf::ensure_toolchain()?;
-            test(&root)
+            let k8s_bin = k8s::ensure_binaries()?;
+            test(&root, &k8s_bin)
         }
+        Some("cluster") => match args.get(1).map(String::as_str) {
+            Some("build") => {
+                let bin = k8s::ensure_binaries()?;
+                println!("{}", bin.display());
+                Ok(())
+            }
+            _ => bail!("usage: cargo xtask cluster build"),
+        },
+        Some("codegen") => codegen(&root, args.get(1).map(String::as_str) == Some("--check")),
         Some("bench") => {
             ebpf::ensure_toolchain()?;
             bench(&root, args.get(1).map(String::as_str))
@@ -39,7 +56,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down]>"
+                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down] | cluster build | codegen [--check]>"
             );
             bail!("unknown or missing command")
         }
@@ -76,8 +93,51 @@ fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn test(root: &Path) -> Result<()> {
+/// The generated files under `deploy/`: (path, `cairn` arguments that print it).
+const GENERATED: &[(&str, &[&str])] = &[
+    ("deploy/crds/istio.yaml", &["crds"]),
+    ("deploy/crds/gateway-api.yaml", &["crds", "--gateway-api"]),
+];
+
+fn codegen(root: &Path, check: bool) -> Result<()> {
+    let mut stale = Vec::new();
+    for (path, args) in GENERATED {
+        let mut cmd = vec!["run", "-q", "-p", "cairn-controller", "--bin", "cairn", "--"];
+        cmd.extend_from_slice(args);
+        eprintln!("==> cargo {}", cmd.join(" "));
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(&cmd)
+            .current_dir(root)
+            .output()
+            .context("running cairn")?;
+        if !out.status.success() {
+            bail!("cairn {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        }
+        let file = root.join(path);
+        let current = std::fs::read(&file).unwrap_or_default();
+        if current == out.stdout {
+            continue;
+        }
+        if check {
+            stale.push(*path);
+        } else {
+            std::fs::create_dir_all(file.parent().context("generated file has a parent")?)?;
+            std::fs::write(&file, &out.stdout).with_context(|| format!("writing {path}"))?;
+            eprintln!("wrote {path}");
+        }
+    }
+    if !stale.is_empty() {
+        bail!(
+            "generated files are out of date: {}; run `cargo xtask codegen` and commit them",
+            stale.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn test(root: &Path, k8s_bin: &Path) -> Result<()> {
     cargo(root, &["fmt", "--all", "--check"])?;
+    codegen(root, true)?;
     cargo(
         root,
         &[
@@ -92,7 +152,11 @@ fn test(root: &Path) -> Result<()> {
     // The labs run the workspace's binaries (controller, ztunnel, cairn-cni); cargo
     // builds a binary for `cargo test` only where its own package has integration tests.
     cargo(root, &["build", "--workspace", "--bins"])?;
-    let (passed, failed) = cargo_test(root, &["test", "--workspace", "--all-targets"])?;
+    let (passed, failed) = cargo_test(
+        root,
+        &["test", "--workspace", "--all-targets"],
+        &[("CAIRN_K8S_BIN", k8s_bin)],
+    )?;
     // One closing line for the whole workspace (cargo's own last line is often a
     // doc-test binary with nothing in it).
     println!("{passed} passed, {failed} failed");
@@ -103,11 +167,12 @@ fn test(root: &Path) -> Result<()> {
 }
 
 /// Runs `cargo test`, echoing its output, and sums its `test result:` lines.
-fn cargo_test(root: &Path, args: &[&str]) -> Result<(u64, u64)> {
+fn cargo_test(root: &Path, args: &[&str], envs: &[(&str, &Path)]) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     eprintln!("==> cargo {}", args.join(" "));
     let mut child = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
+        .envs(envs.iter().copied())
         .current_dir(root)
         .stdout(std::process::Stdio::piped())
         .spawn()

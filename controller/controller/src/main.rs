@@ -1,4 +1,5 @@
-//! `controller`: the Cairn control plane, here in local mode (a config directory).
+//! `controller`: the Cairn control plane, on a config directory (local mode, the
+//! embedded default) or a Kubernetes API server (`--kube`).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -7,6 +8,7 @@ use cairn_controller::{
     auth::StaticTokens,
     ca::CertificateAuthority,
     compile::MeshConfig,
+    kubernetes,
     local::LocalSource,
     runtime::Runtime,
     server::{self, DEFAULT_SERVING_NAMES, ServeConfig},
@@ -25,8 +27,15 @@ use tracing::info;
 )]
 struct Args {
     /// Directory of Kubernetes/Istio manifests (multi-document YAML), watched for changes.
+    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    config_dir: Option<PathBuf>,
+    /// Kubernetes mode: list and watch the cluster's objects on its API server.
     #[arg(long)]
-    config_dir: PathBuf,
+    kube: bool,
+    /// kubeconfig for `--kube` (default: the in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config).
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
     /// Address for the gRPC endpoint (delta ADS + CA, TLS).
     #[arg(long, default_value = "127.0.0.1:15012")]
     listen: String,
@@ -54,6 +63,23 @@ struct Args {
     serving_names: Vec<String>,
 }
 
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes config: not in a pod, no $KUBECONFIG or ~/.kube/config; pass --kubeconfig")?,
+    };
+    info!(server = %config.cluster_url, "Kubernetes mode");
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
@@ -68,12 +94,6 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
-    if !args.config_dir.is_dir() {
-        anyhow::bail!(
-            "--config-dir {}: not a directory; create it and put manifests (*.yaml) in it",
-            args.config_dir.display()
-        );
-    }
     let mesh = MeshConfig {
         trust_domain: args.trust_domain.clone(),
         root_namespace: args.root_namespace.clone(),
@@ -86,23 +106,48 @@ async fn main() -> anyhow::Result<()> {
     let auth = Arc::new(StaticTokens::from_file(&args.tokens).context("loading bearer tokens")?);
     let runtime = Arc::new(Runtime::new(mesh, Arc::new(Cache::default())));
 
-    let mut source = LocalSource::new(&args.config_dir);
-    let (scan, stats) = runtime.scan(&mut source);
-    info!(
-        dir = %args.config_dir.display(),
-        objects = scan.changed.len(),
-        errors = scan.errors.len(),
-        resources = stats.updated,
-        "initial config loaded"
-    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let watcher = match (&args.config_dir, args.kube) {
+        (Some(dir), _) => {
+            if !dir.is_dir() {
+                anyhow::bail!(
+                    "--config-dir {}: not a directory; create it and put manifests (*.yaml) in it",
+                    dir.display()
+                );
+            }
+            let mut source = LocalSource::new(dir);
+            let (scan, stats) = runtime.scan(&mut source);
+            info!(
+                dir = %dir.display(),
+                objects = scan.changed.len(),
+                errors = scan.errors.len(),
+                resources = stats.updated,
+                "initial config loaded"
+            );
+            tokio::spawn(runtime.clone().watch(source, args.poll_interval, stop_rx))
+        }
+        (None, _) => {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let (ready_tx, mut ready_rx) = watch::channel(false);
+            let task = tokio::spawn(kubernetes::run(client, runtime.clone(), ready_tx, stop_rx));
+            // Serving a partial store would tell proxies to drop what is merely not
+            // listed yet: wait for every kind's first list.
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r)).await {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(_)) => anyhow::bail!("the Kubernetes watches stopped before listing"),
+                    Err(_) => info!("waiting for the API server's first lists"),
+                }
+            }
+            task
+        }
+    };
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     info!(addr = %listener.local_addr()?, root = %args.ca_dir.join("root-cert.pem").display(), "serving delta ADS and CA over TLS");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let watcher = tokio::spawn(runtime.clone().watch(source, args.poll_interval, stop_rx));
     let serving_names = if args.serving_names.is_empty() {
         DEFAULT_SERVING_NAMES
             .iter()

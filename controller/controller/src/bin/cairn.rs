@@ -7,7 +7,7 @@ use std::{
 };
 
 use cairn_controller::{
-    apply, inspect,
+    apply, crds, inspect,
     local::{LocalSource, yaml_files},
     store::Store,
     waypoint::{self, ConfigDir, Manifests, Report},
@@ -25,6 +25,12 @@ struct Cli {
 enum Command {
     /// Print the version.
     Version,
+    /// Print the CustomResourceDefinitions for the Istio (default) or Gateway API kinds
+    /// Cairn reads.
+    Crds {
+        #[arg(long)]
+        gateway_api: bool,
+    },
     /// Validate manifests exactly as the controller would.
     Analyze {
         /// A YAML file, or a directory searched for *.yaml / *.yml.
@@ -130,6 +136,23 @@ fn main() -> ExitCode {
         Command::Version => {
             println!("cairn {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
+        }
+        Command::Crds { gateway_api } => {
+            let set = if gateway_api {
+                crds::Set::GatewayApi
+            } else {
+                crds::Set::Istio
+            };
+            match crds::to_yaml(set) {
+                Ok(yaml) => {
+                    print!("{yaml}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: encoding the CRDs: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Analyze { path } => analyze(&path),
         Command::Apply { file, target } => {

@@ -1,0 +1,359 @@
+//! The controller in Kubernetes mode against a real kube-apiserver and etcd
+//! (`cluster.rs`), read by the ztunnel's own xDS client: objects created through the
+//! API reach the proxy; the ambient label turns HBONE on and off; a rejected update
+//! keeps the last good policy; a controller restart and an API-server restart lose
+//! nothing and resync.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use cairn_api::model::TunnelProtocol;
+use cairn_controller::{crds, resources::istio};
+use cairn_tests::{
+    cluster::{self, LocalCluster},
+    lab::binary,
+};
+use cairn_ztunnel::{
+    SharedState,
+    state::ProxyState,
+    xds::{StateSink, XdsClient, XdsConfig},
+};
+use k8s_openapi::{
+    api::core::v1::{Namespace, Pod, Service, ServiceAccount},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use tokio::sync::watch;
+
+async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f() {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {within:?} waiting for: {what}");
+}
+
+struct Controller {
+    child: std::process::Child,
+    args: Vec<String>,
+    log: std::path::PathBuf,
+}
+
+impl Controller {
+    fn start(args: Vec<String>, log: std::path::PathBuf) -> Controller {
+        let child = Self::spawn(&args, &log);
+        Controller { child, args, log }
+    }
+
+    fn spawn(args: &[String], log: &std::path::Path) -> std::process::Child {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("controller log");
+        std::process::Command::new(binary("controller"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
+            .spawn()
+            .expect("start controller")
+    }
+
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.args, &self.log);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "shop", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node-a", "serviceAccountName": "web",
+                 "containers": [{"name": "app", "image": "cairn/test-app"}]},
+    }))
+    .expect("pod")
+}
+
+/// Creates a pod and reports it running at `ip`, as the node's kubelet would.
+async fn run_pod(pods: &Api<Pod>, name: &str, ip: &str) {
+    pods.create(&PostParams::default(), &pod(name))
+        .await
+        .expect("create pod");
+    let status = json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .expect("pod status");
+}
+
+fn workload_ips(state: &SharedState) -> Vec<String> {
+    let mut ips: Vec<String> = state
+        .load()
+        .workloads()
+        .filter(|w| w.namespace == "shop")
+        .flat_map(|w| w.addresses.iter().map(|a| a.to_string()))
+        .collect();
+    ips.sort();
+    ips
+}
+
+fn hbone(state: &SharedState) -> bool {
+    state
+        .load()
+        .workloads()
+        .filter(|w| w.namespace == "shop")
+        .all(|w| w.tunnel_protocol == TunnelProtocol::Hbone)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_on_a_real_api_server() {
+    if let Some(why) = cluster::unavailable() {
+        eprintln!("SKIP controller_on_a_real_api_server: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster =
+        tokio::task::block_in_place(|| LocalCluster::start(&dir.path().join("cluster")))
+            .expect("local cluster");
+    let client = cluster.client().await.expect("kube client");
+
+    // Cairn's CRDs, as generated from its types, install and become established.
+    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for set in [crds::Set::Istio, crds::Set::GatewayApi] {
+        for crd in crds::definitions(set) {
+            crd_api
+                .create(&PostParams::default(), &crd)
+                .await
+                .unwrap_or_else(|e| panic!("CRD {:?} rejected: {e}", crd.metadata.name));
+        }
+    }
+    let names: Vec<String> = [crds::Set::Istio, crds::Set::GatewayApi]
+        .into_iter()
+        .flat_map(crds::definitions)
+        .filter_map(|c| c.metadata.name)
+        .collect();
+    for name in &names {
+        let api = crd_api.clone();
+        let mut established = false;
+        for _ in 0..100 {
+            let crd = api.get(name).await.expect("get CRD");
+            established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            if established {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(established, "CRD {name} established");
+    }
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "shop",
+                "labels": {"istio.io/dataplane-mode": "ambient"}}}))
+            .expect("namespace"),
+        )
+        .await
+        .expect("create namespace");
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "shop");
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web"}})).expect("sa"),
+        )
+        .await
+        .expect("create service account");
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web"},
+                "spec": {"clusterIP": "10.96.0.50", "selector": {"app": "web"},
+                         "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}}))
+            .expect("service"),
+        )
+        .await
+        .expect("create service");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    run_pod(&pods, "web-1", "10.1.0.5").await;
+
+    // The controller, in Kubernetes mode.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    std::fs::write(dir.path().join("tokens.yaml"), "- {token: tok-a, node: node-a}\n")
+        .expect("tokens");
+    let d = |p: &str| dir.path().join(p).display().to_string();
+    let mut controller = Controller::start(
+        vec![
+            "--kube".into(),
+            "--kubeconfig".into(),
+            cluster.kubeconfig.display().to_string(),
+            "--tokens".into(),
+            d("tokens.yaml"),
+            "--ca-dir".into(),
+            d("ca"),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        dir.path().join("controller.log"),
+    );
+    let root = dir.path().join("ca/root-cert.pem");
+    eventually("the mesh root", Duration::from_secs(30), || root.exists()).await;
+
+    let state: SharedState = Arc::new(ArcSwap::from_pointee(ProxyState::default()));
+    let xds = XdsClient::new(
+        XdsConfig {
+            address: format!("https://127.0.0.1:{port}"),
+            root_pem: std::fs::read_to_string(&root).expect("root"),
+            server_name: "localhost".into(),
+            token: "tok-a".into(),
+            node_id: "node-a".into(),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(400),
+        },
+        StateSink::new(state.clone()),
+    );
+    let (_stop, stop_rx) = watch::channel(false);
+    tokio::spawn(xds.run(stop_rx));
+
+    let first = eventually("web-1 and its service", Duration::from_secs(30), || {
+        workload_ips(&state) == ["10.1.0.5"] && state.load().services().count() >= 1
+    })
+    .await;
+    assert!(hbone(&state), "an ambient namespace's pod speaks HBONE");
+    let svc = state
+        .load()
+        .services()
+        .find(|s| s.name == "web")
+        .cloned()
+        .expect("service web");
+    assert_eq!(svc.namespace, "shop");
+    eprintln!("initial sync after controller start: {first:?}");
+
+    // An Istio object through its CRD.
+    let policies: Api<istio::AuthorizationPolicy> = Api::namespaced(client.clone(), "shop");
+    let policy: istio::AuthorizationPolicy = serde_json::from_value(json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-intruder", "namespace": "shop"},
+        "spec": {"action": "DENY", "rules": [{"from": [{"source":
+            {"principals": ["cluster.local/ns/other/sa/intruder"]}}]}]},
+    }))
+    .expect("policy");
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .expect("create policy");
+    eventually("the policy", Duration::from_secs(10), || {
+        state.load().policies().any(|p| p.name == "deny-intruder")
+    })
+    .await;
+
+    // An update the decoder rejects (the API server's schema cannot see it: a
+    // principal is not a SPIFFE-shaped id) keeps the last good policy.
+    let bad = json!({"spec": {"rules": [{"from": [{"source": {"principals": ["*/ns/*/sa/*/extra*"]}}]}],
+                              "action": "DENY"}});
+    let rejected = policies
+        .patch("deny-intruder", &PatchParams::default(), &Patch::Merge(&bad))
+        .await;
+    if rejected.is_ok() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            state.load().policies().any(|p| p.name == "deny-intruder"),
+            "the last good policy stays"
+        );
+    }
+
+    // Taking the namespace out of ambient turns HBONE off; putting it back, on.
+    let label = |v: Option<&str>| {
+        json!({"metadata": {"labels": {"istio.io/dataplane-mode": v}}})
+    };
+    namespaces
+        .patch("shop", &PatchParams::default(), &Patch::Merge(&label(None)))
+        .await
+        .expect("unlabel");
+    eventually("HBONE off", Duration::from_secs(10), || !hbone(&state)).await;
+    namespaces
+        .patch(
+            "shop",
+            &PatchParams::default(),
+            &Patch::Merge(&label(Some("ambient"))),
+        )
+        .await
+        .expect("label");
+    eventually("HBONE on", Duration::from_secs(10), || hbone(&state)).await;
+
+    // Controller restart: the proxy keeps its config; a change made while the
+    // controller is down arrives once it is back.
+    let _ = controller.child.kill();
+    let _ = controller.child.wait();
+    run_pod(&pods, "web-2", "10.1.0.6").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(workload_ips(&state), ["10.1.0.5"], "last config kept");
+    let restarted = Instant::now();
+    controller.restart();
+    eventually(
+        "web-2 after the controller restart",
+        Duration::from_secs(30),
+        || workload_ips(&state) == ["10.1.0.5", "10.1.0.6"],
+    )
+    .await;
+    eprintln!("resync after controller restart: {:?}", restarted.elapsed());
+    assert!(state.load().policies().any(|p| p.name == "deny-intruder"));
+
+    // API server restart (SIGKILL): the controller's watches reconnect, nothing is
+    // dropped, and changes after it arrive.
+    tokio::task::block_in_place(|| cluster.restart_apiserver()).expect("restart kube-apiserver");
+    let back = Instant::now();
+    assert_eq!(workload_ips(&state), ["10.1.0.5", "10.1.0.6"]);
+    pods.delete("web-1", &Default::default())
+        .await
+        .expect("delete web-1");
+    run_pod(&pods, "web-3", "10.1.0.7").await;
+    eventually(
+        "web-1 gone, web-3 in, after the API-server restart",
+        Duration::from_secs(60),
+        || workload_ips(&state) == ["10.1.0.6", "10.1.0.7"],
+    )
+    .await;
+    eprintln!("resync after kube-apiserver restart: {:?}", back.elapsed());
+    assert!(state.load().policies().any(|p| p.name == "deny-intruder"));
+    assert!(
+        controller.log().contains("every kind listed"),
+        "controller log:\n{}",
+        controller.log()
+    );
+}
