@@ -92,7 +92,9 @@ fn write_pki(dir: &Path) -> Result<()> {
     serving
         .subject_alt_names
         .push(SanType::IpAddress(Ipv4Addr::LOCALHOST.into()));
-    let cert = serving.signed_by(&key, &ca_issuer).context("serving cert")?;
+    let cert = serving
+        .signed_by(&key, &ca_issuer)
+        .context("serving cert")?;
     let sa = KeyPair::generate().context("service-account key")?;
     for (name, pem) in [
         ("ca.crt", ca_cert.pem()),
@@ -200,7 +202,10 @@ impl LocalCluster {
                 );
             }
             if let Some(status) = self.etcd.try_wait()? {
-                bail!("etcd exited ({status}):\n{}", tail(&self.dir.join("etcd.log")));
+                bail!(
+                    "etcd exited ({status}):\n{}",
+                    tail(&self.dir.join("etcd.log"))
+                );
             }
             if readyz(addr, &self.dir.join("ca.crt")).unwrap_or(false) {
                 return Ok(());

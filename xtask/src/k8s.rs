@@ -80,7 +80,9 @@ pub fn ensure_binaries() -> Result<PathBuf> {
         return Ok(bin);
     }
     if Command::new("go").arg("version").output().is_err() {
-        bail!("the local cluster's kube-apiserver and etcd are built with Go: install Go 1.24 or newer");
+        bail!(
+            "the local cluster's kube-apiserver and etcd are built with Go: install Go 1.24 or newer"
+        );
     }
     std::fs::create_dir_all(&bin).with_context(|| format!("creating {}", bin.display()))?;
     let work = bin.parent().context("bin dir has a parent")?.join("src");
@@ -147,7 +149,11 @@ fn build(
             .status()
             .with_context(|| format!("running go {}", args.join(" ")))?;
         if !status.success() {
-            bail!("go {} failed ({status}) in {}", args.join(" "), dir.display());
+            bail!(
+                "go {} failed ({status}) in {}",
+                args.join(" "),
+                dir.display()
+            );
         }
         Ok(())
     };

@@ -102,7 +102,15 @@ const GENERATED: &[(&str, &[&str])] = &[
 fn codegen(root: &Path, check: bool) -> Result<()> {
     let mut stale = Vec::new();
     for (path, args) in GENERATED {
-        let mut cmd = vec!["run", "-q", "-p", "cairn-controller", "--bin", "cairn", "--"];
+        let mut cmd = vec![
+            "run",
+            "-q",
+            "-p",
+            "cairn-controller",
+            "--bin",
+            "cairn",
+            "--",
+        ];
         cmd.extend_from_slice(args);
         eprintln!("==> cargo {}", cmd.join(" "));
         let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -111,7 +119,11 @@ fn codegen(root: &Path, check: bool) -> Result<()> {
             .output()
             .context("running cairn")?;
         if !out.status.success() {
-            bail!("cairn {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "cairn {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let file = root.join(path);
         let current = std::fs::read(&file).unwrap_or_default();

@@ -3,8 +3,10 @@
 //! `cargo xtask codegen`). Istio's and Gateway API's kinds are separate files: a
 //! cluster that already runs Gateway API keeps its own CRDs.
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 use crate::resources::{gateway, istio};
 
@@ -16,7 +18,7 @@ pub enum Set {
 }
 
 pub fn definitions(set: Set) -> Vec<CustomResourceDefinition> {
-    match set {
+    let mut crds = match set {
         Set::Istio => vec![
             istio::AuthorizationPolicy::crd(),
             istio::PeerAuthentication::crd(),
@@ -30,6 +32,57 @@ pub fn definitions(set: Set) -> Vec<CustomResourceDefinition> {
             gateway::HTTPRoute::crd(),
             gateway::GRPCRoute::crd(),
         ],
+    };
+    for crd in &mut crds {
+        if set == Set::GatewayApi {
+            // `*.k8s.io` groups are protected: the API server wants the approval
+            // record Gateway API's own CRDs carry.
+            crd.metadata.annotations.get_or_insert_default().insert(
+                "api-approved.kubernetes.io".into(),
+                "https://github.com/kubernetes-sigs/gateway-api/pull/2466".into(),
+            );
+        }
+        for version in &mut crd.spec.versions {
+            if let Some(schema) = version
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+            {
+                make_structural(schema);
+            }
+        }
+    }
+    crds
+}
+
+/// Rewrites what JSON Schema allows but a CRD's structural schema does not:
+/// `patternProperties` (schemars' form for maps with integer keys, such as
+/// PeerAuthentication's `portLevelMtls`) becomes `additionalProperties`; the key
+/// pattern is checked by Cairn's decoder instead.
+fn make_structural(schema: &mut JSONSchemaProps) {
+    if let Some(patterns) = schema.pattern_properties.take()
+        && let Some((_, value)) = patterns.into_iter().next()
+    {
+        schema.additional_properties = Some(JSONSchemaPropsOrBool::Schema(Box::new(value)));
+        if schema.type_.is_none() {
+            schema.type_ = Some("object".into());
+        }
+    }
+    let children = schema
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(schema.all_of.iter_mut().flatten())
+        .chain(schema.any_of.iter_mut().flatten())
+        .chain(schema.one_of.iter_mut().flatten());
+    for child in children {
+        make_structural(child);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        make_structural(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        make_structural(extra);
     }
 }
 
@@ -43,4 +96,57 @@ pub fn to_yaml(set: Set) -> Result<String, serde_yaml::Error> {
         out.push_str(&serde_yaml::to_string(&crd)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn walk(schema: &JSONSchemaProps, path: &str, found: &mut Vec<String>) {
+        if schema.pattern_properties.is_some() {
+            found.push(path.to_owned());
+        }
+        for (name, child) in schema.properties.iter().flatten() {
+            walk(child, &format!("{path}.{name}"), found);
+        }
+        if let Some(JSONSchemaPropsOrArray::Schema(items)) = &schema.items {
+            walk(items, &format!("{path}[]"), found);
+        }
+        if let Some(JSONSchemaPropsOrBool::Schema(extra)) = &schema.additional_properties {
+            walk(extra, &format!("{path}{{}}"), found);
+        }
+    }
+
+    #[test]
+    fn generated_schemas_have_no_pattern_properties_and_keep_the_map() {
+        let mut found = Vec::new();
+        for crd in definitions(Set::Istio)
+            .into_iter()
+            .chain(definitions(Set::GatewayApi))
+        {
+            for v in &crd.spec.versions {
+                let schema = v
+                    .schema
+                    .as_ref()
+                    .and_then(|s| s.open_api_v3_schema.as_ref());
+                walk(schema.expect("schema"), &crd.spec.names.kind, &mut found);
+            }
+        }
+        assert!(found.is_empty(), "patternProperties at {found:?}");
+        let pa = definitions(Set::Istio)
+            .into_iter()
+            .find(|c| c.spec.names.kind == "PeerAuthentication")
+            .expect("PeerAuthentication");
+        let spec = &pa.spec.versions[0]
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+            .and_then(|s| s.properties.as_ref())
+            .expect("properties")["spec"];
+        let port_level = &spec.properties.as_ref().expect("spec properties")["portLevelMtls"];
+        assert!(matches!(
+            port_level.additional_properties,
+            Some(JSONSchemaPropsOrBool::Schema(_))
+        ));
+    }
 }

@@ -133,7 +133,8 @@ async fn main() -> anyhow::Result<()> {
             // Serving a partial store would tell proxies to drop what is merely not
             // listed yet: wait for every kind's first list.
             loop {
-                match tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r)).await {
+                match tokio::time::timeout(Duration::from_secs(10), ready_rx.wait_for(|r| *r)).await
+                {
                     Ok(Ok(_)) => break,
                     Ok(Err(_)) => anyhow::bail!("the Kubernetes watches stopped before listing"),
                     Err(_) => info!("waiting for the API server's first lists"),

@@ -34,15 +34,24 @@ fn list_items_decode_into_the_store_and_sync_waits_for_every_kind() {
     assert!(!source.synced(), "pods not listed yet");
     assert_eq!(source.pending(), vec![Kind::Pod]);
     source.apply(&mut store, Change::Relist(Kind::Pod));
-    let changed = source.apply(&mut store, Change::Apply(Kind::Pod, pod("web-1", "10.1.0.5")));
+    let changed = source.apply(
+        &mut store,
+        Change::Apply(Kind::Pod, pod("web-1", "10.1.0.5")),
+    );
     assert_eq!(changed, vec![pod_ref("web-1")]);
     source.apply(&mut store, Change::Listed(Kind::Pod));
     assert!(source.synced());
     let stored = store.get(&pod_ref("web-1")).expect("pod stored");
     assert_eq!(stored.meta().resource_version.as_deref(), Some("7"));
-    assert!(stored.meta().managed_fields.is_none(), "managedFields dropped");
+    assert!(
+        stored.meta().managed_fields.is_none(),
+        "managedFields dropped"
+    );
     // The same object again changes nothing (a relist after a reconnect).
-    let again = source.apply(&mut store, Change::Apply(Kind::Pod, pod("web-1", "10.1.0.5")));
+    let again = source.apply(
+        &mut store,
+        Change::Apply(Kind::Pod, pod("web-1", "10.1.0.5")),
+    );
     assert!(again.is_empty());
 }
 
@@ -50,14 +59,23 @@ fn list_items_decode_into_the_store_and_sync_waits_for_every_kind() {
 fn a_relist_deletes_what_it_did_not_list_and_only_that_kind() {
     let (mut source, mut store) = (KubeSource::new(), Store::default());
     source.apply(&mut store, Change::Relist(Kind::Pod));
-    source.apply(&mut store, Change::Apply(Kind::Pod, pod("web-1", "10.1.0.5")));
-    source.apply(&mut store, Change::Apply(Kind::Pod, pod("web-2", "10.1.0.6")));
+    source.apply(
+        &mut store,
+        Change::Apply(Kind::Pod, pod("web-1", "10.1.0.5")),
+    );
+    source.apply(
+        &mut store,
+        Change::Apply(Kind::Pod, pod("web-2", "10.1.0.6")),
+    );
     source.apply(&mut store, Change::Listed(Kind::Pod));
     let ns = json!({"metadata": {"name": "shop"}});
     source.apply(&mut store, Change::Apply(Kind::Namespace, ns));
     // The watch fell behind (or the API server restarted): relist sees only web-2.
     source.apply(&mut store, Change::Relist(Kind::Pod));
-    source.apply(&mut store, Change::Apply(Kind::Pod, pod("web-2", "10.1.0.6")));
+    source.apply(
+        &mut store,
+        Change::Apply(Kind::Pod, pod("web-2", "10.1.0.6")),
+    );
     let changed = source.apply(&mut store, Change::Listed(Kind::Pod));
     assert_eq!(changed, vec![pod_ref("web-1")]);
     assert!(store.get(&pod_ref("web-1")).is_none());
@@ -68,7 +86,10 @@ fn a_relist_deletes_what_it_did_not_list_and_only_that_kind() {
         name: "shop".into(),
     };
     assert!(store.get(&ns_ref).is_some(), "other kinds untouched");
-    let deleted = source.apply(&mut store, Change::Delete(Kind::Pod, pod("web-2", "10.1.0.6")));
+    let deleted = source.apply(
+        &mut store,
+        Change::Delete(Kind::Pod, pod("web-2", "10.1.0.6")),
+    );
     assert_eq!(deleted, vec![pod_ref("web-2")]);
     assert!(store.is_empty() || store.get(&pod_ref("web-2")).is_none());
 }
