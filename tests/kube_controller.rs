@@ -1,6 +1,7 @@
 //! The controller in Kubernetes mode against a real kube-apiserver and etcd
-//! (`cluster.rs`), read by the ztunnel's own xDS client: objects created through the
-//! API reach the proxy; the ambient label turns HBONE on and off; a rejected update
+//! (`cluster.rs`), read by the ztunnel's own xDS client presenting a pod-bound
+//! service-account token (TokenReview; a token for another audience is refused):
+//! objects created through the API reach the proxy; the ambient label turns HBONE on and off; a rejected update
 //! keeps the last good policy; a controller restart and an API-server restart lose
 //! nothing and resync.
 
@@ -22,7 +23,10 @@ use cairn_ztunnel::{
     xds::{StateSink, XdsClient, XdsConfig},
 };
 use k8s_openapi::{
-    api::core::v1::{Namespace, Pod, Service, ServiceAccount},
+    api::{
+        authentication::v1::TokenRequest,
+        core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -216,6 +220,65 @@ async fn controller_on_a_real_api_server() {
     let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
     run_pod(&pods, "web-1", "10.1.0.5").await;
 
+    // The ztunnel of node-a, as its DaemonSet pod: a service account and a pod bound
+    // to the node, whose projected token (audience istio-ca) the controller reviews.
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "node-a"}})).expect("node"),
+        )
+        .await
+        .expect("create node");
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "cairn-system"}})).expect("ns"),
+        )
+        .await
+        .expect("create cairn-system");
+    let system_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "cairn-system");
+    system_accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "ztunnel"}})).expect("sa"),
+        )
+        .await
+        .expect("create ztunnel service account");
+    let system_pods: Api<Pod> = Api::namespaced(client.clone(), "cairn-system");
+    let ztunnel_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "ztunnel-node-a"},
+        "spec": {"nodeName": "node-a", "serviceAccountName": "ztunnel",
+                 "containers": [{"name": "ztunnel", "image": "cairn/ztunnel"}]},
+    }))
+    .expect("ztunnel pod");
+    let ztunnel_pod = system_pods
+        .create(&PostParams::default(), &ztunnel_pod)
+        .await
+        .expect("create ztunnel pod");
+    let token = |audience: &'static str| {
+        let accounts = system_accounts.clone();
+        let uid = ztunnel_pod.metadata.uid.clone();
+        async move {
+            let request: TokenRequest = serde_json::from_value(json!({"spec": {
+                "audiences": [audience], "expirationSeconds": 3600,
+                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
+                                   "name": "ztunnel-node-a", "uid": uid},
+            }}))
+            .expect("token request");
+            accounts
+                .create_token_request("ztunnel", &PostParams::default(), &request)
+                .await
+                .expect("token request")
+                .status
+                .expect("token status")
+                .token
+                .expect("token")
+        }
+    };
+    let node_token = token("istio-ca").await;
+    let wrong_audience = token("https://kubernetes.default.svc.cluster.local").await;
+
     // The controller, in Kubernetes mode.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -232,8 +295,6 @@ async fn controller_on_a_real_api_server() {
             "--kube".into(),
             "--kubeconfig".into(),
             cluster.kubeconfig.display().to_string(),
-            "--tokens".into(),
-            d("tokens.yaml"),
             "--ca-dir".into(),
             d("ca"),
             "--listen".into(),
@@ -244,21 +305,27 @@ async fn controller_on_a_real_api_server() {
     let root = dir.path().join("ca/root-cert.pem");
     eventually("the mesh root", Duration::from_secs(30), || root.exists()).await;
 
-    let state: SharedState = Arc::new(ArcSwap::from_pointee(ProxyState::default()));
-    let xds = XdsClient::new(
-        XdsConfig {
-            address: format!("https://127.0.0.1:{port}"),
-            root_pem: std::fs::read_to_string(&root).expect("root"),
-            server_name: "localhost".into(),
-            token: "tok-a".into(),
-            node_id: "node-a".into(),
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(400),
-        },
-        StateSink::new(state.clone()),
-    );
-    let (_stop, stop_rx) = watch::channel(false);
-    tokio::spawn(xds.run(stop_rx));
+    let subscribe = |token: String| {
+        let state: SharedState = Arc::new(ArcSwap::from_pointee(ProxyState::default()));
+        let xds = XdsClient::new(
+            XdsConfig {
+                address: format!("https://127.0.0.1:{port}"),
+                root_pem: std::fs::read_to_string(&root).expect("root"),
+                server_name: "localhost".into(),
+                token,
+                node_id: "node-a".into(),
+                initial_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_millis(400),
+            },
+            StateSink::new(state.clone()),
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(xds.run(stop_rx));
+        (state, stop)
+    };
+    // A token for another audience is refused (TokenReview with audience istio-ca).
+    let (refused, _stop_refused) = subscribe(wrong_audience);
+    let (state, _stop) = subscribe(node_token);
 
     let first = eventually("web-1 and its service", Duration::from_secs(30), || {
         workload_ips(&state) == ["10.1.0.5"] && state.load().services().count() >= 1
@@ -273,6 +340,15 @@ async fn controller_on_a_real_api_server() {
         .expect("service web");
     assert_eq!(svc.namespace, "shop");
     eprintln!("initial sync after controller start: {first:?}");
+    assert!(
+        refused.load().workloads().next().is_none(),
+        "a token for another audience gets nothing"
+    );
+    assert!(
+        controller.log().contains("refused xDS stream"),
+        "the refusal is logged:\n{}",
+        controller.log()
+    );
 
     // An Istio object through its CRD.
     let policies: Api<istio::AuthorizationPolicy> = Api::namespaced(client.clone(), "shop");

@@ -36,11 +36,22 @@ pub enum AuthError {
     Malformed,
     #[error("bearer token is not recognised")]
     Unknown,
+    /// The token is valid but does not give what is asked (wrong audience, not bound
+    /// to a pod, ...).
+    #[error("bearer token refused: {0}")]
+    Refused(String),
+    /// The token cannot be checked now (the API server is unreachable).
+    #[error("cannot check the bearer token now: {0}")]
+    Unavailable(String),
 }
 
 impl From<AuthError> for tonic::Status {
     fn from(e: AuthError) -> Self {
-        tonic::Status::unauthenticated(e.to_string())
+        match e {
+            // Retryable: the caller's token may be fine.
+            AuthError::Unavailable(_) => tonic::Status::unavailable(e.to_string()),
+            _ => tonic::Status::unauthenticated(e.to_string()),
+        }
     }
 }
 

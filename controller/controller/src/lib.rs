@@ -17,6 +17,7 @@ pub mod resources;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod token_review;
 pub mod validate;
 pub mod waypoint;
 pub mod xds;

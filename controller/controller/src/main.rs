@@ -5,13 +5,14 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use cairn_controller::{
-    auth::StaticTokens,
+    auth::{Authenticator, StaticTokens},
     ca::CertificateAuthority,
     compile::MeshConfig,
     kubernetes,
     local::LocalSource,
     runtime::Runtime,
     server::{self, DEFAULT_SERVING_NAMES, ServeConfig},
+    token_review::{self, TokenReviewer, ZtunnelAccount},
     validate::parse_duration,
     xds::Cache,
 };
@@ -47,8 +48,14 @@ struct Args {
     #[arg(long, default_value = "24h", value_parser = duration)]
     cert_ttl: Duration,
     /// YAML list of bearer tokens: `- {token: ..., node: ...}` or `{token: ..., identity: spiffe://...}`.
-    #[arg(long)]
-    tokens: PathBuf,
+    /// Required in local mode; in Kubernetes mode callers present projected
+    /// service-account tokens checked by TokenReview unless this is given.
+    #[arg(long, required_unless_present = "kube")]
+    tokens: Option<PathBuf>,
+    /// Kubernetes mode: the ztunnel DaemonSet's service account (`namespace/name`),
+    /// whose pod-bound tokens act for their node.
+    #[arg(long, default_value = "cairn-system/ztunnel")]
+    ztunnel_service_account: String,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Namespace whose selector-less policies are mesh-wide.
@@ -103,11 +110,36 @@ async fn main() -> anyhow::Result<()> {
         CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)
             .context("loading the mesh CA")?,
     );
-    let auth = Arc::new(StaticTokens::from_file(&args.tokens).context("loading bearer tokens")?);
     let runtime = Arc::new(Runtime::new(mesh, Arc::new(Cache::default())));
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let watcher = match (&args.config_dir, args.kube) {
+    let kube = match args.config_dir {
+        Some(_) => None,
+        None => Some(kube_client(args.kubeconfig.as_deref()).await?),
+    };
+    let auth: Arc<dyn Authenticator> = match (&args.tokens, &kube) {
+        (Some(path), _) => {
+            Arc::new(StaticTokens::from_file(path).context("loading bearer tokens")?)
+        }
+        (None, Some(client)) => {
+            let (namespace, name) = args
+                .ztunnel_service_account
+                .split_once('/')
+                .filter(|(ns, n)| !ns.is_empty() && !n.is_empty())
+                .context("--ztunnel-service-account must be namespace/name")?;
+            info!(ztunnel = %args.ztunnel_service_account, audience = token_review::AUDIENCE, "callers authenticate with service-account tokens (TokenReview)");
+            Arc::new(TokenReviewer::new(
+                client.clone(),
+                ZtunnelAccount {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                },
+                args.trust_domain.clone(),
+            ))
+        }
+        (None, None) => anyhow::bail!("--tokens is required with --config-dir"),
+    };
+    let watcher = match (&args.config_dir, kube) {
         (Some(dir), _) => {
             if !dir.is_dir() {
                 anyhow::bail!(
@@ -126,8 +158,8 @@ async fn main() -> anyhow::Result<()> {
             );
             tokio::spawn(runtime.clone().watch(source, args.poll_interval, stop_rx))
         }
-        (None, _) => {
-            let client = kube_client(args.kubeconfig.as_deref()).await?;
+        (None, None) => anyhow::bail!("give --config-dir or --kube"),
+        (None, Some(client)) => {
             let (ready_tx, mut ready_rx) = watch::channel(false);
             let task = tokio::spawn(kubernetes::run(client, runtime.clone(), ready_tx, stop_rx));
             // Serving a partial store would tell proxies to drop what is merely not
