@@ -2,8 +2,8 @@
 //! (`cluster.rs`), read by the ztunnel's own xDS client presenting a pod-bound
 //! service-account token (TokenReview; a token for another audience is refused):
 //! objects created through the API reach the proxy; the ambient label turns HBONE on and off; a rejected update
-//! keeps the last good policy; a controller restart and an API-server restart lose
-//! nothing and resync.
+//! keeps the last good policy; the mesh root lives in a Secret; a controller restart
+//! (with an empty CA directory) and an API-server restart lose nothing and resync.
 
 use std::{
     sync::Arc,
@@ -436,6 +436,22 @@ async fn controller_on_a_real_api_server() {
     run_pod(&pods, "web-2", "10.1.0.6").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(workload_ips(&state), ["10.1.0.5"], "last config kept");
+    // The restarted controller starts from an empty CA directory (an emptyDir in its
+    // pod): the mesh root comes back from its Secret, or the proxy's TLS would fail.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), "cairn-system");
+    let stored = secrets.get("cairn-ca-root").await.expect("root Secret");
+    assert!(
+        stored
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key("root-key.pem"))
+    );
+    for arg in controller.args.iter_mut() {
+        if *arg == d("ca") {
+            *arg = d("ca-after-restart");
+        }
+    }
     let restarted = Instant::now();
     controller.restart();
     eventually(
@@ -445,6 +461,11 @@ async fn controller_on_a_real_api_server() {
     )
     .await;
     eprintln!("resync after controller restart: {:?}", restarted.elapsed());
+    assert_eq!(
+        std::fs::read(dir.path().join("ca-after-restart/root-cert.pem")).expect("root again"),
+        std::fs::read(&root).expect("first root"),
+        "same mesh root after the restart"
+    );
     assert!(state.load().policies().any(|p| p.name == "deny-intruder"));
 
     // API server restart (SIGKILL): the controller's watches reconnect, nothing is

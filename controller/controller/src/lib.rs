@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod auth;
 pub mod ca;
+pub mod ca_secret;
 pub mod compile;
 pub mod crds;
 pub mod decode;

@@ -7,6 +7,7 @@ use anyhow::Context;
 use cairn_controller::{
     auth::{Authenticator, StaticTokens},
     ca::CertificateAuthority,
+    ca_secret,
     compile::MeshConfig,
     kubernetes,
     local::LocalSource,
@@ -56,6 +57,10 @@ struct Args {
     /// whose pod-bound tokens act for their node.
     #[arg(long, default_value = "cairn-system/ztunnel")]
     ztunnel_service_account: String,
+    /// Kubernetes mode: namespace of the CA Secrets (`cacerts` from the operator, else
+    /// Cairn's `cairn-ca-root`, created on first start).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "cairn-system")]
+    ca_namespace: String,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Namespace whose selector-less policies are mesh-wide.
@@ -106,10 +111,6 @@ async fn main() -> anyhow::Result<()> {
         root_namespace: args.root_namespace.clone(),
         ..MeshConfig::default()
     };
-    let ca = Arc::new(
-        CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)
-            .context("loading the mesh CA")?,
-    );
     let runtime = Arc::new(Runtime::new(mesh, Arc::new(Cache::default())));
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -117,6 +118,20 @@ async fn main() -> anyhow::Result<()> {
         Some(_) => None,
         None => Some(kube_client(args.kubeconfig.as_deref()).await?),
     };
+    if let Some(client) = &kube {
+        ca_secret::sync_ca_dir(
+            client.clone(),
+            &args.ca_namespace,
+            &args.ca_dir,
+            &args.trust_domain,
+        )
+        .await
+        .context("loading the mesh CA from the cluster")?;
+    }
+    let ca = Arc::new(
+        CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)
+            .context("loading the mesh CA")?,
+    );
     let auth: Arc<dyn Authenticator> = match (&args.tokens, &kube) {
         (Some(path), _) => {
             Arc::new(StaticTokens::from_file(path).context("loading bearer tokens")?)
