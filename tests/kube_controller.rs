@@ -312,7 +312,7 @@ async fn controller_on_a_real_api_server() {
                 address: format!("https://127.0.0.1:{port}"),
                 root_pem: std::fs::read_to_string(&root).expect("root"),
                 server_name: "localhost".into(),
-                token,
+                token: token.into(),
                 node_id: "node-a".into(),
                 initial_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_millis(400),

@@ -17,6 +17,7 @@ use anyhow::Context;
 use cairn_client::{
     ca::{CA_TIMEOUT, CaConfig, CertManager},
     certs::Certificates,
+    token::Token,
     xds::{XdsClient, XdsConfig},
 };
 use cairn_hbone::{
@@ -129,10 +130,10 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     let root_pem = std::fs::read_to_string(&s.root_cert)
         .with_context(|| format!("reading CAIRN_ROOT_CERT {}", s.root_cert.display()))?;
-    let token = std::fs::read_to_string(&s.token_file)
-        .with_context(|| format!("reading CAIRN_TOKEN_FILE {}", s.token_file.display()))?
-        .trim()
-        .to_owned();
+    // Read at every use (a projected token rotates); checked once now for a clear
+    // start-up error.
+    let token = Token::File(s.token_file.clone());
+    token.current().context("CAIRN_TOKEN_FILE")?;
     let roots = MeshRoots::from_pem(root_pem.as_bytes()).context("mesh root")?;
 
     let certs = CertManager::new(

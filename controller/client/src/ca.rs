@@ -29,7 +29,7 @@ pub struct CaConfig {
     pub address: String,
     pub root_pem: String,
     pub server_name: String,
-    pub token: String,
+    pub token: crate::token::Token,
     /// Requested lifetime.
     pub ttl: Duration,
     /// How long one fetch (connecting, the TLS handshake and the `CreateCertificate`
@@ -115,9 +115,7 @@ pub async fn fetch(config: &CaConfig, channel: Channel, id: &SpiffeId) -> Result
             .into(),
         }),
     });
-    let bearer = format!("Bearer {}", config.token)
-        .parse()
-        .map_err(|_| csr_err("token is not a valid header value".into()))?;
+    let bearer = config.token.bearer().map_err(|e| csr_err(e.to_string()))?;
     request.metadata_mut().insert("authorization", bearer);
     let response = IstioCertificateServiceClient::new(channel)
         .create_certificate(request)

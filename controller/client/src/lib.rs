@@ -6,6 +6,8 @@
 //! - [`ca`]: certificates from the mesh CA, rotated at half life; [`certs`] is the
 //!   seam the proxy paths ask for TLS configurations.
 //! - [`health`]: the metrics both report about the two.
+//! - [`token`]: the bearer token, re-read from its file at each use (projected
+//!   service-account tokens rotate).
 //! - [`process`] and [`admin`]: what both binaries do alike around that (allocator
 //!   settings, SIGTERM and drain, the admin HTTP listener).
 
@@ -14,6 +16,7 @@ pub mod ca;
 pub mod certs;
 pub mod health;
 pub mod process;
+pub mod token;
 pub mod xds;
 
 /// A duration as the proxies' settings write it: `500ms`, `30s`, `5m`, `24h`.

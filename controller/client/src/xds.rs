@@ -41,7 +41,7 @@ pub struct XdsConfig {
     /// Name to verify on the controller's certificate.
     pub server_name: String,
     /// Bearer token.
-    pub token: String,
+    pub token: crate::token::Token,
     /// `node.id` sent to the controller.
     pub node_id: String,
     pub initial_backoff: Duration,
@@ -191,13 +191,11 @@ impl<S: Subscriber> XdsClient<S> {
                 .await;
         }
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        let bearer = format!("Bearer {}", self.config.token)
-            .parse()
-            .map_err(|_| {
-                XdsError::Status(tonic::Status::invalid_argument(
-                    "token is not a valid header value",
-                ))
-            })?;
+        let bearer = self
+            .config
+            .token
+            .bearer()
+            .map_err(|e| XdsError::Status(tonic::Status::unauthenticated(e.to_string())))?;
         request.metadata_mut().insert("authorization", bearer);
         let mut responses = AggregatedDiscoveryServiceClient::new(channel)
             .delta_aggregated_resources(request)

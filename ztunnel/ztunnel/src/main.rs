@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use cairn_client::token::Token;
 use cairn_hbone::{
     H2Settings,
     client::{Client, PoolSettings},
@@ -71,10 +72,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         } => {
             let root_pem = std::fs::read_to_string(root_cert)
                 .with_context(|| format!("reading CAIRN_ROOT_CERT {}", root_cert.display()))?;
-            let token = std::fs::read_to_string(token_file)
-                .with_context(|| format!("reading CAIRN_TOKEN_FILE {}", token_file.display()))?
-                .trim()
-                .to_owned();
+            // Read at every use (a projected token rotates); checked once now for a
+            // clear start-up error.
+            let token = Token::File(token_file.clone());
+            token.current().context("CAIRN_TOKEN_FILE")?;
             let roots = MeshRoots::from_pem(root_pem.as_bytes()).context("mesh root")?;
             let client = XdsClient::new(
                 XdsConfig {
