@@ -243,6 +243,39 @@ impl LocalCluster {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// Runs the built `kubectl` as the admin; its output, or an error with stderr.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new(self.bin.join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .args(args)
+            .output()
+            .context("running kubectl")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {} failed ({}):\n{}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Writes a kubeconfig at `path` that authenticates with `token` (a service
+    /// account's, to run a component with exactly its RBAC).
+    pub fn kubeconfig_with_token(&self, token: &str, path: &Path) -> Result<()> {
+        std::fs::write(
+            path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    certificate-authority: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context: {{cluster: local, user: sa}}\ncurrent-context: local\n",
+                self.server,
+                self.dir.join("ca.crt").display()
+            ),
+        )
+        .with_context(|| format!("writing {}", path.display()))
+    }
 }
 
 impl Drop for LocalCluster {

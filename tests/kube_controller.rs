@@ -12,7 +12,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use cairn_api::model::TunnelProtocol;
-use cairn_controller::{crds, resources::istio};
+use cairn_controller::resources::istio;
 use cairn_tests::{
     cluster::{self, LocalCluster},
     lab::binary,
@@ -22,12 +22,9 @@ use cairn_ztunnel::{
     state::ProxyState,
     xds::{StateSink, XdsClient, XdsConfig},
 };
-use k8s_openapi::{
-    api::{
-        authentication::v1::TokenRequest,
-        core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
-    },
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+use k8s_openapi::api::{
+    authentication::v1::TokenRequest,
+    core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
 };
 use kube::{
     Api,
@@ -154,39 +151,37 @@ async fn controller_on_a_real_api_server() {
             .expect("local cluster");
     let client = cluster.client().await.expect("kube client");
 
-    // Cairn's CRDs, as generated from its types, install and become established.
-    let crd_api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for set in [crds::Set::Istio, crds::Set::GatewayApi] {
-        for crd in crds::definitions(set) {
-            crd_api
-                .create(&PostParams::default(), &crd)
-                .await
-                .unwrap_or_else(|e| panic!("CRD {:?} rejected: {e}", crd.metadata.name));
+    // What ships: `kubectl apply -k deploy/` (CRDs generated from Cairn's types,
+    // namespace, RBAC, controller, ztunnel DaemonSet), then the Gateway API CRDs, on
+    // the real API server.
+    let root_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned();
+    let repo = |p: &str| root_dir.join(p).display().to_string();
+    tokio::task::block_in_place(|| {
+        cluster.kubectl(&["apply", "-k", &repo("deploy")])?;
+        cluster.kubectl(&["apply", "-f", &repo("deploy/crds/gateway-api.yaml")])?;
+        cluster.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd",
+            "--all",
+        ])?;
+        // The demo's manifests and steps are valid against those CRDs.
+        cluster.kubectl(&["apply", "-f", &repo("deploy/demo/bookinfo.yaml")])?;
+        for f in [
+            "deploy/demo/reviews-canary.yaml",
+            "deploy/demo/steps/reviews-50-50.yaml",
+            "deploy/demo/steps/reviews-abort-50.yaml",
+            "deploy/demo/steps/deny-jason.yaml",
+        ] {
+            cluster.kubectl(&["apply", "--dry-run=server", "-f", &repo(f)])?;
         }
-    }
-    let names: Vec<String> = [crds::Set::Istio, crds::Set::GatewayApi]
-        .into_iter()
-        .flat_map(crds::definitions)
-        .filter_map(|c| c.metadata.name)
-        .collect();
-    for name in &names {
-        let api = crd_api.clone();
-        let mut established = false;
-        for _ in 0..100 {
-            let crd = api.get(name).await.expect("get CRD");
-            established = crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            if established {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(established, "CRD {name} established");
-    }
+        anyhow::Ok(())
+    })
+    .expect("deploy/ applies");
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces
@@ -230,21 +225,7 @@ async fn controller_on_a_real_api_server() {
         )
         .await
         .expect("create node");
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "cairn-system"}})).expect("ns"),
-        )
-        .await
-        .expect("create cairn-system");
     let system_accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "cairn-system");
-    system_accounts
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "ztunnel"}})).expect("sa"),
-        )
-        .await
-        .expect("create ztunnel service account");
     let system_pods: Api<Pod> = Api::namespaced(client.clone(), "cairn-system");
     let ztunnel_pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "ztunnel-node-a"},
@@ -279,7 +260,26 @@ async fn controller_on_a_real_api_server() {
     let node_token = token("istio-ca").await;
     let wrong_audience = token("https://kubernetes.default.svc.cluster.local").await;
 
-    // The controller, in Kubernetes mode.
+    // The controller, in Kubernetes mode, as its own service account: the shipped
+    // RBAC must be enough for everything below.
+    let controller_token: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 3600}}))
+            .expect("token request");
+    let controller_token = system_accounts
+        .create_token_request(
+            "cairn-controller",
+            &PostParams::default(),
+            &controller_token,
+        )
+        .await
+        .expect("controller token")
+        .status
+        .and_then(|s| s.token)
+        .expect("token");
+    let controller_kubeconfig = dir.path().join("controller.kubeconfig");
+    cluster
+        .kubeconfig_with_token(&controller_token, &controller_kubeconfig)
+        .expect("controller kubeconfig");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -294,7 +294,7 @@ async fn controller_on_a_real_api_server() {
         vec![
             "--kube".into(),
             "--kubeconfig".into(),
-            cluster.kubeconfig.display().to_string(),
+            controller_kubeconfig.display().to_string(),
             "--ca-dir".into(),
             d("ca"),
             "--listen".into(),
@@ -340,6 +340,17 @@ async fn controller_on_a_real_api_server() {
         .expect("service web");
     assert_eq!(svc.namespace, "shop");
     eprintln!("initial sync after controller start: {first:?}");
+    // The proxies' root, published for the DaemonSet's CAIRN_ROOT_CERT.
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), "cairn-system");
+    let published = maps
+        .get("cairn-ca-root-cert")
+        .await
+        .expect("root ConfigMap");
+    assert_eq!(
+        published.data.and_then(|d| d.get("root-cert.pem").cloned()),
+        Some(std::fs::read_to_string(&root).expect("root"))
+    );
     assert!(
         refused.load().workloads().next().is_none(),
         "a token for another audience gets nothing"

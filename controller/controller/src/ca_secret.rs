@@ -49,6 +49,40 @@ pub enum CaSecretError {
     Generate(#[from] crate::ca::CaError),
 }
 
+/// The ConfigMap carrying the mesh root (public) for the proxies' `CAIRN_ROOT_CERT`.
+pub const ROOT_CONFIGMAP: &str = "cairn-ca-root-cert";
+
+/// Publishes `root_pem` as the `cairn-ca-root-cert` ConfigMap (server-side apply, so
+/// every replica writes the same object idempotently).
+pub async fn publish_root(
+    client: Client,
+    namespace: &str,
+    root_pem: &str,
+) -> Result<(), CaSecretError> {
+    use kube::api::{Patch, PatchParams};
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client, namespace);
+    let map = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace,
+                     "labels": {"app.kubernetes.io/part-of": "cairn"}},
+        "data": {"root-cert.pem": root_pem},
+    });
+    maps.patch(
+        ROOT_CONFIGMAP,
+        &PatchParams::apply("cairn-controller").force(),
+        &Patch::Apply(&map),
+    )
+    .await
+    .map_err(|source| CaSecretError::Api {
+        namespace: namespace.to_owned(),
+        name: ROOT_CONFIGMAP.to_owned(),
+        source,
+    })?;
+    info!(configmap = %format!("{namespace}/{ROOT_CONFIGMAP}"), "published the mesh root");
+    Ok(())
+}
+
 /// Where the CA directory's files came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {

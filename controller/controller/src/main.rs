@@ -132,6 +132,11 @@ async fn main() -> anyhow::Result<()> {
         CertificateAuthority::load_or_create(&args.ca_dir, &args.trust_domain, args.cert_ttl)
             .context("loading the mesh CA")?,
     );
+    if let Some(client) = &kube {
+        ca_secret::publish_root(client.clone(), &args.ca_namespace, ca.root_pem())
+            .await
+            .context("publishing the mesh root")?;
+    }
     let auth: Arc<dyn Authenticator> = match (&args.tokens, &kube) {
         (Some(path), _) => {
             Arc::new(StaticTokens::from_file(path).context("loading bearer tokens")?)
