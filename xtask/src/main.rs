@@ -8,6 +8,7 @@
 //!
 //! - `cargo xtask cluster build`: builds (once, cached) the local cluster's
 //!   kube-apiserver, kubectl and etcd from their Go modules (`k8s.rs`).
+//! - `cargo xtask toolchain`: installs only the eBPF toolchain (image builds).
 //! - `cargo xtask codegen [--check]`: writes `deploy/crds/` from the Rust types (or
 //!   checks it is up to date).
 //!
@@ -41,6 +42,7 @@ fn main() -> Result<()> {
             }
             _ => bail!("usage: cargo xtask cluster build"),
         },
+        Some("toolchain") => ebpf::ensure_toolchain(),
         Some("codegen") => codegen(&root, args.get(1).map(String::as_str) == Some("--check")),
         Some("bench") => {
             ebpf::ensure_toolchain()?;
@@ -56,7 +58,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down] | cluster build | codegen [--check]>"
+                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down] | cluster build | codegen [--check] | toolchain>"
             );
             bail!("unknown or missing command")
         }
