@@ -23,6 +23,7 @@ use cairn_ztunnel::{
     xds::{StateSink, XdsClient, XdsConfig},
 };
 use k8s_openapi::api::{
+    apps::v1::Deployment,
     authentication::v1::TokenRequest,
     core::v1::{Namespace, Node, Pod, Service, ServiceAccount},
 };
@@ -437,6 +438,123 @@ async fn controller_on_a_real_api_server() {
         .expect("label");
     eventually("web-1 back over HBONE", Duration::from_secs(10), || {
         workload_ips(&state) == ["10.1.0.5"] && hbone(&state)
+    })
+    .await;
+
+    // A waypoint Gateway becomes its ServiceAccount, Service, Deployment and root
+    // ConfigMap, owned by the Gateway; its status follows its pods.
+    let gateway = cairn_controller::waypoint::manifest("shop", "waypoint", "service");
+    let gateway_file = dir.path().join("waypoint.yaml");
+    std::fs::write(&gateway_file, gateway).expect("gateway manifest");
+    tokio::task::block_in_place(|| {
+        cluster.kubectl(&["apply", "-f", &gateway_file.display().to_string()])
+    })
+    .expect("apply the waypoint Gateway");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
+    let mut deployment = None;
+    for _ in 0..100 {
+        if let Some(d) = deployments
+            .get_opt("waypoint")
+            .await
+            .expect("get deployment")
+        {
+            deployment = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deployment = deployment.expect("the waypoint's Deployment");
+    let owner = &deployment
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Gateway", "waypoint")
+    );
+    let template = deployment.spec.template.spec.expect("pod spec");
+    assert_eq!(template.service_account_name.as_deref(), Some("waypoint"));
+    accounts
+        .get("waypoint")
+        .await
+        .expect("the waypoint's ServiceAccount");
+    let wp_service = services
+        .get("waypoint")
+        .await
+        .expect("the waypoint's Service");
+    let wp_ip = wp_service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .expect("the API server assigns a cluster IP");
+    let shop_maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(client.clone(), "shop");
+    shop_maps
+        .get("cairn-ca-root-cert")
+        .await
+        .expect("the root next to the waypoint");
+    let gateways: Api<cairn_controller::resources::gateway::Gateway> =
+        Api::namespaced(client.clone(), "shop");
+    let condition = |gw: &cairn_controller::resources::gateway::Gateway, t: &str| {
+        gw.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == t))
+            .map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let mut seen = None;
+    for _ in 0..100 {
+        let gw = gateways.get("waypoint").await.expect("gateway");
+        seen = condition(&gw, "Programmed");
+        if seen == Some(("False".into(), "NoReadyPods".into())) {
+            let addresses = gw.status.map(|s| s.addresses).unwrap_or_default();
+            assert_eq!(
+                addresses.first().map(|a| a.value.clone()),
+                Some(wp_ip.clone())
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, Some(("False".into(), "NoReadyPods".into())));
+    // The waypoint's pod running (what the node agent reports for the Deployment).
+    let wp_pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "waypoint-0", "namespace": "shop",
+                     "labels": {"gateway.networking.k8s.io/gateway-name": "waypoint",
+                                "istio.io/dataplane-mode": "none"}},
+        "spec": {"nodeName": "node-a", "serviceAccountName": "waypoint",
+                 "containers": [{"name": "waypoint", "image": "cairn/waypoint"}]},
+    }))
+    .expect("waypoint pod");
+    pods.create(&PostParams::default(), &wp_pod)
+        .await
+        .expect("create waypoint pod");
+    let ready = json!({"status": {"phase": "Running", "podIP": "10.1.0.9",
+        "podIPs": [{"ip": "10.1.0.9"}], "conditions": [{"type": "Ready", "status": "True"}]}});
+    pods.patch_status("waypoint-0", &PatchParams::default(), &Patch::Merge(&ready))
+        .await
+        .expect("waypoint pod status");
+    let mut programmed = None;
+    for _ in 0..100 {
+        let gw = gateways.get("waypoint").await.expect("gateway");
+        programmed = condition(&gw, "Programmed");
+        if programmed.as_ref().is_some_and(|(s, _)| s == "True") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(programmed, Some(("True".into(), "Programmed".into())));
+    // Back to the workloads of this test: the waypoint's pod is not one of `web`.
+    pods.delete(
+        "waypoint-0",
+        &kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("delete waypoint pod");
+    eventually("the waypoint pod gone", Duration::from_secs(10), || {
+        workload_ips(&state) == ["10.1.0.5"]
     })
     .await;
 

@@ -272,11 +272,13 @@ fn is_not_found(e: &watcher::Error) -> bool {
 }
 
 /// Watches every kind and publishes each batch of changes through `runtime`. Sends
-/// `true` on `ready` once every kind is listed. Returns when `shutdown` turns true.
+/// `true` on `ready` once every kind is listed, and notifies `changed` after every
+/// batch that changed the store. Returns when `shutdown` turns true.
 pub async fn run(
     client: Client,
     runtime: Arc<Runtime>,
     ready: watch::Sender<bool>,
+    changed: Arc<tokio::sync::Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tx, rx) = mpsc::channel(1024);
@@ -286,7 +288,7 @@ pub async fn run(
         .collect();
     drop(tx);
     // Decoding and compiling are CPU work: one blocking thread applies every batch.
-    let applier = tokio::task::spawn_blocking(move || apply_loop(rx, &runtime, &ready));
+    let applier = tokio::task::spawn_blocking(move || apply_loop(rx, &runtime, &ready, &changed));
     let _ = shutdown.wait_for(|stop| *stop).await;
     for w in &watchers {
         w.abort();
@@ -295,7 +297,12 @@ pub async fn run(
     info!("Kubernetes watches stopped");
 }
 
-fn apply_loop(mut rx: mpsc::Receiver<Change>, runtime: &Runtime, ready: &watch::Sender<bool>) {
+fn apply_loop(
+    mut rx: mpsc::Receiver<Change>,
+    runtime: &Runtime,
+    ready: &watch::Sender<bool>,
+    on_change: &tokio::sync::Notify,
+) {
     let mut source = KubeSource::new();
     while let Some(first) = rx.blocking_recv() {
         let mut changed = Vec::new();
@@ -316,6 +323,7 @@ fn apply_loop(mut rx: mpsc::Receiver<Change>, runtime: &Runtime, ready: &watch::
         changed.dedup();
         let stats = runtime.publish(&changed);
         if !changed.is_empty() {
+            on_change.notify_one();
             debug!(
                 events = count,
                 objects = changed.len(),

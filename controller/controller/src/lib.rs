@@ -21,4 +21,5 @@ pub mod store;
 pub mod token_review;
 pub mod validate;
 pub mod waypoint;
+pub mod waypoint_deploy;
 pub mod xds;

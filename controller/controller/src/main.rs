@@ -15,6 +15,7 @@ use cairn_controller::{
     server::{self, DEFAULT_SERVING_NAMES, ServeConfig},
     token_review::{self, TokenReviewer, ZtunnelAccount},
     validate::parse_duration,
+    waypoint_deploy,
     xds::Cache,
 };
 use clap::Parser;
@@ -61,6 +62,9 @@ struct Args {
     /// Cairn's `cairn-ca-root`, created on first start).
     #[arg(long, env = "POD_NAMESPACE", default_value = "cairn-system")]
     ca_namespace: String,
+    /// Kubernetes mode: the image of waypoint Deployments made for waypoint Gateways.
+    #[arg(long, default_value = "ghcr.io/cairn-mesh/waypoint:0.1.0")]
+    waypoint_image: String,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Namespace whose selector-less policies are mesh-wide.
@@ -181,7 +185,14 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --config-dir or --kube"),
         (None, Some(client)) => {
             let (ready_tx, mut ready_rx) = watch::channel(false);
-            let task = tokio::spawn(kubernetes::run(client, runtime.clone(), ready_tx, stop_rx));
+            let changed = Arc::new(tokio::sync::Notify::new());
+            let task = tokio::spawn(kubernetes::run(
+                client.clone(),
+                runtime.clone(),
+                ready_tx,
+                changed.clone(),
+                stop_rx.clone(),
+            ));
             // Serving a partial store would tell proxies to drop what is merely not
             // listed yet: wait for every kind's first list.
             loop {
@@ -192,6 +203,20 @@ async fn main() -> anyhow::Result<()> {
                     Err(_) => info!("waiting for the API server's first lists"),
                 }
             }
+            let controller_name = format!("cairn-controller.{}.svc", args.ca_namespace);
+            tokio::spawn(waypoint_deploy::run(
+                client,
+                runtime.store().clone(),
+                waypoint_deploy::Settings {
+                    image: args.waypoint_image.clone(),
+                    controller: format!("https://{controller_name}:15012"),
+                    controller_name,
+                    trust_domain: args.trust_domain.clone(),
+                    root_pem: ca.root_pem().to_owned(),
+                },
+                changed,
+                stop_rx,
+            ));
             task
         }
     };

@@ -14,6 +14,7 @@ pub const WAYPOINT_CLASS: &str = "istio-waypoint";
     version = "v1",
     kind = "Gateway",
     namespaced,
+    status = "GatewayStatus",
     derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
@@ -23,6 +24,31 @@ pub struct GatewaySpec {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub addresses: Vec<GatewayAddress>,
+}
+
+/// What the controller reports on a Gateway (a subresource, as in Gateway API's CRDs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    #[serde(default)]
+    pub addresses: Vec<GatewayAddress>,
+    #[serde(default)]
+    pub conditions: Vec<StatusCondition>,
+}
+
+/// A status condition (`metav1.Condition`'s fields).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusCondition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    pub last_transition_time: Option<String>,
+    pub observed_generation: Option<i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
