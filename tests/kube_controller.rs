@@ -300,6 +300,7 @@ async fn controller_on_a_real_api_server() {
             d("ca"),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
+            "--leader-id=controller-a".into(),
         ],
         dir.path().join("controller.log"),
     );
@@ -621,6 +622,65 @@ async fn controller_on_a_real_api_server() {
     );
     eprintln!("resync after kube-apiserver restart: {:?}", back.elapsed());
     assert!(state.load().policies().any(|p| p.name == "deny-intruder"));
+    // Leader election: a second replica serves but follows; when the leader dies,
+    // the second takes the lease once it expires (15 s) and starts writing.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "cairn-system");
+    let holder = |lease: k8s_openapi::api::coordination::v1::Lease| {
+        lease
+            .spec
+            .and_then(|s| s.holder_identity)
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        holder(leases.get("cairn-controller").await.expect("lease")),
+        "controller-a"
+    );
+    let port_b = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let second = Controller::start(
+        vec![
+            "--kube".into(),
+            "--kubeconfig".into(),
+            controller_kubeconfig.display().to_string(),
+            "--ca-dir".into(),
+            d("ca-b"),
+            "--listen".into(),
+            format!("127.0.0.1:{port_b}"),
+            "--leader-id=controller-b".into(),
+        ],
+        dir.path().join("controller-b.log"),
+    );
+    eventually(
+        "the second replica serving",
+        Duration::from_secs(30),
+        || second.log().contains("serving delta ADS"),
+    )
+    .await;
+    assert!(
+        !second.log().contains("became leader"),
+        "the second replica follows while controller-a renews"
+    );
+    let _ = controller.child.kill();
+    let _ = controller.child.wait();
+    let killed = Instant::now();
+    let mut took_over = None;
+    while killed.elapsed() < Duration::from_secs(40) {
+        let lease = leases.get("cairn-controller").await.expect("lease");
+        if holder(lease) == "controller-b" {
+            took_over = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let took_over = took_over.expect("controller-b takes the lease");
+    eprintln!("leader failover after the leader's death: {took_over:?}");
+    eventually("controller-b leading", Duration::from_secs(5), || {
+        second.log().contains("became leader")
+    })
+    .await;
     assert!(
         controller.log().contains("every kind listed"),
         "controller log:\n{}",

@@ -13,6 +13,7 @@ pub mod crds;
 pub mod decode;
 pub mod inspect;
 pub mod kubernetes;
+pub mod leader;
 pub mod local;
 pub mod resources;
 pub mod runtime;

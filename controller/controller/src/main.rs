@@ -9,7 +9,7 @@ use cairn_controller::{
     ca::CertificateAuthority,
     ca_secret,
     compile::MeshConfig,
-    kubernetes,
+    kubernetes, leader,
     local::LocalSource,
     runtime::Runtime,
     server::{self, DEFAULT_SERVING_NAMES, ServeConfig},
@@ -62,6 +62,10 @@ struct Args {
     /// Cairn's `cairn-ca-root`, created on first start).
     #[arg(long, env = "POD_NAMESPACE", default_value = "cairn-system")]
     ca_namespace: String,
+    /// Kubernetes mode: this replica's name in the leader election (default: the
+    /// host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    leader_id: Option<String>,
     /// Kubernetes mode: the image of waypoint Deployments made for waypoint Gateways.
     #[arg(long, default_value = "ghcr.io/cairn-mesh/waypoint:0.1.0")]
     waypoint_image: String,
@@ -203,6 +207,22 @@ async fn main() -> anyhow::Result<()> {
                     Err(_) => info!("waiting for the API server's first lists"),
                 }
             }
+            let (leader_tx, leader_rx) = watch::channel(false);
+            let identity = args.leader_id.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            });
+            tokio::spawn(leader::run(
+                client.clone(),
+                leader::Settings {
+                    namespace: args.ca_namespace.clone(),
+                    identity,
+                    lease: Duration::from_secs(15),
+                    retry: Duration::from_secs(2),
+                },
+                leader_tx,
+                stop_rx.clone(),
+            ));
             let controller_name = format!("cairn-controller.{}.svc", args.ca_namespace);
             tokio::spawn(waypoint_deploy::run(
                 client,
@@ -215,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
                     root_pem: ca.root_pem().to_owned(),
                 },
                 changed,
+                leader_rx,
                 stop_rx,
             ));
             task

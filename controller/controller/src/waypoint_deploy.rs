@@ -255,19 +255,30 @@ fn utc_now() -> String {
         .to_string()
 }
 
-/// Reconciles on every `changed` notification (and every 30 s, which retries failed
-/// writes) until `shutdown` turns true.
+/// While `leader` is true, reconciles on every `changed` notification (and every
+/// 30 s, which retries failed writes) until `shutdown` turns true.
 pub async fn run(
     client: Client,
     store: SharedStore,
     settings: Settings,
     changed: Arc<Notify>,
+    mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut written = HashMap::new();
     loop {
-        reconcile(&client, &store, &settings, &mut written).await;
+        let leading = *leader.borrow();
+        if leading {
+            reconcile(&client, &store, &settings, &mut written).await;
+        }
         tokio::select! {
+            lead = leader.changed() => {
+                if lead.is_err() {
+                    return;
+                }
+                // A new term starts from what the cluster holds, not from memory.
+                written.clear();
+            }
             _ = changed.notified() => {
                 // Let a burst of changes settle into one pass.
                 tokio::time::sleep(Duration::from_millis(100)).await;
