@@ -2,8 +2,10 @@
 //! (`cluster.rs`), read by the ztunnel's own xDS client presenting a pod-bound
 //! service-account token (TokenReview; a token for another audience is refused):
 //! objects created through the API reach the proxy; the ambient label turns HBONE on and off; a rejected update
-//! keeps the last good policy; the mesh root lives in a Secret; a controller restart
-//! (with an empty CA directory) and an API-server restart lose nothing and resync.
+//! keeps the last good policy; the mesh root lives in a Secret; a waypoint Gateway
+//! becomes its Deployment, Service, ServiceAccount and status; a controller restart
+//! (with an empty CA directory) and an API-server restart lose nothing and resync; a
+//! second replica takes the lease when the leader dies.
 
 use std::{
     sync::Arc,
