@@ -444,6 +444,59 @@ async fn controller_on_a_real_api_server() {
     })
     .await;
 
+    // The CNI plugin in Kubernetes mode asks the API server whether a starting pod is
+    // in the mesh (here with the controller's credentials: get on pods, namespaces).
+    let cni = |pod: &str| {
+        let work = dir.path().join(format!("cni-{pod}"));
+        std::fs::create_dir_all(work.join("cgroup/pod")).expect("cni dirs");
+        let config = json!({
+            "cniVersion": "1.0.0", "name": "k8s", "type": "cairn-cni",
+            "kubeconfig": controller_kubeconfig,
+            "state_dir": work.join("state"), "pin_root": work.join("pins"),
+            "cgroup_root": work.join("cgroup"),
+            "runtimeConfig": {"cgroupPath": "pod"},
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.20/24"}]},
+        });
+        let mut child = std::process::Command::new(binary("cairn-cni"))
+            .env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", "c1")
+            .env("CNI_NETNS", "/var/run/netns/cni-test")
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}"),
+            )
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cairn-cni");
+        std::io::Write::write_all(
+            child.stdin.as_mut().expect("stdin"),
+            config.to_string().as_bytes(),
+        )
+        .expect("config");
+        let out = child.wait_with_output().expect("cairn-cni output");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    // web-1's namespace is ambient: the plugin goes on to enroll it (which needs the
+    // node's bpffs and programs this test does not set up).
+    let (_, enrolling) = tokio::task::block_in_place(|| cni("web-1"));
+    assert!(
+        enrolling.contains("enrolled") || enrolling.contains("loading the capture programs"),
+        "ambient pod: {enrolling}"
+    );
+    // An unknown pod is not in the mesh.
+    let (ok, unknown) = tokio::task::block_in_place(|| cni("no-such-pod"));
+    assert!(ok && unknown.contains("is not in the mesh"), "{unknown}");
+
     // A waypoint Gateway becomes its ServiceAccount, Service, Deployment and root
     // ConfigMap, owned by the Gateway; its status follows its pods.
     let gateway = cairn_controller::waypoint::manifest("shop", "waypoint", "service");

@@ -10,7 +10,7 @@ use cairn_capture::{Capture, PodNet, PodRecord, PodRecords};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::membership::Membership;
+use crate::membership::{Membership, Source};
 
 const CNI_VERSION: &str = "1.0.0";
 
@@ -88,8 +88,12 @@ impl CniError {
 struct PluginConfig {
     #[serde(rename = "cniVersion", default)]
     cni_version: Option<String>,
-    /// The controller's config directory (local mode).
-    config_dir: PathBuf,
+    /// Membership from the controller's config directory (local mode) ...
+    #[serde(default)]
+    config_dir: Option<PathBuf>,
+    /// ... or from the API server, with this kubeconfig (Kubernetes mode).
+    #[serde(default)]
+    kubeconfig: Option<PathBuf>,
     #[serde(default = "default_state_dir")]
     state_dir: PathBuf,
     #[serde(default = "default_pin_root")]
@@ -186,6 +190,18 @@ impl Request {
             })
     }
 
+    /// Where membership comes from: exactly one of `config_dir`, `kubeconfig`.
+    fn source(&self) -> Result<Source<'_>, CniError> {
+        match (&self.config.config_dir, &self.config.kubeconfig) {
+            (Some(dir), None) => Ok(Source::ConfigDir(dir)),
+            (None, Some(path)) => Ok(Source::Kubeconfig(path)),
+            _ => Err(CniError::config(
+                "set exactly one of config_dir (local mode) and kubeconfig (Kubernetes mode)"
+                    .into(),
+            )),
+        }
+    }
+
     fn cgroup(&self) -> Result<PathBuf, CniError> {
         let path = self.config.runtime_config.cgroup_path.as_deref().ok_or_else(|| {
             CniError::config(
@@ -246,7 +262,7 @@ pub fn handle(req: &Request, membership: &dyn Membership) -> Result<Option<Strin
                 .write(&record)
                 .map_err(|e| CniError::new(11, "recording the pod", e.to_string()))?;
             let in_mesh = membership
-                .in_mesh(&req.config.config_dir, &req.namespace, &req.name)
+                .in_mesh(req.source()?, &req.namespace, &req.name)
                 .map_err(CniError::config)?;
             if in_mesh == Some(true) {
                 let mut capture = Capture::open(&req.config.pin_root).map_err(|e| {
@@ -284,7 +300,7 @@ pub fn handle(req: &Request, membership: &dyn Membership) -> Result<Option<Strin
                 return Err(CniError::new(103, "no record of the pod", pod));
             };
             let in_mesh = membership
-                .in_mesh(&req.config.config_dir, &req.namespace, &req.name)
+                .in_mesh(req.source()?, &req.namespace, &req.name)
                 .map_err(CniError::config)?;
             if in_mesh == Some(true) {
                 let capture = Capture::open(&req.config.pin_root).map_err(|e| {

@@ -45,5 +45,5 @@ fn run() -> Result<Option<String>, CniError> {
         .read_to_string(&mut stdin)
         .map_err(|e| CniError::io("reading the network config from stdin", e))?;
     let request = Request::parse(command, &stdin, &cni::env_vars())?;
-    cni::handle(&request, &membership::ConfigDir)
+    cni::handle(&request, &membership::FromSource)
 }
