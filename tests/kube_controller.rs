@@ -261,6 +261,7 @@ async fn controller_on_a_real_api_server() {
         }
     };
     let node_token = token("istio-ca").await;
+    // The API server's own audience: refused by the controller, good for the API.
     let wrong_audience = token("https://kubernetes.default.svc.cluster.local").await;
 
     // The controller, in Kubernetes mode, as its own service account: the shipped
@@ -328,7 +329,7 @@ async fn controller_on_a_real_api_server() {
         (state, stop)
     };
     // A token for another audience is refused (TokenReview with audience istio-ca).
-    let (refused, _stop_refused) = subscribe(wrong_audience);
+    let (refused, _stop_refused) = subscribe(wrong_audience.clone());
     let (state, _stop) = subscribe(node_token);
 
     let first = eventually("web-1 and its service", Duration::from_secs(30), || {
@@ -445,13 +446,18 @@ async fn controller_on_a_real_api_server() {
     .await;
 
     // The CNI plugin in Kubernetes mode asks the API server whether a starting pod is
-    // in the mesh (here with the controller's credentials: get on pods, namespaces).
+    // in the mesh, with the ztunnel service account's API token (what install-cni
+    // writes; ClusterRole cairn-cni: get on pods and namespaces).
+    let cni_kubeconfig = dir.path().join("cni.kubeconfig");
+    cluster
+        .kubeconfig_with_token(&wrong_audience, &cni_kubeconfig)
+        .expect("cni kubeconfig");
     let cni = |pod: &str| {
         let work = dir.path().join(format!("cni-{pod}"));
         std::fs::create_dir_all(work.join("cgroup/pod")).expect("cni dirs");
         let config = json!({
             "cniVersion": "1.0.0", "name": "k8s", "type": "cairn-cni",
-            "kubeconfig": controller_kubeconfig,
+            "kubeconfig": cni_kubeconfig,
             "state_dir": work.join("state"), "pin_root": work.join("pins"),
             "cgroup_root": work.join("cgroup"),
             "runtimeConfig": {"cgroupPath": "pod"},

@@ -7,12 +7,14 @@
 //! - `DEL`: forgets the pod and detaches its programs (idempotent).
 //! - `CHECK`: the record exists, and an enrolled pod is still enrolled.
 //! - `VERSION`.
+//! - `cairn-cni install ...` (not a CNI call): puts the plugin on a node (`install.rs`).
 //!
 //! Membership is decided like the controller decides it (`istio.io/dataplane-mode`
 //! on the namespace or pod, `none` opts out), from the controller's config directory
 //! in local mode. docs/capture.md has the whole model.
 
 mod cni;
+mod install;
 mod membership;
 
 use std::io::Read;
@@ -20,6 +22,14 @@ use std::io::Read;
 use cni::{CniError, Command, Request};
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("install") {
+        if let Err(e) = install::run(&args[1..]) {
+            eprintln!("cairn-cni install: {e}");
+            std::process::exit(2);
+        }
+        return;
+    }
     let result = run();
     match result {
         Ok(out) => {
