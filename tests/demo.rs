@@ -64,6 +64,29 @@ impl Demo {
         std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
+    /// The warnings and errors the mesh's processes logged (last 60 lines), so a
+    /// failure says what the proxies saw, not only what the client did.
+    fn warnings(&self) -> String {
+        let mut lines = Vec::new();
+        let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.sort();
+        for log in logs
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        {
+            let name = log.file_name().unwrap_or_default().to_string_lossy();
+            for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+                if line.contains("WARN") || line.contains("ERROR") {
+                    lines.push(format!("{name}: {line}"));
+                }
+            }
+        }
+        let skip = lines.len().saturating_sub(60);
+        lines[skip..].join("\n")
+    }
+
     fn stats(&self) -> Option<Stats> {
         serde_json::from_slice(&std::fs::read(self.dir.join("frontend-stats.json")).ok()?).ok()
     }
@@ -167,8 +190,9 @@ fn the_demo_shows_the_canary_reacts_to_each_step_and_leaves_nothing_behind() {
     assert_eq!(
         s.total.codes.get("200").copied(),
         Some(s.total.requests),
-        "every request answered 200: {s:?}\n{}",
-        demo.output()
+        "every request answered 200: {s:?}\n{}\nwarnings logged:\n{}",
+        demo.output(),
+        demo.warnings()
     );
     eprintln!(
         "demo canary: {:.1}% to v2 after {} requests",
