@@ -19,11 +19,12 @@ use cairn_identity::SpiffeId;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::{
     detect::{Prefixed, Protocol, sniff},
+    head_timer::HeadTimer,
     router::{BoxError, Router},
 };
 
@@ -84,8 +85,14 @@ pub struct ConnLimits {
     /// How long a client may take to show what it speaks before it is taken as
     /// opaque TCP (Istio's protocol detection timeout: 100 ms).
     pub sniff_timeout: Duration,
-    /// How long an HTTP/1.1 client may take to send a request head.
+    /// How long an HTTP/1.1 client may take to send a request head, from its first
+    /// byte.
     pub header_read_timeout: Duration,
+    /// How long a keep-alive HTTP/1.1 connection may wait for its next request
+    /// before the waypoint closes it (in order: the client sees a FIN). Envoy's
+    /// default, an hour: clients' pools drop idle connections well before that, so
+    /// a close never races a request they are sending.
+    pub idle_timeout: Duration,
     /// Largest HTTP/1.1 request head; larger ones get 431.
     pub max_header_bytes: usize,
     /// Largest HTTP/2 header list (decoded).
@@ -101,6 +108,7 @@ impl Default for ConnLimits {
         Self {
             sniff_timeout: Duration::from_millis(100),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
             max_header_bytes: 64 * 1024,
             h2_max_header_list_bytes: 64 * 1024,
             h2_max_concurrent_streams: 1000,
@@ -108,6 +116,9 @@ impl Default for ConnLimits {
         }
     }
 }
+
+/// How long closing a client connection in order may take before it is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Serves one client connection until it ends.
 pub async fn serve_connection<IO>(
@@ -159,13 +170,25 @@ pub async fn serve_connection<IO>(
         }
     });
     let result = match protocol {
-        Protocol::Http1 => hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192))
-            .serve_connection(TokioIo::new(io), http)
-            .await
-            .map_err(|e| (e.is_parse() || e.is_timeout(), e)),
+        Protocol::Http1 => {
+            let (io, timer) = HeadTimer::wrap(io, limits.idle_timeout, limits.header_read_timeout);
+            let mut conn = hyper::server::conn::http1::Builder::new()
+                .timer(timer)
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .serve_connection(TokioIo::new(io), http);
+            let result = (&mut conn).await;
+            if result.is_err() {
+                // hyper half-closes a connection that ends cleanly, but after an error
+                // (an idle keep-alive's head timer, a malformed request) it only stops.
+                // Close in order here too: through HBONE that is END_STREAM, and the
+                // client sees a FIN it can act on (drop the pooled connection), not a
+                // reset that fails the request it may be sending.
+                let mut io = conn.into_parts().io.into_inner();
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
+            }
+            result.map_err(|e| (e.is_parse() || e.is_timeout(), e))
+        }
         Protocol::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(limits.h2_max_header_list_bytes)
@@ -181,10 +204,9 @@ pub async fn serve_connection<IO>(
     };
     match result {
         Ok(()) => debug!(%peer, service = %service.name, ?protocol, "connection closed"),
-        // hyper's HTTP/1 head timer also runs while a keep-alive connection waits for
-        // its next request: most timeouts are idle clients, not broken ones.
+        // Idle past `idle_timeout`, or a head slower than `header_read_timeout`.
         Err((true, e)) if e.is_timeout() => {
-            debug!(%peer, service = %service.name, ?protocol, timeout = ?limits.header_read_timeout, "no request head in time (idle keep-alive or slow client); connection closed")
+            debug!(%peer, service = %service.name, ?protocol, idle = ?limits.idle_timeout, head = ?limits.header_read_timeout, "no request head in time (idle keep-alive or slow head); connection closed")
         }
         Err((true, e)) => {
             warn!(%peer, service = %service.name, ?protocol, error = %e, "client sent malformed HTTP; connection closed")

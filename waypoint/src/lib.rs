@@ -17,6 +17,7 @@ pub mod config;
 pub mod detect;
 pub mod fault;
 pub mod hbone_upstream;
+pub mod head_timer;
 pub mod ingress;
 pub mod jwt;
 pub mod matching;

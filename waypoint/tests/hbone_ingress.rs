@@ -515,6 +515,31 @@ async fn oversized_and_slow_request_heads_are_cut_off() {
 }
 
 #[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_in_order_not_reset() {
+    let limits = ConnLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..ConnLimits::default()
+    };
+    let wp = waypoint(limits).await;
+    let mut tunnel = wp.tunnel(&client(), REVIEWS).await.expect("tunnel");
+    tunnel
+        .write_all(b"GET /idle HTTP/1.1\r\nhost: reviews\r\n\r\n")
+        .await
+        .expect("write");
+    // The answer, then (idle past the head timeout) the waypoint's close: an EOF
+    // (END_STREAM, a FIN for the client behind ztunnel), not a reset that a client
+    // reusing the connection would take for a failed request.
+    let mut answer = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer))
+        .await
+        .expect("the waypoint closed the idle connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(ended.is_ok(), "closed with {ended:?} after {answer}");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("v1:/idle"), "{answer}");
+}
+
+#[tokio::test]
 async fn an_http2_reset_flood_costs_the_flooder_its_connection_not_others_their_service() {
     let wp = waypoint(ConnLimits::default()).await;
     let client = client();

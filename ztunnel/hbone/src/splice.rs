@@ -8,7 +8,11 @@
 //! are written to TCP as they are. Per direction, at most one read chunk and h2's
 //! flow-control windows are in flight, so memory stays bounded.
 
-use std::{future::poll_fn, io};
+use std::{
+    future::poll_fn,
+    io,
+    task::{Context, Poll, Waker},
+};
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
@@ -86,6 +90,9 @@ pub async fn splice_early(
                 // h2 refused the bytes (the peer reset the stream): its answer, if any,
                 // says why (a 403 is a policy refusal, not a copy error).
                 Err(UpError::Tunnel(e)) => {
+                    if received.is_some() {
+                        return Err(SpliceError::Io(e));
+                    }
                     return Err(match (&mut down).await {
                         Err(why) => why,
                         Ok(_) => SpliceError::Io(e),
@@ -112,6 +119,23 @@ impl UpError {
     }
 }
 
+/// Whether the peer reset the stream with NO_ERROR: it has said all it will and
+/// reads no more (RFC 9113 §8.1: an answer complete before the request ended). h2
+/// does this when a server drops a stream it already half-closed. Our direction is
+/// then over, not failed: what the peer sent still reaches the client, and the close
+/// is orderly. (After a reset h2 refuses our frames with a local "inactive stream"
+/// error; the peer's reason is on the stream.)
+fn peer_finished(e: &h2::Error, send: &mut SendStream<Bytes>) -> bool {
+    if e.is_reset() && e.is_remote() {
+        return e.reason() == Some(h2::Reason::NO_ERROR);
+    }
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(
+        send.poll_reset(&mut cx),
+        Poll::Ready(Ok(h2::Reason::NO_ERROR))
+    )
+}
+
 async fn tcp_to_tunnel(
     mut tcp: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
@@ -120,25 +144,32 @@ async fn tcp_to_tunnel(
     if write_closed {
         return Ok(0);
     }
-    let h2 = |e| UpError::Tunnel(to_io(e));
     let mut buf = BytesMut::new();
     let mut total = 0u64;
+    let ended = |e: h2::Error, send: &mut SendStream<Bytes>, total: u64| {
+        if peer_finished(&e, send) {
+            Ok(total)
+        } else {
+            Err(UpError::Tunnel(to_io(e)))
+        }
+    };
     loop {
         // Reclaims the previous allocation when h2 has already written it out.
         buf.reserve(READ_CHUNK);
         let n = tcp.read_buf(&mut buf).await.map_err(UpError::Tcp)?;
         if n == 0 {
-            send.send_data(Bytes::new(), true).map_err(h2)?;
-            return Ok(total);
+            return match send.send_data(Bytes::new(), true) {
+                Ok(()) => Ok(total),
+                Err(e) => ended(e, &mut send, total),
+            };
         }
-        total += n as u64;
         let mut data = buf.split().freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
                 Some(Ok(0)) => continue,
                 Some(Ok(n)) => n,
-                Some(Err(e)) => return Err(h2(e)),
+                Some(Err(e)) => return ended(e, &mut send, total),
                 None => {
                     return Err(UpError::Tunnel(io::Error::new(
                         io::ErrorKind::BrokenPipe,
@@ -147,7 +178,11 @@ async fn tcp_to_tunnel(
                 }
             };
             let chunk = data.split_to(granted.min(data.len()));
-            send.send_data(chunk, false).map_err(h2)?;
+            let len = chunk.len() as u64;
+            if let Err(e) = send.send_data(chunk, false) {
+                return ended(e, &mut send, total);
+            }
+            total += len;
         }
     }
 }

@@ -42,7 +42,9 @@ fn id(s: &str) -> SpiffeId {
 }
 
 /// Echoes what it reads, prefixed with who asked and where to, after the client
-/// half-closes. Port 9999 is refused with 403.
+/// half-closes. Port 9999 is refused with 403. Port 7777 answers the first chunk it
+/// reads with `answer`, half-closes and drops the stream while the client's side is
+/// still open (what a server closing a keep-alive connection does).
 struct Echo;
 
 impl Handler for Echo {
@@ -53,6 +55,13 @@ impl Handler for Echo {
                 return;
             }
             let Ok(mut s) = r.accept() else { return };
+            if c.authority.port() == 7777 {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(b"answer").await;
+                let _ = s.shutdown().await;
+                return;
+            }
             let mut got = Vec::new();
             if s.read_to_end(&mut got).await.is_err() {
                 return;
@@ -465,6 +474,37 @@ async fn early_splice_sends_before_the_answer_and_reports_refusals() {
 }
 
 #[tokio::test]
+async fn a_server_that_answers_and_closes_first_ends_the_splice_in_order() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tunnel = client
+        .connect_early(
+            &key(srv.addr),
+            tls_for(&mesh, &mesh, CLIENT, SERVER),
+            "10.0.0.7:7777".parse().expect("a"),
+        )
+        .await
+        .expect("CONNECT sent");
+    let (mut app, mut proxied) = tcp_pair().await;
+    let splice = tokio::spawn(async move {
+        let r = cairn_hbone::splice::splice_early(&mut proxied, tunnel).await;
+        (r, proxied)
+    });
+    app.write_all(b"req").await.expect("write");
+    // The answer, then the server's close as an EOF (FIN), not a reset.
+    let mut out = Vec::new();
+    app.read_to_end(&mut out).await.expect("an orderly close");
+    assert_eq!(out, b"answer");
+    // The server dropped its stream (RST_STREAM NO_ERROR after END_STREAM); our
+    // close reaches a stream the peer finished: that is the end, not a failure.
+    app.shutdown().await.expect("half-close");
+    let (result, _proxied) = splice.await.expect("task");
+    let (up, down) = result.expect("an orderly close is not a copy error");
+    assert_eq!((up, down), (3, 6));
+}
+
+#[tokio::test]
 async fn splice_carries_a_tcp_connection_through_a_tunnel_with_half_close() {
     let mesh = ca("mesh");
     let srv = start_server(&mesh).await;
@@ -521,6 +561,56 @@ where
         }
     });
     addr
+}
+
+#[tokio::test]
+async fn a_reset_after_the_answer_ended_is_a_copy_error_not_a_crash() {
+    let mesh = ca("mesh");
+    // Answers 200, sends its bytes with END_STREAM, then cancels the stream while
+    // the client still sends.
+    let addr = raw_h2_server(&mesh, |_, mut conn| async move {
+        let Some(Ok((request, mut respond))) = conn.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _request = request;
+            let response = http::Response::builder().status(200).body(()).expect("200");
+            let mut send = respond.send_response(response, false).expect("200");
+            send.send_data(bytes::Bytes::from_static(b"bye"), true)
+                .expect("data");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            send.send_reset(h2::Reason::CANCEL);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        // The connection is driven by polling it: keep doing so.
+        while conn.accept().await.is_some() {}
+    })
+    .await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tunnel = client
+        .connect_early(
+            &key(addr),
+            tls_for(&mesh, &mesh, CLIENT, SERVER),
+            "10.0.0.7:8080".parse().expect("a"),
+        )
+        .await
+        .expect("CONNECT sent");
+    let (mut app, mut proxied) = tcp_pair().await;
+    let splice =
+        tokio::spawn(async move { cairn_hbone::splice::splice_early(&mut proxied, tunnel).await });
+    let mut out = Vec::new();
+    app.read_to_end(&mut out)
+        .await
+        .expect("the answer, then EOF");
+    assert_eq!(out, b"bye");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The peer cancelled: sending more fails the splice with a copy error.
+    let _ = app.write_all(b"more").await;
+    let result = splice.await.expect("the splice task must not panic");
+    assert!(
+        matches!(result, Err(cairn_hbone::splice::SpliceError::Io(_))),
+        "{result:?}"
+    );
 }
 
 #[tokio::test]
