@@ -64,8 +64,9 @@ impl Demo {
         std::fs::read_to_string(&self.out).unwrap_or_default()
     }
 
-    /// The warnings and errors the mesh's processes logged (last 60 lines), so a
-    /// failure says what the proxies saw, not only what the client did.
+    /// The warnings and errors the mesh's processes logged and the frontend's failed
+    /// requests (last 60 lines), so a failure says what the proxies saw, not only
+    /// what the client did.
     fn warnings(&self) -> String {
         let mut lines = Vec::new();
         let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
@@ -78,7 +79,8 @@ impl Demo {
         {
             let name = log.file_name().unwrap_or_default().to_string_lossy();
             for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
-                if line.contains("WARN") || line.contains("ERROR") {
+                // The frontend logs only its failed requests.
+                if line.contains("WARN") || line.contains("ERROR") || name == "frontend.log" {
                     lines.push(format!("{name}: {line}"));
                 }
             }

@@ -134,10 +134,13 @@ pub async fn serve_connection<IO>(
     let sniffed = match service.declared {
         Declared::Opaque => Ok((Protocol::Opaque, bytes::Bytes::new())),
         Declared::Unknown => sniff(&mut io, limits.sniff_timeout).await,
-        // Declared HTTP waits for a request as long as a request head may take.
-        Declared::Http => match sniff(&mut io, limits.header_read_timeout).await {
+        // Declared HTTP waits for a first request as long as for any next one: a
+        // client's pool may open a connection and keep it idle before using it.
+        Declared::Http => match sniff(&mut io, limits.idle_timeout).await {
             Ok((Protocol::Opaque, prefix)) if prefix.is_empty() => {
                 debug!(%peer, service = %service.name, "HTTP client closed or sent nothing");
+                // In order, as every close here: the client sees a FIN, not a reset.
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, io.shutdown()).await;
                 return;
             }
             // Not HTTP on an HTTP port: hyper answers it with 400.

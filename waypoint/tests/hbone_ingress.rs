@@ -516,27 +516,44 @@ async fn oversized_and_slow_request_heads_are_cut_off() {
 
 #[tokio::test]
 async fn an_idle_keep_alive_connection_is_closed_in_order_not_reset() {
+    // Idle connections may wait 600 ms; a head, once begun, 100 ms.
     let limits = ConnLimits {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(600),
+        header_read_timeout: Duration::from_millis(100),
         ..ConnLimits::default()
     };
     let wp = waypoint(limits).await;
-    let mut tunnel = wp.tunnel(&client(), REVIEWS).await.expect("tunnel");
-    tunnel
-        .write_all(b"GET /idle HTTP/1.1\r\nhost: reviews\r\n\r\n")
-        .await
-        .expect("write");
-    // The answer, then (idle past the head timeout) the waypoint's close: an EOF
-    // (END_STREAM, a FIN for the client behind ztunnel), not a reset that a client
-    // reusing the connection would take for a failed request.
-    let mut answer = Vec::new();
-    let ended = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer))
-        .await
-        .expect("the waypoint closed the idle connection");
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(ended.is_ok(), "closed with {ended:?} after {answer}");
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(answer.ends_with("v1:/idle"), "{answer}");
+    let client = client();
+    // Reads until the waypoint closes: an EOF (END_STREAM, a FIN for the client
+    // behind ztunnel), not a reset that a client reusing the connection would take
+    // for a failed request.
+    let until_closed = async |tunnel: &mut H2Stream| {
+        let mut answer = Vec::new();
+        let ended = tokio::time::timeout(Duration::from_secs(5), tunnel.read_to_end(&mut answer))
+            .await
+            .expect("the waypoint closed the idle connection");
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        assert!(ended.is_ok(), "closed with {ended:?} after {answer:?}");
+        answer
+    };
+    for (service, wait) in [
+        (REVIEWS, Duration::ZERO),
+        (REVIEWS_HTTP, Duration::from_millis(300)),
+    ] {
+        let mut tunnel = wp.tunnel(&client, service).await.expect("tunnel");
+        // A pooled connection used late: idle, not a slow head.
+        tokio::time::sleep(wait).await;
+        tunnel
+            .write_all(b"GET /idle HTTP/1.1\r\nhost: reviews\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = until_closed(&mut tunnel).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{service}: {answer}");
+        assert!(answer.ends_with("v1:/idle"), "{service}: {answer}");
+    }
+    // Opened and never used: closed in order too.
+    let mut tunnel = wp.tunnel(&client, REVIEWS_HTTP).await.expect("tunnel");
+    assert_eq!(until_closed(&mut tunnel).await, "");
 }
 
 #[tokio::test]
