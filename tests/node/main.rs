@@ -277,8 +277,36 @@ fn now() -> String {
         .unwrap_or_default()
 }
 
-/// Removes namespaces an earlier agent of this node left (named `<node>-...`).
-fn sweep(node: &str) {
+/// Removes what an earlier agent of this node left (it may have been killed): the
+/// pods' processes (their cgroups killed) and cgroups, and their namespaces (named
+/// `<node>-...`).
+fn sweep(node: &str, cgroups: &std::path::Path) {
+    if cgroups.exists() {
+        // cgroup.kill on the node's cgroup kills every process below it.
+        let _ = std::fs::write(cgroups.join("cgroup.kill"), "1");
+        for entry in std::fs::read_dir(cgroups).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                remove_cgroup(&entry.path());
+                info!(cgroup = %entry.path().display(), "removed an earlier agent's pod cgroup");
+            }
+        }
+    }
+    sweep_namespaces(node);
+}
+
+/// Removes an emptied cgroup, waiting (up to a second) for its last process to go.
+pub fn remove_cgroup(path: &std::path::Path) {
+    for _ in 0..50 {
+        match std::fs::remove_dir(path) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    warn!(cgroup = %path.display(), "cgroup still busy; left");
+}
+
+fn sweep_namespaces(node: &str) {
     let Ok(dir) = std::fs::read_dir("/var/run/netns") else {
         return;
     };
@@ -316,7 +344,7 @@ async fn run(cli: Cli) -> Result<()> {
         }),
         _ => None,
     };
-    sweep(&cli.node);
+    sweep(&cli.node, &node.cgroup_parent);
     let kubeconfig = Kubeconfig::read_from(&cli.kubeconfig)
         .with_context(|| format!("reading {}", cli.kubeconfig.display()))?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -375,6 +403,11 @@ async fn run(cli: Cli) -> Result<()> {
     let uids: Vec<String> = agent.running.keys().cloned().collect();
     for uid in uids {
         agent.stop(&uid, "agent stopping");
+    }
+    // The node's cgroup and, if no other node's is left, their common parent.
+    let _ = std::fs::remove_dir(&agent.node.cgroup_parent);
+    if let Some(parent) = agent.node.cgroup_parent.parent() {
+        let _ = std::fs::remove_dir(parent);
     }
     info!("stopped; every pod removed");
     Ok(())

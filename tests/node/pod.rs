@@ -94,7 +94,7 @@ impl Sandbox {
         if let Err(e) = std::fs::create_dir_all(&sandbox.cgroup)
             .with_context(|| format!("creating cgroup {}", sandbox.cgroup.display()))
             .and_then(|()| match cni {
-                Some(cni) => sandbox.cni(node, cni, "ADD"),
+                Some(cni) => sandbox.cni(cni, "ADD"),
                 None => Ok(()),
             })
         {
@@ -125,7 +125,7 @@ impl Sandbox {
         Ok(())
     }
 
-    fn cni(&self, node: &NodeNet, cni: &Cni, command: &str) -> Result<()> {
+    fn cni(&self, cni: &Cni, command: &str) -> Result<()> {
         use std::io::Write;
         let mut config = cni.config.clone();
         if let Some(c) = config.as_object_mut() {
@@ -139,10 +139,9 @@ impl Sandbox {
             );
         }
         let (namespace, name, uid) = &self.pod;
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net=/var/run/netns/{}", node.netns))
-            .arg("--")
-            .arg(&cni.plugin)
+        // Where the agent runs, as kubelet runs the plugin in the node's own
+        // namespace (the plugin talks to the API server from there).
+        let mut child = Command::new(&cni.plugin)
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", uid)
             .env("CNI_NETNS", format!("/var/run/netns/{}", self.netns))
@@ -172,6 +171,8 @@ impl Sandbox {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+        let said = String::from_utf8_lossy(&out.stderr);
+        tracing::info!(netns = %self.netns, command, plugin = %said.trim(), "CNI done");
         Ok(())
     }
 
@@ -209,7 +210,7 @@ impl Sandbox {
         // Anything the process started is in its cgroup.
         let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
         if let Some(cni) = cni
-            && let Err(e) = self.cni(node, cni, "DEL")
+            && let Err(e) = self.cni(cni, "DEL")
         {
             tracing::warn!(netns = %self.netns, error = %e, "CNI DEL failed");
         }
@@ -217,13 +218,6 @@ impl Sandbox {
         if let Err(e) = ip(&["netns", "del", &self.netns]) {
             tracing::debug!(netns = %self.netns, error = %e, "no namespace to remove");
         }
-        for _ in 0..50 {
-            match std::fs::remove_dir(&self.cgroup) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                // Busy until its last process is gone.
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        }
+        crate::remove_cgroup(&self.cgroup);
     }
 }
