@@ -275,6 +275,20 @@ fn the_node_agent_runs_the_pods_bound_to_its_node() {
         agent_log.contains("is not one this node runs"),
         "{agent_log}"
     );
+    // ...and is tried again, later each time (1 s, then 2 s, ...).
+    wait_for(
+        "odd tried again",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    l.contains("shop/odd") && l.contains("failures=2") && l.contains("retry_in=2s")
+                })
+        },
+        &log,
+    );
 
     // Deleted: the agent tears the pod down and confirms the deletion.
     let running = pod_namespaces();

@@ -87,6 +87,18 @@ fn parse_image(s: &str) -> Result<(String, Vec<String>), String> {
     Ok((image.to_owned(), argv))
 }
 
+/// A pod to start again: its latest state, how many attempts failed, and when.
+struct Retry {
+    pod: Pod,
+    failures: u32,
+    at: tokio::time::Instant,
+}
+
+/// Waits between attempts to start a pod: 1 s, doubling, at most 30 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(5)).min(Duration::from_secs(30))
+}
+
 /// A container's environment: (name, value).
 type Env = Vec<(String, String)>;
 
@@ -98,6 +110,8 @@ struct Agent {
     pods: Api<Pod>,
     /// Running pods by uid.
     running: HashMap<String, Sandbox>,
+    /// Pods that failed to start, by uid: tried again at their time.
+    retries: HashMap<String, Retry>,
 }
 
 fn key(pod: &Pod) -> String {
@@ -197,6 +211,7 @@ impl Agent {
             return;
         };
         if pod.metadata.deletion_timestamp.is_some() {
+            self.retries.remove(&uid);
             self.stop(&uid, "deleted");
             // As kubelet does: the pod is gone from the node, so it may go.
             let params = DeleteParams {
@@ -221,11 +236,41 @@ impl Agent {
             Some("Succeeded" | "Failed")
         );
         if self.running.contains_key(&uid) || finished {
+            self.retries.remove(&uid);
             return;
         }
-        if let Err(e) = self.start(pod).await {
-            warn!(pod = %key(pod), error = format!("{e:#}"), "pod not started");
-            self.stop(&uid, "failed to start");
+        match self.start(pod).await {
+            Ok(()) => {
+                self.retries.remove(&uid);
+            }
+            Err(e) => {
+                self.stop(&uid, "failed to start");
+                let failures = self.retries.get(&uid).map_or(0, |r| r.failures) + 1;
+                let wait = backoff(failures);
+                warn!(pod = %key(pod), error = format!("{e:#}"), failures, retry_in = ?wait, "pod not started");
+                self.retries.insert(
+                    uid,
+                    Retry {
+                        pod: pod.clone(),
+                        failures,
+                        at: tokio::time::Instant::now() + wait,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Tries again the pods whose retry time came.
+    async fn retry_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<Pod> = self
+            .retries
+            .values()
+            .filter(|r| r.at <= now)
+            .map(|r| r.pod.clone())
+            .collect();
+        for pod in due {
+            self.reconcile(&pod).await;
         }
     }
 
@@ -360,6 +405,7 @@ async fn run(cli: Cli) -> Result<()> {
         images,
         pods: pods.clone(),
         running: HashMap::new(),
+        retries: HashMap::new(),
         cli,
     };
     info!(node = %agent.cli.node, "watching pods bound to this node");
@@ -381,6 +427,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 Some(Ok(watcher::Event::Delete(pod))) => {
                     if let Some(uid) = &pod.metadata.uid {
+                        agent.retries.remove(uid);
                         agent.stop(uid, "deleted");
                     }
                 }
@@ -391,11 +438,15 @@ async fn run(cli: Cli) -> Result<()> {
                     for uid in gone {
                         agent.stop(&uid, "deleted");
                     }
+                    agent.retries.retain(|uid, _| seen.contains(uid));
                 }
                 Some(Err(e)) => warn!(error = %e, "pod watch failed; retrying"),
                 None => bail!("the pod watch ended"),
             },
-            _ = tick.tick() => agent.reap().await,
+            _ = tick.tick() => {
+                agent.reap().await;
+                agent.retry_due().await;
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
         }
@@ -457,6 +508,12 @@ mod tests {
         );
         assert!(parse_cidr("10.78.0.0/16").is_err());
         assert!(parse_cidr("10.78.1.0").is_err());
+    }
+
+    #[test]
+    fn retries_back_off_to_thirty_seconds() {
+        let waits: Vec<u64> = (1..=8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
     }
 
     #[test]

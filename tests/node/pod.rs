@@ -108,6 +108,10 @@ impl Sandbox {
         let (ns, host, n) = (&self.netns, &self.host_veth, &node.netns);
         let addr = format!("{}/32", self.ip);
         let gw = node.gateway.to_string();
+        // A namespace's end goes with it, but the kernel destroys namespaces
+        // asynchronously: the node's end of an earlier sandbox of this pod (a
+        // crashed agent's) may still be there. Deleting it removes the pair now.
+        let _ = ip(&["-n", n, "link", "del", host]);
         ip(&["netns", "add", ns])?;
         ip(&["-n", ns, "link", "set", "lo", "up"])?;
         ip(&[
