@@ -4,9 +4,12 @@
 //! real CNI plugin and captured by the eBPF programs, with a waypoint when asked
 //! (`waypoint_lab`), and a local Kubernetes control plane (`cluster`).
 
+pub mod backend;
 pub mod cluster;
 pub mod demo_env;
 pub mod in_process;
+pub mod kind;
+pub mod kube_lab;
 pub mod lab;
 pub mod pod_lab;
 pub mod waypoint_lab;

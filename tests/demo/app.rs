@@ -89,12 +89,37 @@ pub async fn ratings() -> Result<()> {
     serve(|_req| async { text(StatusCode::OK, &[], "4/5".into()) }).await
 }
 
-pub async fn reviews(version: String, ratings: Option<SocketAddr>) -> Result<()> {
+/// How a reviews pod misbehaves, for the e2e suite's resilience scenarios.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Misbehaviour {
+    /// Every Nth request (the 1st, N+1th, ...) answers 503.
+    pub fail_every: Option<u64>,
+    /// Waited before answering.
+    pub delay: Duration,
+}
+
+pub async fn reviews(
+    version: String,
+    ratings: Option<SocketAddr>,
+    misbehaviour: Misbehaviour,
+) -> Result<()> {
     let client = client();
     let version: Arc<str> = version.into();
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     serve(move |_req| {
-        let (client, version) = (client.clone(), version.clone());
+        let (client, version, served) = (client.clone(), version.clone(), served.clone());
         async move {
+            let n = served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if !misbehaviour.delay.is_zero() {
+                tokio::time::sleep(misbehaviour.delay).await;
+            }
+            if misbehaviour.fail_every.is_some_and(|k| k > 0 && n % k == 0) {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &[("x-version", &version)],
+                    format!("reviews {version} failing request {n} on purpose"),
+                );
+            }
             let rating = match ratings {
                 Some(addr) => match get(&client, &format!("http://{addr}/ratings/0"), &[]).await {
                     Ok((200, body, _)) => body,
@@ -111,6 +136,61 @@ pub async fn reviews(version: String, ratings: Option<SocketAddr>) -> Result<()>
         }
     })
     .await
+}
+
+/// `count` GETs of `http://target/reviews/i` with `host` and `headers`, `concurrency`
+/// at a time over keep-alive connections; what they got, as the frontend tallies it
+/// (the e2e suite runs this in a client pod and reads the JSON it prints).
+pub async fn load(
+    target: SocketAddr,
+    host: String,
+    headers: Vec<(String, String)>,
+    count: u64,
+    concurrency: u64,
+) -> Result<Tally> {
+    let client = client();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let recorder = Arc::new(Mutex::new(Recorder::default()));
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, next, recorder) = (client.clone(), next.clone(), recorder.clone());
+        let (host, headers) = (host.clone(), headers.clone());
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return;
+                }
+                let mut list = vec![("host", host.as_str())];
+                list.extend(headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                let start = Instant::now();
+                let (code, version) =
+                    match get(&client, &format!("http://{target}/reviews/{i}"), &list).await {
+                        Ok((code, _, version)) => (code.to_string(), version.unwrap_or("-".into())),
+                        Err(e) => {
+                            eprintln!("request {i}: {e:#}");
+                            ("error".into(), "-".into())
+                        }
+                    };
+                if let Ok(mut r) = recorder.lock() {
+                    r.record(Outcome {
+                        at: Instant::now(),
+                        version,
+                        code,
+                        micros: start.elapsed().as_micros() as u64,
+                    });
+                }
+            }
+        }));
+    }
+    for w in workers {
+        w.await.context("a load worker panicked")?;
+    }
+    let stats = recorder
+        .lock()
+        .map(|mut r| r.snapshot(0))
+        .map_err(|_| anyhow::anyhow!("recorder poisoned"))?;
+    Ok(stats.total)
 }
 
 /// Status, body and `x-version` of a GET with `headers`, answered within 5 s.

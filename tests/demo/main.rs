@@ -74,6 +74,26 @@ enum Role {
         version: String,
         #[arg(long)]
         ratings: Option<SocketAddr>,
+        /// Every Nth request answers 503 (the 1st, N+1th, ...).
+        #[arg(long)]
+        fail_every: Option<u64>,
+        /// Milliseconds to wait before each answer.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Sends `count` requests and prints what came back (JSON), then exits.
+    Load {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "reviews")]
+        host: String,
+        /// `name:value`, repeatable.
+        #[arg(long = "header", value_parser = parse_header)]
+        headers: Vec<(String, String)>,
+        #[arg(long, default_value_t = 100)]
+        count: u64,
+        #[arg(long, default_value_t = 4)]
+        concurrency: u64,
     },
     Frontend {
         #[arg(long)]
@@ -116,6 +136,11 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once(':').ok_or("expected name:value")?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
 fn run_app(role: Role) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -123,7 +148,29 @@ fn run_app(role: Role) -> Result<()> {
     rt.block_on(async move {
         match role {
             Role::Ratings => app::ratings().await,
-            Role::Reviews { version, ratings } => app::reviews(version, ratings).await,
+            Role::Reviews {
+                version,
+                ratings,
+                fail_every,
+                delay_ms,
+            } => {
+                let misbehaviour = app::Misbehaviour {
+                    fail_every,
+                    delay: Duration::from_millis(delay_ms),
+                };
+                app::reviews(version, ratings, misbehaviour).await
+            }
+            Role::Load {
+                target,
+                host,
+                headers,
+                count,
+                concurrency,
+            } => {
+                let tally = app::load(target, host, headers, count, concurrency).await?;
+                println!("{}", serde_json::to_string(&tally)?);
+                Ok(())
+            }
             Role::Frontend {
                 target,
                 host,

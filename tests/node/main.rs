@@ -6,11 +6,17 @@
 //! deleted is stopped, torn down, and then removed from the API server, as a
 //! kubelet confirms a deletion. See docs/kubernetes.md.
 //!
+//! Volumes (configMap, secret, emptyDir, projected service-account tokens) are
+//! materialised and bound at their mount paths (`volumes.rs`); with
+//! `--run-deployments` the agent also makes Deployments' pods (`workloads.rs`).
+//!
 //! Not a kubelet: no probes (a pod is Ready once its process runs), no restarts,
-//! one container per pod, no volumes. On start it removes what an earlier agent of
-//! this node left and makes the node's pods again.
+//! one container per pod. On start it removes what an earlier agent of this node
+//! left and makes the node's pods again.
 
 mod pod;
+mod volumes;
+mod workloads;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -66,6 +72,10 @@ struct Cli {
     /// ...with this network configuration (JSON).
     #[arg(long, requires = "cni_plugin")]
     cni_config: Option<PathBuf>,
+    /// Also stand in for the Deployment controller and the scheduler: make the
+    /// pods of every Deployment, bound to this node (one agent of the cluster).
+    #[arg(long)]
+    run_deployments: bool,
 }
 
 fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
@@ -154,18 +164,31 @@ impl Agent {
     async fn start(&mut self, pod: &Pod) -> Result<()> {
         let uid = pod.metadata.uid.clone().context("pod without a uid")?;
         let (argv, env) = self.command(pod)?;
-        let address = self.next_address()?;
+        let volumes_dir = self.volumes_dir(&uid);
+        let mounts =
+            volumes::materialise(&self.pods.clone().into_client(), pod, &volumes_dir).await?;
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
         let name = pod.metadata.name.clone().unwrap_or_default();
-        let mut sandbox = Sandbox::create(
-            &self.node,
-            &self.cli.node,
-            (&namespace, &name, &uid),
-            address,
-            self.cni.as_ref(),
-        )?;
+        let host_network = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false);
+        let mut sandbox = if host_network {
+            Sandbox::create_host(&self.node, (&namespace, &name, &uid))?
+        } else {
+            let address = self.next_address()?;
+            Sandbox::create(
+                &self.node,
+                &self.cli.node,
+                (&namespace, &name, &uid),
+                address,
+                self.cni.as_ref(),
+            )?
+        };
+        let address = sandbox.ip;
         let log = self.cli.dir.join(format!("{namespace}_{name}.log"));
-        if let Err(e) = sandbox.start(&argv, &env, &log) {
+        if let Err(e) = sandbox.start(&argv, &env, &mounts, &log) {
             sandbox.remove(&self.node, self.cni.as_ref());
             return Err(e);
         }
@@ -202,6 +225,12 @@ impl Agent {
             sandbox.remove(&self.node, self.cni.as_ref());
             info!(netns = %sandbox.netns, ip = %sandbox.ip, why, "pod stopped and removed");
         }
+        let _ = std::fs::remove_dir_all(self.volumes_dir(uid));
+    }
+
+    /// Where a pod's volumes are materialised.
+    fn volumes_dir(&self, uid: &str) -> PathBuf {
+        self.cli.dir.join("volumes").join(uid)
     }
 
     /// Brings one pod in line: started if it should run, torn down (and its
@@ -396,6 +425,13 @@ async fn run(cli: Cli) -> Result<()> {
         .await
         .context("kubeconfig")?;
     let client = Client::try_from(config).context("API client")?;
+    if cli.run_deployments {
+        tokio::spawn(workloads::run(
+            client.clone(),
+            cli.node.clone(),
+            Duration::from_secs(1),
+        ));
+    }
     let pods: Api<Pod> = Api::all(client);
     let selector = format!("spec.nodeName={}", cli.node);
     let images = cli.images.iter().cloned().collect();

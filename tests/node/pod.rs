@@ -37,6 +37,9 @@ pub struct Sandbox {
     host_veth: String,
     /// (namespace, name, uid): the CNI arguments.
     pod: (String, String, String),
+    /// `hostNetwork: true`: the pod runs in the node's own namespace (no veth, no
+    /// CNI), as kubelet runs a DaemonSet like ztunnel.
+    host_network: bool,
     pub process: Option<Child>,
 }
 
@@ -84,6 +87,7 @@ impl Sandbox {
             cgroup_rel,
             host_veth: host,
             pod: (pod.0.to_owned(), pod.1.to_owned(), pod.2.to_owned()),
+            host_network: false,
             process: None,
         };
         // Half-made sandboxes are removed: the next attempt starts clean.
@@ -101,6 +105,24 @@ impl Sandbox {
             sandbox.remove(node, None);
             return Err(e);
         }
+        Ok(sandbox)
+    }
+
+    /// A host-network pod: only its cgroup; it runs in the node's namespace with the
+    /// node's address.
+    pub fn create_host(node: &NodeNet, pod: (&str, &str, &str)) -> Result<Sandbox> {
+        let sandbox = Sandbox {
+            netns: node.netns.clone(),
+            ip: node.gateway,
+            cgroup: node.cgroup_parent.join(pod.2),
+            cgroup_rel: format!("{}/{}", node.cgroup_parent_rel, pod.2),
+            host_veth: String::new(),
+            pod: (pod.0.to_owned(), pod.1.to_owned(), pod.2.to_owned()),
+            host_network: true,
+            process: None,
+        };
+        std::fs::create_dir_all(&sandbox.cgroup)
+            .with_context(|| format!("creating cgroup {}", sandbox.cgroup.display()))?;
         Ok(sandbox)
     }
 
@@ -182,17 +204,41 @@ impl Sandbox {
 
     /// Starts `argv` in the pod: its cgroup first (a shell joins it, then execs),
     /// so the process and everything it starts are the pod's from the first
-    /// instruction (capture attaches to the cgroup); then its network namespace.
-    pub fn start(&mut self, argv: &[String], env: &[(String, String)], log: &Path) -> Result<()> {
+    /// instruction (capture attaches to the cgroup); then, with volumes, a mount
+    /// namespace of its own where they are bound at their paths (slave propagation:
+    /// the host's later mounts, such as new network namespaces under
+    /// /var/run/netns, still show, as HostToContainer does); then its network
+    /// namespace.
+    pub fn start(
+        &mut self,
+        argv: &[String],
+        env: &[(String, String)],
+        mounts: &[crate::volumes::Mount],
+        log: &Path,
+    ) -> Result<()> {
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let procs = self.cgroup.join("cgroup.procs");
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg("echo $$ > \"$0\" && n=\"$1\" && shift && exec nsenter --net=\"$n\" -- \"$@\"")
-            .arg(&procs)
-            .arg(format!("/var/run/netns/{}", self.netns))
+        let netns = format!("/var/run/netns/{}", self.netns);
+        let mut cmd = Command::new("sh");
+        if mounts.is_empty() {
+            cmd.arg("-c")
+                .arg("echo $$ > \"$0\" && n=\"$1\" && shift && exec nsenter --net=\"$n\" -- \"$@\"")
+                .arg(&procs)
+                .arg(&netns);
+        } else {
+            let inner = format!(
+                "{}exec nsenter --net=\"$0\" -- \"$@\"",
+                crate::volumes::mount_script(mounts)
+            );
+            cmd.arg("-c")
+                .arg("echo $$ > \"$0\" && n=\"$1\" && i=\"$2\" && shift 2 && exec unshare --mount --propagation slave sh -c \"$i\" \"$n\" \"$@\"")
+                .arg(&procs)
+                .arg(&netns)
+                .arg(inner);
+        }
+        let child = cmd
             .args(argv)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -213,6 +259,10 @@ impl Sandbox {
         }
         // Anything the process started is in its cgroup.
         let _ = std::fs::write(self.cgroup.join("cgroup.kill"), "1");
+        if self.host_network {
+            crate::remove_cgroup(&self.cgroup);
+            return;
+        }
         if let Some(cni) = cni
             && let Err(e) = self.cni(cni, "DEL")
         {

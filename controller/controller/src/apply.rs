@@ -222,7 +222,7 @@ mod tests {
     }
 
     fn weight_of_v2(dir: &ConfigDir) -> i64 {
-        let store = dir.store();
+        let store = dir.store().expect("store");
         let Some(Object::VirtualService(vs)) = store.of_kind(Kind::VirtualService).next() else {
             panic!("no VirtualService");
         };
@@ -263,7 +263,13 @@ mod tests {
         let report = delete(&dir, &vs).expect("delete");
         assert!(report.done[0].contains("removed"), "{report:?}");
         assert!(!own.exists());
-        assert!(dir.store().of_kind(Kind::VirtualService).next().is_none());
+        assert!(
+            dir.store()
+                .expect("store")
+                .of_kind(Kind::VirtualService)
+                .next()
+                .is_none()
+        );
         let missing = delete(&dir, &vs).expect("delete again");
         assert!(missing.warnings[0].contains("not found"), "{missing:?}");
     }
@@ -274,7 +280,7 @@ mod tests {
         delete(&dir, &input(&tmp, VS_50_50)).expect("delete");
         let base = std::fs::read_to_string(tmp.path().join("config/base.yaml")).expect("base");
         assert_eq!(base.trim_end(), NS.trim_end());
-        assert!(dir.store().namespace("demo").is_some());
+        assert!(dir.store().expect("store").namespace("demo").is_some());
     }
 
     #[test]

@@ -23,4 +23,5 @@ pub mod token_review;
 pub mod validate;
 pub mod waypoint;
 pub mod waypoint_deploy;
+pub mod waypoint_kube;
 pub mod xds;

@@ -69,6 +69,12 @@ struct Args {
     /// Kubernetes mode: the image of waypoint Deployments made for waypoint Gateways.
     #[arg(long, default_value = "ghcr.io/cairn-mesh/waypoint:0.1.0")]
     waypoint_image: String,
+    /// Kubernetes mode: the controller's URL as waypoint pods dial it (default:
+    /// `https://cairn-controller.<ca-namespace>.svc:15012`; a cluster without DNS,
+    /// like the local test cluster, gives an address). The TLS name stays the
+    /// Service's DNS name.
+    #[arg(long)]
+    waypoint_controller_url: Option<String>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Namespace whose selector-less policies are mesh-wide.
@@ -229,7 +235,10 @@ async fn main() -> anyhow::Result<()> {
                 runtime.store().clone(),
                 waypoint_deploy::Settings {
                     image: args.waypoint_image.clone(),
-                    controller: format!("https://{controller_name}:15012"),
+                    controller: args
+                        .waypoint_controller_url
+                        .clone()
+                        .unwrap_or_else(|| format!("https://{controller_name}:15012")),
                     controller_name,
                     trust_domain: args.trust_domain.clone(),
                     root_pem: ca.root_pem().to_owned(),

@@ -57,6 +57,8 @@ pub enum WaypointError {
         path: PathBuf,
         source: serde_yaml::Error,
     },
+    #[error("Kubernetes API: {action}: {source}")]
+    Kube { action: String, source: kube::Error },
     #[error("the written manifest was rejected: {0}")]
     Rejected(String),
 }
@@ -91,7 +93,7 @@ pub struct Listed {
 /// Where the mesh's objects live.
 pub trait Manifests {
     /// The objects as the controller would load them.
-    fn store(&self) -> Store;
+    fn store(&self) -> Result<Store, WaypointError>;
     /// Where a Gateway is defined, and whether `cairn waypoint` wrote it.
     fn gateway_source(
         &self,
@@ -187,7 +189,7 @@ pub fn apply(target: &dyn Manifests, req: &Apply) -> Result<Report, WaypointErro
     if !matches!(req.for_.as_str(), "service" | "workload" | "all" | "none") {
         return Err(WaypointError::BadFor(req.for_.clone()));
     }
-    let store = target.store();
+    let store = target.store()?;
     let Some(ns) = store.namespace(&req.namespace) else {
         return Err(WaypointError::NoNamespace {
             namespace: req.namespace.clone(),
@@ -259,7 +261,7 @@ pub fn delete(
         namespace: namespace.into(),
         name: name.into(),
     };
-    let store = target.store();
+    let store = target.store()?;
     let is_waypoint = store
         .gateway(namespace, name)
         .is_some_and(|g| g.spec.gateway_class_name == WAYPOINT_CLASS);
@@ -406,7 +408,7 @@ pub fn status(store: &Store, namespace: &str, name: &str) -> Result<Status, Wayp
 
 /// Every waypoint, optionally in one namespace.
 pub fn list(target: &dyn Manifests, namespace: Option<&str>) -> Result<Vec<Listed>, WaypointError> {
-    let store = target.store();
+    let store = target.store()?;
     let mut out = Vec::new();
     for obj in store.of_kind(crate::resources::Kind::Gateway) {
         let crate::resources::Object::Gateway(g) = obj else {
@@ -527,11 +529,11 @@ impl ConfigDir {
 }
 
 impl Manifests for ConfigDir {
-    fn store(&self) -> Store {
+    fn store(&self) -> Result<Store, WaypointError> {
         let mut store = Store::default();
         // Files that do not parse are skipped, as the controller skips them.
         let _ = LocalSource::new(&self.dir).scan(&mut store);
-        store
+        Ok(store)
     }
 
     fn gateway_source(

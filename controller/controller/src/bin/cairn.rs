@@ -81,6 +81,31 @@ struct Where {
     config_dir: PathBuf,
 }
 
+/// Where waypoints are declared: a config directory, or a cluster.
+#[derive(Debug, Args)]
+struct WaypointWhere {
+    #[command(flatten)]
+    dir: Where,
+    /// Kubernetes mode: the cluster's API server instead of a config directory.
+    #[arg(long)]
+    kube: bool,
+    /// kubeconfig for `--kube` (default: in-cluster, $KUBECONFIG, ~/.kube/config).
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+}
+
+impl WaypointWhere {
+    fn open(self) -> Result<Box<dyn Manifests>, String> {
+        if self.kube {
+            let cluster =
+                cairn_controller::waypoint_kube::Cluster::connect(self.kubeconfig.as_deref())?;
+            Ok(Box::new(cluster))
+        } else {
+            Ok(Box::new(ConfigDir::new(self.dir.config_dir)))
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum WaypointCommand {
     /// Declare a waypoint for a namespace (a Gateway of class istio-waypoint).
@@ -102,7 +127,7 @@ enum WaypointCommand {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
         #[command(flatten)]
-        target: Where,
+        target: WaypointWhere,
     },
     /// Show a waypoint's status conditions (Accepted, Programmed) and address.
     Status {
@@ -111,7 +136,7 @@ enum WaypointCommand {
         #[arg(long, default_value = "waypoint")]
         name: String,
         #[command(flatten)]
-        target: Where,
+        target: WaypointWhere,
     },
     /// Remove a waypoint `apply` declared.
     Delete {
@@ -120,14 +145,14 @@ enum WaypointCommand {
         #[arg(long, default_value = "waypoint")]
         name: String,
         #[command(flatten)]
-        target: Where,
+        target: WaypointWhere,
     },
     /// List waypoints.
     List {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
         #[command(flatten)]
-        target: Where,
+        target: WaypointWhere,
     },
 }
 
@@ -241,9 +266,12 @@ fn waypoint_command(command: WaypointCommand) -> ExitCode {
             timeout,
             target,
         } => {
-            let dir = ConfigDir::new(target.config_dir);
+            let target = match target.open() {
+                Ok(t) => t,
+                Err(e) => return fail(&e),
+            };
             let applied = report(waypoint::apply(
-                &dir,
+                target.as_ref(),
                 &waypoint::Apply {
                     namespace: namespace.clone(),
                     name: name.clone(),
@@ -254,37 +282,45 @@ fn waypoint_command(command: WaypointCommand) -> ExitCode {
             if applied != ExitCode::SUCCESS || !wait {
                 return applied;
             }
-            wait_programmed(&dir, &namespace, &name, Duration::from_secs(timeout))
+            wait_programmed(
+                target.as_ref(),
+                &namespace,
+                &name,
+                Duration::from_secs(timeout),
+            )
         }
         WaypointCommand::Status {
             namespace,
             name,
             target,
-        } => match waypoint::status(
-            &ConfigDir::new(target.config_dir).store(),
-            &namespace,
-            &name,
-        ) {
-            Ok(st) => {
-                print_status(&namespace, &name, &st);
-                ExitCode::SUCCESS
+        } => {
+            let status = target
+                .open()
+                .and_then(|t| t.store().map_err(|e| e.to_string()))
+                .and_then(|store| {
+                    waypoint::status(&store, &namespace, &name).map_err(|e| e.to_string())
+                });
+            match status {
+                Ok(st) => {
+                    print_status(&namespace, &name, &st);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        }
         WaypointCommand::Delete {
             namespace,
             name,
             target,
-        } => report(waypoint::delete(
-            &ConfigDir::new(target.config_dir),
-            &namespace,
-            &name,
-        )),
+        } => match target.open() {
+            Ok(t) => report(waypoint::delete(t.as_ref(), &namespace, &name)),
+            Err(e) => fail(&e),
+        },
         WaypointCommand::List { namespace, target } => {
-            match waypoint::list(&ConfigDir::new(target.config_dir), namespace.as_deref()) {
+            let listed = target.open().and_then(|t| {
+                waypoint::list(t.as_ref(), namespace.as_deref()).map_err(|e| e.to_string())
+            });
+            match listed {
                 Ok(listed) => {
                     println!("{:<20} {:<20} {:<9} SOURCE", "NAMESPACE", "NAME", "FOR");
                     for w in listed {
@@ -295,13 +331,15 @@ fn waypoint_command(command: WaypointCommand) -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fail(&e),
             }
         }
     }
+}
+
+fn fail(error: &str) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::FAILURE
 }
 
 fn print_status(namespace: &str, name: &str, st: &waypoint::Status) {
@@ -317,11 +355,19 @@ fn print_status(namespace: &str, name: &str, st: &waypoint::Status) {
 }
 
 /// Polls the waypoint's status until it is Programmed or `timeout` passes.
-fn wait_programmed(dir: &ConfigDir, namespace: &str, name: &str, timeout: Duration) -> ExitCode {
+fn wait_programmed(
+    target: &dyn Manifests,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+) -> ExitCode {
     let start = Instant::now();
     let mut said = false;
     loop {
-        match waypoint::status(&dir.store(), namespace, name) {
+        let status = target
+            .store()
+            .and_then(|store| waypoint::status(&store, namespace, name));
+        match status {
             Ok(st) if st.programmed() => {
                 print_status(namespace, name, &st);
                 return ExitCode::SUCCESS;

@@ -26,7 +26,7 @@ fn apply_writes_a_waypoint_the_controller_accepts_and_labels_the_namespace() {
     let report = apply(&target, &req("bookinfo", "waypoint", true)).expect("apply");
     assert!(report.warnings.is_empty(), "{report:?}");
     assert_eq!(report.done.len(), 2, "{report:?}");
-    let store = target.store();
+    let store = target.store().expect("store");
     let gw = store
         .gateway("bookinfo", "waypoint")
         .expect("gateway in the store");
@@ -73,7 +73,13 @@ fn apply_writes_a_waypoint_the_controller_accepts_and_labels_the_namespace() {
         report.warnings[0].contains("still has istio.io/use-waypoint=waypoint"),
         "{report:?}"
     );
-    assert!(target.store().gateway("bookinfo", "waypoint").is_none());
+    assert!(
+        target
+            .store()
+            .expect("store")
+            .gateway("bookinfo", "waypoint")
+            .is_none()
+    );
 }
 
 #[test]
@@ -119,6 +125,7 @@ fn a_namespace_outside_the_mesh_is_a_warning() {
     assert!(report.warnings[0].contains("not in the mesh"), "{report:?}");
     let ns = target
         .store()
+        .expect("store")
         .namespace("legacy")
         .cloned()
         .expect("namespace");
@@ -138,7 +145,7 @@ fn the_local_deployment_gives_the_waypoint_its_address_and_identity() {
     let dir = dir_with(&[("bookinfo.yaml", BOOKINFO)]);
     let target = ConfigDir::new(dir.path());
     apply(&target, &req("bookinfo", "waypoint", true)).expect("apply");
-    let before = status(&target.store(), "bookinfo", "waypoint").expect("status");
+    let before = status(&target.store().expect("store"), "bookinfo", "waypoint").expect("status");
     assert!(before.conditions[0].status, "Accepted: {before:?}");
     assert_eq!(
         (before.conditions[1].status, before.conditions[1].reason),
@@ -155,7 +162,10 @@ fn the_local_deployment_gives_the_waypoint_its_address_and_identity() {
         local_deployment("bookinfo", "waypoint", &placed),
     )
     .expect("write");
-    let compiled = crate::compile::compile(&target.store(), &crate::compile::MeshConfig::default());
+    let compiled = crate::compile::compile(
+        &target.store().expect("store"),
+        &crate::compile::MeshConfig::default(),
+    );
     use cairn_api::proto::istio::workload::{address::Type, gateway_address::Destination};
     let service = |name: &str| match compiled
         .addresses
