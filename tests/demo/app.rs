@@ -92,7 +92,8 @@ pub async fn ratings() -> Result<()> {
 /// How a reviews pod misbehaves, for the e2e suite's resilience scenarios.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Misbehaviour {
-    /// Every Nth request (the 1st, N+1th, ...) answers 503.
+    /// Every Nth request (the 1st, N+1th, ...) answers 500 (a 503 would be retried
+    /// by Istio's default retry policy, and hidden without any VirtualService).
     pub fail_every: Option<u64>,
     /// Waited before answering.
     pub delay: Duration,
@@ -115,7 +116,7 @@ pub async fn reviews(
             }
             if misbehaviour.fail_every.is_some_and(|k| k > 0 && n % k == 0) {
                 return text(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    StatusCode::INTERNAL_SERVER_ERROR,
                     &[("x-version", &version)],
                     format!("reviews {version} failing request {n} on purpose"),
                 );

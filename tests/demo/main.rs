@@ -74,7 +74,7 @@ enum Role {
         version: String,
         #[arg(long)]
         ratings: Option<SocketAddr>,
-        /// Every Nth request answers 503 (the 1st, N+1th, ...).
+        /// Every Nth request answers 500 (the 1st, N+1th, ...).
         #[arg(long)]
         fail_every: Option<u64>,
         /// Milliseconds to wait before each answer.

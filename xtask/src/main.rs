@@ -8,6 +8,10 @@
 //!
 //! - `cargo xtask cluster build`: builds (once, cached) the local cluster's
 //!   kube-apiserver, kubectl and etcd from their Go modules (`k8s.rs`).
+//! - `cargo xtask cluster up [--nodes N] | down`: the e2e suite's local cluster
+//!   (API server, controller, nodes as network namespaces) for a person to use.
+//! - `cargo xtask e2e [--kind [--keep]]`: the e2e scenarios on the local cluster, or
+//!   on kind where Docker runs (`kind.rs`).
 //! - `cargo xtask toolchain`: installs only the eBPF toolchain (image builds).
 //! - `cargo xtask codegen [--check]`: writes `deploy/crds/` from the Rust types (or
 //!   checks it is up to date).
@@ -24,6 +28,7 @@ use anyhow::{Context, Result, bail};
 
 mod ebpf;
 mod k8s;
+mod kind;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -40,8 +45,51 @@ fn main() -> Result<()> {
                 println!("{}", bin.display());
                 Ok(())
             }
-            _ => bail!("usage: cargo xtask cluster build"),
+            Some(cmd @ ("up" | "down")) => {
+                if !is_root() {
+                    bail!(
+                        "the local cluster needs root (network namespaces, cgroups, eBPF): run it as root"
+                    );
+                }
+                ebpf::ensure_toolchain()?;
+                let k8s_bin = k8s::ensure_binaries()?;
+                cluster(&root, &k8s_bin, cmd, &args[2..])
+            }
+            _ => bail!("usage: cargo xtask cluster <build | up [--nodes N] | down>"),
         },
+        Some("e2e") => {
+            let kind = args.iter().any(|a| a == "--kind");
+            let keep = args.iter().any(|a| a == "--keep");
+            let k8s_bin = k8s::ensure_binaries()?;
+            if kind {
+                // The cairn CLI the scenarios run, built here (not in an image).
+                cargo(&root, &["build", "--bin", "cairn"])?;
+                kind::e2e(&root, &k8s_bin.join("kubectl"), keep)
+            } else {
+                if !is_root() {
+                    bail!(
+                        "the e2e suite needs root (network namespaces, cgroups, eBPF): run it as root"
+                    );
+                }
+                ebpf::ensure_toolchain()?;
+                cargo(&root, &["build", "--workspace", "--bins"])?;
+                let (passed, failed) = cargo_test(
+                    &root,
+                    &[
+                        "test",
+                        "-p",
+                        "cairn-tests",
+                        "--test",
+                        "e2e",
+                        "--",
+                        "--nocapture",
+                    ],
+                    &[("CAIRN_K8S_BIN", &k8s_bin)],
+                )?;
+                println!("{passed} passed, {failed} failed");
+                Ok(())
+            }
+        }
         Some("toolchain") => ebpf::ensure_toolchain(),
         Some("codegen") => codegen(&root, args.get(1).map(String::as_str) == Some("--check")),
         Some("bench") => {
@@ -58,7 +106,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down] | cluster build | codegen [--check] | toolchain>"
+                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down] | cluster build|up|down | e2e [--kind [--keep]] | codegen [--check] | toolchain>"
             );
             bail!("unknown or missing command")
         }
@@ -297,6 +345,21 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
     // The demo replaces this process: Ctrl-C reaches it, not a parent that would
     // exit before the demo has cleaned up.
     let err = Command::new(&bin).args(args).current_dir(root).exec();
+    Err(err).with_context(|| format!("running {}", bin.display()))
+}
+
+/// `cargo xtask cluster up|down`: builds the binaries, then runs `cairn-cluster`
+/// in place of this process (Ctrl-C reaches it).
+fn cluster(root: &Path, k8s_bin: &Path, cmd: &str, rest: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    cargo(root, &["build", "--workspace", "--bins"])?;
+    let bin = root.join("target/debug/cairn-cluster");
+    let err = Command::new(&bin)
+        .arg(cmd)
+        .args(rest)
+        .env("CAIRN_K8S_BIN", k8s_bin)
+        .current_dir(root)
+        .exec();
     Err(err).with_context(|| format!("running {}", bin.display()))
 }
 
