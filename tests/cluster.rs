@@ -246,21 +246,13 @@ impl LocalCluster {
 
     /// Runs the built `kubectl` as the admin; its output, or an error with stderr.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new(self.bin.join("kubectl"))
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .args(args)
-            .output()
-            .context("running kubectl")?;
-        if !out.status.success() {
-            bail!(
-                "kubectl {} failed ({}):\n{}{}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        kubectl(&self.bin, &self.kubeconfig, args)
+    }
+
+    /// [`LocalCluster::kubectl`] for another thread.
+    pub fn kubectl_fn(&self) -> impl Fn(&[&str]) -> Result<String> + Send + 'static {
+        let (bin, kubeconfig) = (self.bin.clone(), self.kubeconfig.clone());
+        move |args| kubectl(&bin, &kubeconfig, args)
     }
 
     /// Writes a kubeconfig at `path` that authenticates with `token` (a service
@@ -285,6 +277,24 @@ impl Drop for LocalCluster {
             let _ = child.wait();
         }
     }
+}
+
+fn kubectl(bin: &Path, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin.join("kubectl"))
+        .arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(args)
+        .output()
+        .context("running kubectl")?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed ({}):\n{}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One `GET /readyz` over TLS with the admin token; true on 200.

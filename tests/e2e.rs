@@ -29,6 +29,7 @@ use cairn_tests::{
     cluster, kind,
     kube_lab::{KubeLab, Options},
     pod_lab::{self, sum_metric},
+    prometheus,
 };
 use serde_json::Value;
 
@@ -270,7 +271,31 @@ fn e2e_scenarios() {
         "E2E local cluster up in {:.1} s",
         began.elapsed().as_secs_f64()
     );
+    // Prometheus scrapes the cluster through the shipped scrape config for the whole
+    // run; afterwards every dashboard query must have data.
+    let prometheus = match prometheus::unavailable() {
+        Some(why) => {
+            eprintln!("SKIP the dashboards' queries: {why}");
+            None
+        }
+        None => {
+            let dir = dir.path().join("prometheus");
+            std::fs::create_dir_all(&dir).expect("prometheus dir");
+            let targets = dir.join("targets.json");
+            let config = prometheus::config(&targets).expect("prometheus config");
+            let kubectl = lab.cluster.kubectl_fn();
+            let discovery = prometheus::Discovery::start(
+                move || kubectl(&["get", "pods", "-A", "-o", "json"]),
+                targets,
+            );
+            let server = prometheus::Prometheus::start(&dir, &config).expect("prometheus");
+            Some((server, discovery))
+        }
+    };
     scenarios(&mut lab);
+    if let Some((prometheus, _discovery)) = &prometheus {
+        dashboards_have_data(&lab, prometheus);
+    }
 }
 
 fn scenarios(lab: &mut dyn Backend) {
@@ -661,5 +686,57 @@ fn scenarios(lab: &mut dyn Backend) {
     println!(
         "E2E API-server restart (SIGKILL): traffic unaffected; a route applied after it served within {:.2} s",
         took.as_secs_f64()
+    );
+}
+
+/// Every query of the shipped dashboards returns data for the traffic the scenarios
+/// made, and names only labels something exports.
+fn dashboards_have_data(lab: &dyn Backend, prometheus: &prometheus::Prometheus) {
+    let started = Instant::now();
+    // The scrape targets: both ztunnels and the waypoint, found through the API.
+    eventually(
+        lab,
+        "Prometheus scraping the ztunnels and the waypoint",
+        Duration::from_secs(30),
+        || {
+            let up = prometheus.up_pods().unwrap_or_default();
+            up.iter().filter(|p| p.starts_with("ztunnel-")).count() >= 2
+                && up.iter().any(|p| p.starts_with("waypoint-"))
+        },
+    );
+    let labels = prometheus.label_names().expect("label names");
+    let queries = prometheus::dashboard_queries().expect("dashboards");
+    assert!(
+        queries.len() >= 30,
+        "the dashboards hold {} queries",
+        queries.len()
+    );
+    let mut failures = Vec::new();
+    for q in &queries {
+        let expr = prometheus::instantiate(&q.expr);
+        for label in prometheus::labels_used(&expr) {
+            if !labels.contains(&label) {
+                failures.push(format!(
+                    "{} / {}: label {label} is exported by nothing: {}",
+                    q.dashboard, q.panel, q.expr
+                ));
+            }
+        }
+        match prometheus.query(&expr) {
+            Ok(result) if !result.is_empty() => {}
+            Ok(_) => failures.push(format!("{} / {}: no data: {expr}", q.dashboard, q.panel)),
+            Err(e) => failures.push(format!("{} / {}: {e:#}", q.dashboard, q.panel)),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "dashboard queries without data:\n{}\n--- prometheus ---\n{}",
+        failures.join("\n"),
+        prometheus.log_text()
+    );
+    println!(
+        "E2E dashboards: all {} queries of deploy/grafana have data in Prometheus (checked in {:.1} s)",
+        queries.len(),
+        started.elapsed().as_secs_f64()
     );
 }

@@ -534,10 +534,25 @@ impl KubeLab {
             .iter()
             .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
             .collect();
+        // The DaemonSet's template's labels and annotations (Prometheus finds the
+        // pod by them).
+        let template = |what: &str| -> Result<serde_json::Value> {
+            let text = self.kubectl(&[
+                "-n",
+                "cairn-system",
+                "get",
+                "daemonset",
+                "ztunnel",
+                "-o",
+                &format!("jsonpath={{.spec.template.metadata.{what}}}"),
+            ])?;
+            serde_json::from_str(&text).with_context(|| format!("the DaemonSet's {what}"))
+        };
         let pod = serde_json::json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": format!("ztunnel-{name}"), "namespace": "cairn-system",
-                         "labels": {"app": "ztunnel"}},
+                         "labels": template("labels")?,
+                         "annotations": template("annotations")?},
             "spec": {
                 "nodeName": name, "hostNetwork": true, "serviceAccountName": "ztunnel",
                 "containers": [{

@@ -12,4 +12,5 @@ pub mod kind;
 pub mod kube_lab;
 pub mod lab;
 pub mod pod_lab;
+pub mod prometheus;
 pub mod waypoint_lab;

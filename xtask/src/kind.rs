@@ -114,7 +114,7 @@ pub fn e2e(root: &Path, kubectl: &Path, keep: bool) -> Result<()> {
     render(root, kubectl)?;
     if let Some(why) = docker_missing() {
         bail!(
-            "the kind suite needs a running Docker engine, and {why}.\n\
+            "the kind suite needs a running Docker engine ({why})\n\
              Rendered manifests are in target/kind/cairn.yaml. On machines without Docker \
              (Cairn's CI) the same scenarios run on the local cluster: cargo xtask e2e"
         );
