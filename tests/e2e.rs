@@ -232,6 +232,23 @@ fn waypoint_dump(lab: &dyn Backend, pod: &str) -> String {
     lab.admin_get(NS, pod, "/config_dump").unwrap_or_default()
 }
 
+/// The `Accepted` condition Cairn wrote on an object: (status, reason, message).
+fn condition(lab: &dyn Backend, kind: &str, name: &str) -> (String, String, String) {
+    let field = |f: &str| {
+        lab.kubectl(&[
+            "-n",
+            NS,
+            "get",
+            kind,
+            name,
+            "-o",
+            &format!("jsonpath={{.status.conditions[?(@.type==\"Accepted\")].{f}}}"),
+        ])
+        .unwrap_or_default()
+    };
+    (field("status"), field("reason"), field("message"))
+}
+
 fn share(part: u64, all: u64) -> f64 {
     100.0 * part as f64 / all.max(1) as f64
 }
@@ -400,6 +417,45 @@ fn scenarios(lab: &mut dyn Backend) {
         load(lab, NS, "other", &reviews_vip, "reviews", 5).code("200") == 5
     });
     println!("E2E authorization: DENY by principal blocks other, ALLOW list admits only client");
+
+    // What Cairn cannot apply is said on the object: L7 rules ztunnel cannot enforce
+    // (no waypoint yet), and a policy the decoder rejects.
+    lab.apply(&format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: l7-at-l4, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  action: ALLOW\n  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: two-stars, namespace: {NS}}}\nspec:\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [\"*a*\"]}}}}]}}]\n"
+    ))
+    .expect("policies with problems");
+    let took = eventually(
+        lab,
+        "both policies' status written",
+        Duration::from_secs(20),
+        || {
+            condition(lab, "authorizationpolicy", "l7-at-l4").1 == "PartiallyApplied"
+                && condition(lab, "authorizationpolicy", "two-stars").1 == "Invalid"
+        },
+    );
+    let (status, _, message) = condition(lab, "authorizationpolicy", "l7-at-l4");
+    assert!(status == "True" && message.contains("L7"), "{message}");
+    let (status, _, message) = condition(lab, "authorizationpolicy", "two-stars");
+    assert!(
+        status == "False" && message.contains("not in force"),
+        "{message}"
+    );
+    println!(
+        "E2E policy status: L7 rules at L4 -> Accepted/PartiallyApplied, a rejected policy -> Accepted=False/Invalid, within {:.2} s",
+        took.as_secs_f64()
+    );
+    lab.kubectl(&[
+        "-n",
+        NS,
+        "delete",
+        "authorizationpolicy",
+        "l7-at-l4",
+        "two-stars",
+    ])
+    .expect("delete");
+    eventually(lab, "other allowed again", Duration::from_secs(20), || {
+        load(lab, NS, "other", &reviews_vip, "reviews", 5).code("200") == 5
+    });
 
     // 3. PeerAuthentication: a pod outside the mesh dials a pod IP directly.
     assert_eq!(

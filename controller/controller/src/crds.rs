@@ -4,7 +4,8 @@
 //! cluster that already runs Gateway API keeps its own CRDs.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
-    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    CustomResourceDefinition, CustomResourceSubresourceStatus, CustomResourceSubresources,
+    JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
 };
 use kube::CustomResourceExt;
 
@@ -49,6 +50,25 @@ pub fn definitions(set: Set) -> Vec<CustomResourceDefinition> {
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
                 make_structural(schema);
+                if set == Set::Istio {
+                    // As Istio's CRDs: a free-form status on its own subresource,
+                    // where the controller reports what it could not apply
+                    // (policy_status.rs).
+                    schema.properties.get_or_insert_default().insert(
+                        "status".into(),
+                        JSONSchemaProps {
+                            type_: Some("object".into()),
+                            x_kubernetes_preserve_unknown_fields: Some(true),
+                            ..JSONSchemaProps::default()
+                        },
+                    );
+                }
+            }
+            if set == Set::Istio {
+                version.subresources = Some(CustomResourceSubresources {
+                    status: Some(CustomResourceSubresourceStatus(serde_json::json!({}))),
+                    scale: None,
+                });
             }
         }
     }

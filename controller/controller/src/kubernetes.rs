@@ -271,14 +271,25 @@ fn is_not_found(e: &watcher::Error) -> bool {
     }
 }
 
+/// Objects the decoder rejects (with why), shared with the status writer.
+pub type Rejected = Arc<std::sync::Mutex<HashMap<ObjectRef, String>>>;
+
+/// Who hears of store changes: each notifier after every batch that changed the
+/// store, and the rejected objects as they stand after it.
+#[derive(Clone, Default)]
+pub struct Listeners {
+    pub changed: Vec<Arc<tokio::sync::Notify>>,
+    pub rejected: Rejected,
+}
+
 /// Watches every kind and publishes each batch of changes through `runtime`. Sends
-/// `true` on `ready` once every kind is listed, and notifies `changed` after every
+/// `true` on `ready` once every kind is listed, and tells `listeners` after every
 /// batch that changed the store. Returns when `shutdown` turns true.
 pub async fn run(
     client: Client,
     runtime: Arc<Runtime>,
     ready: watch::Sender<bool>,
-    changed: Arc<tokio::sync::Notify>,
+    listeners: Listeners,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let (tx, rx) = mpsc::channel(1024);
@@ -288,7 +299,7 @@ pub async fn run(
         .collect();
     drop(tx);
     // Decoding and compiling are CPU work: one blocking thread applies every batch.
-    let applier = tokio::task::spawn_blocking(move || apply_loop(rx, &runtime, &ready, &changed));
+    let applier = tokio::task::spawn_blocking(move || apply_loop(rx, &runtime, &ready, &listeners));
     let _ = shutdown.wait_for(|stop| *stop).await;
     for w in &watchers {
         w.abort();
@@ -301,7 +312,7 @@ fn apply_loop(
     mut rx: mpsc::Receiver<Change>,
     runtime: &Runtime,
     ready: &watch::Sender<bool>,
-    on_change: &tokio::sync::Notify,
+    listeners: &Listeners,
 ) {
     let mut source = KubeSource::new();
     while let Some(first) = rx.blocking_recv() {
@@ -322,8 +333,21 @@ fn apply_loop(
         changed.sort();
         changed.dedup();
         let stats = runtime.publish(&changed);
+        // A rejected update changes no object, but is news for the status writer.
+        let rejections_changed = {
+            let mut shared = listeners.rejected.lock().unwrap_or_else(|e| e.into_inner());
+            let differ = *shared != *source.rejected();
+            if differ {
+                *shared = source.rejected().clone();
+            }
+            differ
+        };
+        if !changed.is_empty() || rejections_changed {
+            for n in &listeners.changed {
+                n.notify_one();
+            }
+        }
         if !changed.is_empty() {
-            on_change.notify_one();
             debug!(
                 events = count,
                 objects = changed.len(),

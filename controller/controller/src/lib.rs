@@ -15,6 +15,7 @@ pub mod inspect;
 pub mod kubernetes;
 pub mod leader;
 pub mod local;
+pub mod policy_status;
 pub mod resources;
 pub mod runtime;
 pub mod server;

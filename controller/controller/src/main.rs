@@ -11,6 +11,7 @@ use cairn_controller::{
     compile::MeshConfig,
     kubernetes, leader,
     local::LocalSource,
+    policy_status,
     runtime::Runtime,
     server::{self, DEFAULT_SERVING_NAMES, ServeConfig},
     token_review::{self, TokenReviewer, ZtunnelAccount},
@@ -125,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         root_namespace: args.root_namespace.clone(),
         ..MeshConfig::default()
     };
-    let runtime = Arc::new(Runtime::new(mesh, Arc::new(Cache::default())));
+    let runtime = Arc::new(Runtime::new(mesh.clone(), Arc::new(Cache::default())));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let kube = match args.config_dir {
@@ -196,11 +197,17 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(client)) => {
             let (ready_tx, mut ready_rx) = watch::channel(false);
             let changed = Arc::new(tokio::sync::Notify::new());
+            let status_changed = Arc::new(tokio::sync::Notify::new());
+            let listeners = kubernetes::Listeners {
+                changed: vec![changed.clone(), status_changed.clone()],
+                rejected: kubernetes::Rejected::default(),
+            };
+            let rejected = listeners.rejected.clone();
             let task = tokio::spawn(kubernetes::run(
                 client.clone(),
                 runtime.clone(),
                 ready_tx,
-                changed.clone(),
+                listeners,
                 stop_rx.clone(),
             ));
             // Serving a partial store would tell proxies to drop what is merely not
@@ -227,6 +234,15 @@ async fn main() -> anyhow::Result<()> {
                     retry: Duration::from_secs(2),
                 },
                 leader_tx,
+                stop_rx.clone(),
+            ));
+            tokio::spawn(policy_status::run(
+                client.clone(),
+                runtime.store().clone(),
+                mesh.clone(),
+                rejected,
+                status_changed,
+                leader_rx.clone(),
                 stop_rx.clone(),
             ));
             let controller_name = format!("cairn-controller.{}.svc", args.ca_namespace);

@@ -240,6 +240,7 @@ pub fn compile(
             AuthorizationAction::Audit | AuthorizationAction::Custom
         ) {
             notices.push(Notice {
+                kind: Some(crate::resources::Kind::AuthorizationPolicy),
                 policy: policy.clone(),
                 message: format!(
                     "action {:?} is not enforced by ztunnel (L4); it needs a waypoint",
@@ -267,6 +268,7 @@ pub fn compile(
                 sec::Action::Deny => "only its L4 conditions are kept, so it denies more",
             };
             notices.push(Notice {
+                kind: Some(crate::resources::Kind::AuthorizationPolicy),
                 policy: policy.clone(),
                 message: format!(
                     "rules[{i}] uses L7 attributes ({}) that ztunnel cannot enforce: {effect}; \

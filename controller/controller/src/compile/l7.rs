@@ -117,6 +117,7 @@ struct Context<'a> {
 impl Context<'_> {
     fn notice(&mut self, message: String) {
         self.notices.push(Notice {
+            kind: Some(crate::resources::Kind::VirtualService),
             policy: format!("{}/{}", self.vs_namespace, self.vs_name),
             message,
         });

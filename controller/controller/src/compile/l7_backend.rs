@@ -155,6 +155,7 @@ pub fn backends(
                 Some(def) => Some(def),
                 None => {
                     notices.push(Notice {
+                        kind: None,
                         policy: config_name(config),
                         message: format!("subset {s} of {hostname} is not defined by DestinationRule {}; it has no endpoints", dr.metadata.name.as_deref().unwrap_or_default()),
                     });
@@ -164,6 +165,7 @@ pub fn backends(
             },
             (s, None) => {
                 notices.push(Notice {
+                    kind: None,
                     policy: config_name(config),
                     message: format!("subset {s} of {hostname}: no DestinationRule defines subsets for it; it has no endpoints"),
                 });

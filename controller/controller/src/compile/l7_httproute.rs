@@ -138,6 +138,7 @@ struct Route<'a> {
 impl Route<'_> {
     fn notice(&mut self, message: String) {
         self.notices.push(Notice {
+            kind: None,
             policy: format!("{}/{}", self.namespace, self.name),
             message,
         });

@@ -60,6 +60,7 @@ pub fn compile(p: &AuthorizationPolicy, notices: &mut Vec<Notice>) -> Option<l7:
     let policy = format!("{ns}/{name}");
     let mut notice = |message: String| {
         notices.push(Notice {
+            kind: Some(crate::resources::Kind::AuthorizationPolicy),
             policy: policy.clone(),
             message,
         })
@@ -171,6 +172,7 @@ pub fn jwt_rules(ra: &RequestAuthentication, notices: &mut Vec<Notice>) -> Vec<l
                     Ok(j) => j,
                     Err(e) => {
                         notices.push(Notice {
+                            kind: Some(crate::resources::Kind::RequestAuthentication),
                             policy: format!("{ns}/{name}"),
                             message: format!(
                                 "issuer {}: reading {uri}: {e}; rule left out",
@@ -183,6 +185,7 @@ pub fn jwt_rules(ra: &RequestAuthentication, notices: &mut Vec<Notice>) -> Vec<l
             }
             (None, uri) => {
                 notices.push(Notice {
+                    kind: Some(crate::resources::Kind::RequestAuthentication),
                     policy: format!("{ns}/{name}"),
                     message: format!(
                         "issuer {}: jwksUri {} is not fetched by Cairn yet (give jwks inline or a file:// URI); rule left out",

@@ -77,6 +77,9 @@ pub fn selector_matches(
 /// Something about a policy an operator must know (e.g. it fails closed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Notice {
+    /// The kind of the object the notice is about, where it is one object (the
+    /// status writer reports it there); `policy` names it.
+    pub kind: Option<crate::resources::Kind>,
     /// `namespace/name` of the policy.
     pub policy: String,
     pub message: String,
