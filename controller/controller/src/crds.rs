@@ -50,6 +50,7 @@ pub fn definitions(set: Set) -> Vec<CustomResourceDefinition> {
                 .and_then(|s| s.open_api_v3_schema.as_mut())
             {
                 make_structural(schema);
+                keep_unknown_fields(schema);
                 if set == Set::Istio {
                     // As Istio's CRDs: a free-form status on its own subresource,
                     // where the controller reports what it could not apply
@@ -71,6 +72,9 @@ pub fn definitions(set: Set) -> Vec<CustomResourceDefinition> {
                 });
             }
         }
+        if set == Set::Istio {
+            serve_older_versions(crd);
+        }
     }
     crds
 }
@@ -79,6 +83,52 @@ pub fn definitions(set: Set) -> Vec<CustomResourceDefinition> {
 /// `patternProperties` (schemars' form for maps with integer keys, such as
 /// PeerAuthentication's `portLevelMtls`) becomes `additionalProperties`; the key
 /// pattern is checked by Cairn's decoder instead.
+/// Istio's older API versions, served with the same schema (Istio's v1 is its
+/// v1beta1 promoted; manifests in either form apply): security v1beta1, networking
+/// v1beta1 and v1alpha3. v1 stays the storage version, so no conversion is needed.
+fn serve_older_versions(crd: &mut CustomResourceDefinition) {
+    let older: &[&str] = match crd.spec.group.as_str() {
+        "security.istio.io" => &["v1beta1"],
+        "networking.istio.io" => &["v1beta1", "v1alpha3"],
+        _ => &[],
+    };
+    let Some(v1) = crd.spec.versions.iter().find(|v| v.name == "v1").cloned() else {
+        return;
+    };
+    for name in older {
+        let mut version = v1.clone();
+        version.name = (*name).into();
+        version.storage = false;
+        crd.spec.versions.push(version);
+    }
+}
+
+/// Every object in the schema keeps fields Cairn does not model (Istio's
+/// `corsPolicy`, `tcp` routes, `trafficPolicy.tls`, ...): a manifest written for
+/// Istio must apply unchanged. The controller's decoder names what it ignores
+/// (docs/api.md); the API server still checks the types of the fields Cairn knows.
+fn keep_unknown_fields(schema: &mut JSONSchemaProps) {
+    if schema.properties.is_some() {
+        schema.x_kubernetes_preserve_unknown_fields = Some(true);
+    }
+    let children = schema
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(schema.all_of.iter_mut().flatten())
+        .chain(schema.any_of.iter_mut().flatten())
+        .chain(schema.one_of.iter_mut().flatten());
+    for child in children {
+        keep_unknown_fields(child);
+    }
+    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
+        keep_unknown_fields(items);
+    }
+    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
+        keep_unknown_fields(extra);
+    }
+}
+
 fn make_structural(schema: &mut JSONSchemaProps) {
     if let Some(patterns) = schema.pattern_properties.take()
         && let Some((_, value)) = patterns.into_iter().next()

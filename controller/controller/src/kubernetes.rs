@@ -79,6 +79,8 @@ pub struct KubeSource {
     synced: BTreeSet<Kind>,
     /// Objects rejected by the decoder, with why: kept out of relist deletions.
     rejected: HashMap<ObjectRef, String>,
+    /// Fields of accepted objects the decoder ignored (not implemented by Cairn).
+    ignored: HashMap<ObjectRef, Vec<String>>,
 }
 
 impl KubeSource {
@@ -105,6 +107,14 @@ impl KubeSource {
         &self.rejected
     }
 
+    /// What the status writer reports besides compile notices.
+    pub fn reports(&self) -> Reports {
+        Reports {
+            rejected: self.rejected.clone(),
+            ignored: self.ignored.clone(),
+        }
+    }
+
     /// Applies one change; returns the store objects it changed.
     pub fn apply(&mut self, store: &mut Store, change: Change) -> Vec<ObjectRef> {
         let mut changed = Vec::new();
@@ -122,6 +132,7 @@ impl KubeSource {
             Change::Delete(kind, value) => {
                 if let Some(r) = object_ref(kind, &value) {
                     self.rejected.remove(&r);
+                    self.ignored.remove(&r);
                     if store.delete(&r).is_some() {
                         changed.push(r);
                     }
@@ -138,6 +149,8 @@ impl KubeSource {
                     changed.push(r);
                 }
                 self.rejected
+                    .retain(|r, _| r.kind != kind || listed.contains(r));
+                self.ignored
                     .retain(|r, _| r.kind != kind || listed.contains(r));
                 self.synced.insert(kind);
             }
@@ -172,6 +185,12 @@ impl KubeSource {
                 let r = d.object.object_ref();
                 for w in &d.warnings {
                     warn!(object = %r, path = %w.path, "{}", w.message);
+                }
+                if d.warnings.is_empty() {
+                    self.ignored.remove(&r);
+                } else {
+                    let fields = d.warnings.iter().map(|w| w.to_string()).collect();
+                    self.ignored.insert(r.clone(), fields);
                 }
                 self.rejected.remove(&r);
                 if store.get(&r) != Some(&d.object) {
@@ -271,15 +290,24 @@ fn is_not_found(e: &watcher::Error) -> bool {
     }
 }
 
-/// Objects the decoder rejects (with why), shared with the status writer.
-pub type Rejected = Arc<std::sync::Mutex<HashMap<ObjectRef, String>>>;
+/// What the decoder said about objects, for the status writer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reports {
+    /// Objects rejected, with why.
+    pub rejected: HashMap<ObjectRef, String>,
+    /// Accepted objects with fields Cairn ignores: `path: message` each.
+    pub ignored: HashMap<ObjectRef, Vec<String>>,
+}
+
+/// [`Reports`] shared with the status writer.
+pub type SharedReports = Arc<std::sync::Mutex<Reports>>;
 
 /// Who hears of store changes: each notifier after every batch that changed the
-/// store, and the rejected objects as they stand after it.
+/// store (or what the decoder reports), and the reports as they stand after it.
 #[derive(Clone, Default)]
 pub struct Listeners {
     pub changed: Vec<Arc<tokio::sync::Notify>>,
-    pub rejected: Rejected,
+    pub reports: SharedReports,
 }
 
 /// Watches every kind and publishes each batch of changes through `runtime`. Sends
@@ -334,15 +362,16 @@ fn apply_loop(
         changed.dedup();
         let stats = runtime.publish(&changed);
         // A rejected update changes no object, but is news for the status writer.
-        let rejections_changed = {
-            let mut shared = listeners.rejected.lock().unwrap_or_else(|e| e.into_inner());
-            let differ = *shared != *source.rejected();
+        let reports_changed = {
+            let reports = source.reports();
+            let mut shared = listeners.reports.lock().unwrap_or_else(|e| e.into_inner());
+            let differ = *shared != reports;
             if differ {
-                *shared = source.rejected().clone();
+                *shared = reports;
             }
             differ
         };
-        if !changed.is_empty() || rejections_changed {
+        if !changed.is_empty() || reports_changed {
             for n in &listeners.changed {
                 n.notify_one();
             }

@@ -200,9 +200,9 @@ async fn main() -> anyhow::Result<()> {
             let status_changed = Arc::new(tokio::sync::Notify::new());
             let listeners = kubernetes::Listeners {
                 changed: vec![changed.clone(), status_changed.clone()],
-                rejected: kubernetes::Rejected::default(),
+                reports: kubernetes::SharedReports::default(),
             };
-            let rejected = listeners.rejected.clone();
+            let reports = listeners.reports.clone();
             let task = tokio::spawn(kubernetes::run(
                 client.clone(),
                 runtime.clone(),
@@ -240,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
                 client.clone(),
                 runtime.store().clone(),
                 mesh.clone(),
-                rejected,
+                reports,
                 status_changed,
                 leader_rx.clone(),
                 stop_rx.clone(),

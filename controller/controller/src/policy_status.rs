@@ -9,7 +9,7 @@
 //! | situation | status | reason |
 //! | --- | --- | --- |
 //! | rejected by the decoder | `False` | `Invalid`: the last accepted version stays in force (or none) |
-//! | compiled with notices | `True` | `PartiallyApplied`: the notices, `; `-separated |
+//! | fields Cairn ignores, or compiled with notices | `True` | `PartiallyApplied`: each, `; `-separated |
 //! | fine again after either | `True` | `Accepted` |
 //!
 //! Only the leader writes, after store changes settle, and only what differs from
@@ -32,7 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     compile::{Compiler, MeshConfig, Notice},
-    kubernetes::{Rejected, api_resource},
+    kubernetes::{Reports, SharedReports, api_resource},
     resources::{Kind, ObjectRef},
     runtime::SharedStore,
 };
@@ -68,13 +68,26 @@ impl Accepted {
 }
 
 /// What each object with something to report should say. `notices` are a full
-/// compile's; `rejected` the decoder's, by object.
+/// compile's; `reports` the decoder's; `in_force` whether an object is in the store.
 pub fn desired(
     notices: &[Notice],
-    rejected: &HashMap<ObjectRef, String>,
+    reports: &Reports,
     in_force: impl Fn(&ObjectRef) -> bool,
 ) -> BTreeMap<ObjectRef, Accepted> {
     let mut out: BTreeMap<ObjectRef, Vec<String>> = BTreeMap::new();
+    let mut add = |r: ObjectRef, message: &str| {
+        let messages = out.entry(r).or_default();
+        if !messages.iter().any(|m| m == message) {
+            messages.push(message.to_owned());
+        }
+    };
+    for (r, fields) in &reports.ignored {
+        if KINDS.contains(&r.kind) {
+            for f in fields {
+                add(r.clone(), f);
+            }
+        }
+    }
     for n in notices {
         let Some(kind) = n.kind.filter(|k| KINDS.contains(k)) else {
             continue;
@@ -82,16 +95,12 @@ pub fn desired(
         let Some((namespace, name)) = n.policy.split_once('/') else {
             continue;
         };
-        let messages = out
-            .entry(ObjectRef {
-                kind,
-                namespace: namespace.into(),
-                name: name.into(),
-            })
-            .or_default();
-        if !messages.contains(&n.message) {
-            messages.push(n.message.clone());
-        }
+        let r = ObjectRef {
+            kind,
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        add(r, &n.message);
     }
     let mut result: BTreeMap<ObjectRef, Accepted> = out
         .into_iter()
@@ -106,7 +115,7 @@ pub fn desired(
             )
         })
         .collect();
-    for (r, why) in rejected {
+    for (r, why) in &reports.rejected {
         if !KINDS.contains(&r.kind) {
             continue;
         }
@@ -132,7 +141,7 @@ pub async fn run(
     client: Client,
     store: SharedStore,
     mesh: MeshConfig,
-    rejected: Rejected,
+    reports: SharedReports,
     changed: Arc<Notify>,
     mut leader: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
@@ -145,8 +154,8 @@ pub async fn run(
                 // A full compile of its own: the runtime's compiles are incremental,
                 // and their notices cover only what each one recompiled.
                 let notices = Compiler::new(mesh.clone()).full(&store).notices;
-                let rejected = rejected.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                desired(&notices, &rejected, |r| store.get(r).is_some())
+                let reports = reports.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                desired(&notices, &reports, |r| store.get(r).is_some())
             };
             write(&client, &want, &mut written).await;
         }
@@ -265,19 +274,32 @@ mod tests {
                 "retryOn sometimes: unknown condition; ignored",
             ),
         ];
-        let rejected = HashMap::from([
-            (
-                r(Kind::VirtualService, "bad"),
-                "spec.http[0]: bad".to_owned(),
-            ),
-            (
-                r(Kind::DestinationRule, "new"),
-                "spec.host: missing".to_owned(),
-            ),
-            (r(Kind::Pod, "p"), "not ours".to_owned()),
-        ]);
-        let want = desired(&notices, &rejected, |o| o.name == "bad");
+        let reports = Reports {
+            rejected: HashMap::from([
+                (
+                    r(Kind::VirtualService, "bad"),
+                    "spec.http[0]: bad".to_owned(),
+                ),
+                (
+                    r(Kind::DestinationRule, "new"),
+                    "spec.host: missing".to_owned(),
+                ),
+                (r(Kind::Pod, "p"), "not ours".to_owned()),
+            ]),
+            ignored: HashMap::from([(
+                r(Kind::VirtualService, "reviews"),
+                vec![
+                    "spec.http[0].corsPolicy: field is not implemented by Cairn and is ignored"
+                        .to_owned(),
+                ],
+            )]),
+        };
+        let want = desired(&notices, &reports, |o| o.name == "bad");
         assert_eq!(want.len(), 4, "{want:?}");
+        assert_eq!(
+            want[&r(Kind::VirtualService, "reviews")].message,
+            "spec.http[0].corsPolicy: field is not implemented by Cairn and is ignored; retryOn sometimes: unknown condition; ignored"
+        );
         let l7 = &want[&r(Kind::AuthorizationPolicy, "l7")];
         assert_eq!((l7.status, l7.reason), (true, "PartiallyApplied"));
         assert_eq!(l7.message, "rules[0] uses L7 attributes; rules[1] too");
