@@ -195,7 +195,21 @@ impl Agent {
         info!(pod = %key(pod), ip = %address, netns = %sandbox.netns, command = %argv.join(" "), "pod running");
         self.running.insert(uid, sandbox);
         let now = now();
+        // One status per container, as kubelet writes (kubectl's READY column).
+        let containers: Vec<serde_json::Value> = pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.name, "image": c.image, "imageID": "", "ready": true,
+                    "restartCount": 0, "started": true,
+                    "state": {"running": {"startedAt": now}},
+                })
+            })
+            .collect();
         let status = serde_json::json!({"status": {
+            "containerStatuses": containers,
             "phase": "Running",
             "podIP": address.to_string(),
             "podIPs": [{"ip": address.to_string()}],

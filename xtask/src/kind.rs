@@ -192,3 +192,63 @@ fn install_and_test(root: &Path, kind: &Path, kubectl: &Path, kubeconfig: &Path)
             .current_dir(root),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_owned()
+    }
+
+    /// Every image `deploy/` runs, and the controller's default waypoint image, is
+    /// one the kind suite builds and loads (a renamed image would leave kind pods in
+    /// ImagePullBackOff).
+    #[test]
+    fn the_kind_suite_builds_every_image_deploy_runs() {
+        let kustomization = std::fs::read_to_string(root().join("deploy/kustomization.yaml"))
+            .expect("kustomization");
+        let mut names = Vec::new();
+        let mut tags = Vec::new();
+        for line in kustomization.lines().map(str::trim) {
+            if let Some(n) = line.strip_prefix("newName:") {
+                names.push(n.trim().to_owned());
+            }
+            if let Some(t) = line.strip_prefix("newTag:") {
+                tags.push(t.trim().to_owned());
+            }
+        }
+        assert_eq!(names.len(), tags.len());
+        assert!(names.len() >= 3, "{kustomization}");
+        let built: Vec<&str> = IMAGES.iter().map(|(tag, _)| *tag).collect();
+        for (n, t) in names.iter().zip(&tags) {
+            let image = format!("{n}:{t}");
+            assert!(
+                built.contains(&image.as_str()),
+                "{image} is not built for kind"
+            );
+        }
+        let controller = std::fs::read_to_string(root().join("controller/controller/src/main.rs"))
+            .expect("controller main");
+        let waypoint = controller
+            .split("default_value = \"")
+            .filter_map(|s| s.split('"').next())
+            .find(|v| v.contains("/waypoint:"))
+            .expect("the controller's default waypoint image");
+        assert!(
+            built.contains(&waypoint),
+            "{waypoint} is not built for kind"
+        );
+        let cluster =
+            std::fs::read_to_string(root().join("tests/kind/cluster.yaml")).expect("kind config");
+        assert!(cluster.contains(&format!("name: {CLUSTER}")));
+        assert_eq!(
+            cluster.matches("role: worker").count(),
+            2,
+            "the scenarios use two workers"
+        );
+    }
+}
