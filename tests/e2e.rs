@@ -279,7 +279,8 @@ fn e2e_scenarios() {
     let mut lab = KubeLab::up(
         dir.path(),
         &Options {
-            prefix: format!("ce{}", std::process::id() % 100_000),
+            // `ce<pid>`: a later run sweeps what a killed one left.
+            prefix: format!("ce{}", std::process::id()),
             nodes: 2,
         },
     )
@@ -305,6 +306,7 @@ fn e2e_scenarios() {
                 move || kubectl(&["get", "pods", "-A", "-o", "json"]),
                 targets,
             );
+            prometheus::check_shipped(&dir, &config).expect("promtool on what ships");
             let server = prometheus::Prometheus::start(&dir, &config).expect("prometheus");
             Some((server, discovery))
         }
@@ -335,6 +337,15 @@ fn scenarios(lab: &mut dyn Backend) {
         "E2E Istio-style manifests: {} objects accepted by the CRDs",
         accepted.lines().count()
     );
+    // The dashboards' ConfigMaps, as shipped for Grafana's sidecar.
+    let grafana = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana");
+    lab.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-k",
+        &grafana.display().to_string(),
+    ])
+    .expect("deploy/grafana applies");
     let mut ips = std::collections::HashMap::new();
     for (ns, name) in [
         (NS, "client"),

@@ -38,7 +38,8 @@ pub const CONTROLLER_NAME: &str = "cairn-controller.cairn-system.svc";
 /// How a lab is named and how big it is.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Network namespaces, links and node names start with it (at most 8 bytes).
+    /// Network namespaces, links and node names start with it (at most 10 bytes:
+    /// link names `<prefix>n<i>` must stay within Linux's 15).
     pub prefix: String,
     pub nodes: usize,
 }
@@ -142,16 +143,52 @@ pub fn sweep(prefix: &str) {
     }
 }
 
+/// Makes 10.79.0.0/16 ours: a lab of a test process that died (`ce<pid>`) or of this
+/// prefix is swept; one that is alive is an error saying which.
+fn claim_addresses(prefix: &str) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show", "to", &format!("{CONTROLLER_IP}/32")])
+        .output()
+        .context("running ip")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "7: ce1234r    inet 10.79.0.1/32 scope global ce1234r ..."
+        let Some(link) = line.split_whitespace().nth(1) else {
+            continue;
+        };
+        let link = link.split('@').next().unwrap_or(link);
+        let Some(owner) = link.strip_suffix('r') else {
+            continue;
+        };
+        let dead_test = owner
+            .strip_prefix("ce")
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if owner == prefix || dead_test {
+            sweep(owner);
+        } else {
+            bail!(
+                "{CONTROLLER_IP} is held by link {link}: another local cluster is running \
+                 (`cargo xtask cluster down` stops one started by `cluster up`)"
+            );
+        }
+    }
+    Ok(())
+}
+
 impl KubeLab {
     /// Brings the whole cluster up under `dir`: API server, `deploy/`, the fabric
     /// and nodes, node agents, ztunnel pods, the controller; returns once every
     /// ztunnel is connected to the controller.
     pub fn up(dir: &Path, options: &Options) -> Result<KubeLab> {
         pod_lab::can_run().map_err(|e| anyhow::anyhow!(e))?;
+        if options.prefix.is_empty() || options.prefix.len() > 10 {
+            bail!("a lab prefix has 1 to 10 bytes, not {:?}", options.prefix);
+        }
         if options.nodes == 0 || options.nodes > 9 {
             bail!("a local cluster has 1 to 9 nodes, not {}", options.nodes);
         }
         sweep(&options.prefix);
+        claim_addresses(&options.prefix)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let cluster = LocalCluster::start(&dir.join("cluster"))?;
         let mut lab = KubeLab {

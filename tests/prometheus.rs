@@ -185,6 +185,39 @@ impl Drop for Discovery {
     }
 }
 
+/// `promtool check` of the shipped rules and of `config` (the shipped scrape job as
+/// this test runs it).
+pub fn check_shipped(dir: &Path, config: &str) -> Result<()> {
+    let file = dir.join("check.yml");
+    std::fs::write(&file, config)?;
+    for args in [
+        vec![
+            "check".to_owned(),
+            "rules".into(),
+            repo("deploy/prometheus/rules.yaml").display().to_string(),
+        ],
+        vec![
+            "check".to_owned(),
+            "config".into(),
+            file.display().to_string(),
+        ],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .output()
+            .context("running promtool")?;
+        if !out.status.success() {
+            bail!(
+                "promtool {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Prometheus {
     /// Starts Prometheus on a free loopback port with `config`, its data in `dir`.
     pub fn start(dir: &Path, config: &str) -> Result<Prometheus> {

@@ -79,10 +79,6 @@ pub fn definitions(set: Set) -> Vec<CustomResourceDefinition> {
     crds
 }
 
-/// Rewrites what JSON Schema allows but a CRD's structural schema does not:
-/// `patternProperties` (schemars' form for maps with integer keys, such as
-/// PeerAuthentication's `portLevelMtls`) becomes `additionalProperties`; the key
-/// pattern is checked by Cairn's decoder instead.
 /// Istio's older API versions, served with the same schema (Istio's v1 is its
 /// v1beta1 promoted; manifests in either form apply): security v1beta1, networking
 /// v1beta1 and v1alpha3. v1 stays the storage version, so no conversion is needed.
@@ -108,36 +104,33 @@ fn serve_older_versions(crd: &mut CustomResourceDefinition) {
 /// Istio must apply unchanged. The controller's decoder names what it ignores
 /// (docs/api.md); the API server still checks the types of the fields Cairn knows.
 fn keep_unknown_fields(schema: &mut JSONSchemaProps) {
-    if schema.properties.is_some() {
-        schema.x_kubernetes_preserve_unknown_fields = Some(true);
-    }
-    let children = schema
-        .properties
-        .iter_mut()
-        .flat_map(|p| p.values_mut())
-        .chain(schema.all_of.iter_mut().flatten())
-        .chain(schema.any_of.iter_mut().flatten())
-        .chain(schema.one_of.iter_mut().flatten());
-    for child in children {
-        keep_unknown_fields(child);
-    }
-    if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
-        keep_unknown_fields(items);
-    }
-    if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
-        keep_unknown_fields(extra);
-    }
+    for_each_schema(schema, &mut |s| {
+        if s.properties.is_some() {
+            s.x_kubernetes_preserve_unknown_fields = Some(true);
+        }
+    });
 }
 
+/// Rewrites what JSON Schema allows but a CRD's structural schema does not:
+/// `patternProperties` (schemars' form for maps with integer keys, such as
+/// PeerAuthentication's `portLevelMtls`) becomes `additionalProperties`; the key
+/// pattern is checked by Cairn's decoder instead.
 fn make_structural(schema: &mut JSONSchemaProps) {
-    if let Some(patterns) = schema.pattern_properties.take()
-        && let Some((_, value)) = patterns.into_iter().next()
-    {
-        schema.additional_properties = Some(JSONSchemaPropsOrBool::Schema(Box::new(value)));
-        if schema.type_.is_none() {
-            schema.type_ = Some("object".into());
+    for_each_schema(schema, &mut |s| {
+        if let Some(patterns) = s.pattern_properties.take()
+            && let Some((_, value)) = patterns.into_iter().next()
+        {
+            s.additional_properties = Some(JSONSchemaPropsOrBool::Schema(Box::new(value)));
+            if s.type_.is_none() {
+                s.type_ = Some("object".into());
+            }
         }
-    }
+    });
+}
+
+/// Calls `f` on `schema`, then on every schema below it (as `f` left them).
+fn for_each_schema(schema: &mut JSONSchemaProps, f: &mut impl FnMut(&mut JSONSchemaProps)) {
+    f(schema);
     let children = schema
         .properties
         .iter_mut()
@@ -146,13 +139,13 @@ fn make_structural(schema: &mut JSONSchemaProps) {
         .chain(schema.any_of.iter_mut().flatten())
         .chain(schema.one_of.iter_mut().flatten());
     for child in children {
-        make_structural(child);
+        for_each_schema(child, f);
     }
     if let Some(JSONSchemaPropsOrArray::Schema(items)) = schema.items.as_mut() {
-        make_structural(items);
+        for_each_schema(items, f);
     }
     if let Some(JSONSchemaPropsOrBool::Schema(extra)) = schema.additional_properties.as_mut() {
-        make_structural(extra);
+        for_each_schema(extra, f);
     }
 }
 
