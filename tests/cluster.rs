@@ -47,9 +47,18 @@ pub struct LocalCluster {
     pub kubeconfig: PathBuf,
 }
 
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port")?;
-    Ok(l.local_addr()?.port())
+/// `N` distinct free loopback ports: the listeners are held until all are chosen (a
+/// port released at once may be handed out again by the next bind: etcd then finds
+/// its client and peer ports equal and exits).
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding a free port"))
+        .collect::<Result<Vec<_>>>()?;
+    let mut ports = [0u16; N];
+    for (port, l) in ports.iter_mut().zip(&listeners) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 fn spawn(bin: &Path, args: &[String], log: &Path) -> Result<Child> {
@@ -120,7 +129,7 @@ impl LocalCluster {
         let bin = bin_dir().context("kube-apiserver/etcd not built (CAIRN_K8S_BIN)")?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         write_pki(dir)?;
-        let (client, peer, secure) = (free_port()?, free_port()?, free_port()?);
+        let [client, peer, secure] = free_ports::<3>()?;
         let d = |p: &str| dir.join(p).display().to_string();
         let etcd_args = vec![
             "--name=local".to_string(),
