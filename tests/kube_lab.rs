@@ -107,6 +107,13 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
         .with_context(|| format!("starting {:?}", cmd.get_program()))
 }
 
+/// The network namespace `cairn-node` makes for pod `uid` on `node` (a name under
+/// /var/run/netns): the same pod always gets the same one.
+pub fn pod_netns(node: &str, uid: &str) -> String {
+    let short: String = uid.chars().filter(|c| *c != '-').take(10).collect();
+    format!("{node}-{short}")
+}
+
 /// Removes what a lab with `prefix` left behind (a killed test, a crashed
 /// `cairn-cluster up`): its node agents' pods, namespaces, the host link, pins.
 pub fn sweep(prefix: &str) {
@@ -610,8 +617,7 @@ impl KubeLab {
     }
 
     /// A command run as a process of pod `namespace/name` (its cgroup, then its
-    /// network namespace): `kubectl exec` for the local cluster. Names follow the
-    /// node agent's (`tests/node/pod.rs`, `Sandbox::names`).
+    /// network namespace): `kubectl exec` for the local cluster.
     pub fn exec(&self, namespace: &str, name: &str, args: &[&str]) -> Result<std::process::Output> {
         let out = self.kubectl(&[
             "-n",
@@ -623,11 +629,10 @@ impl KubeLab {
             "jsonpath={.metadata.uid} {.spec.nodeName}",
         ])?;
         let (uid, node) = out.split_once(' ').context("pod without uid or node")?;
-        let short: String = uid.chars().filter(|c| *c != '-').take(10).collect();
         let cgroup = self
             .cgroup_root
             .join(format!("cairn-node/{node}/{uid}/cgroup.procs"));
-        let netns = format!("/var/run/netns/{node}-{short}");
+        let netns = format!("/var/run/netns/{}", pod_netns(node, uid));
         let script = format!(
             "echo $$ > {} && exec nsenter --net={netns} -- \"$@\"",
             cgroup.display()

@@ -361,11 +361,11 @@ pub fn l7(lab: &mut dyn Backend, m: &Mesh) {
         Duration::from_secs(20),
         || waypoint_dump(lab, &m.waypoint_pod).contains("shop/reviews/abort"),
     );
-    let abort = load(lab, NS, "client", &m.reviews_vip, "reviews", 1000);
+    let abort = load(lab, NS, "client", &m.reviews_vip, "reviews", 2000);
     let aborted = share(abort.code("503"), abort.requests());
-    println!("E2E fault abort 50%: {aborted:.1}% 503 of 1000");
+    println!("E2E fault abort 50%: {aborted:.1}% 503 of 2000");
     assert!((aborted - 50.0).abs() <= 5.0, "{abort:?}");
-    assert_eq!(abort.code("503") + abort.code("200"), 1000, "{abort:?}");
+    assert_eq!(abort.code("503") + abort.code("200"), 2000, "{abort:?}");
 
     let flaky_vip = format!("{}:9080", cluster_ip(lab, "flaky"));
     // One request at a time: the pod fails every third attempt, so one retry always

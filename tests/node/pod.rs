@@ -61,10 +61,12 @@ fn ip(args: &[&str]) -> Result<()> {
 impl Sandbox {
     /// Names derive from the pod's uid: the same pod always gets the same ones, so
     /// a restarted agent finds what it made.
+    /// The network namespace is [`cairn_tests::kube_lab::pod_netns`] (the suite
+    /// enters pods by it).
     pub fn names(node: &str, uid: &str) -> (String, String, String) {
         let short: String = uid.chars().filter(|c| *c != '-').take(10).collect();
         (
-            format!("{node}-{short}"),
+            cairn_tests::kube_lab::pod_netns(node, uid),
             format!("cv{short}"),
             format!("cp{short}"),
         )
