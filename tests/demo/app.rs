@@ -318,6 +318,29 @@ pub fn read_stats(path: &Path) -> Option<Stats> {
 
 pub async fn frontend(target: SocketAddr, host: String, rate: u32, stats: PathBuf) -> Result<()> {
     let client = client();
+    // A pod starts before its node's ztunnel has taken it in (connections are refused,
+    // never sent in plaintext, until then: docs/capture.md). Like an app with a
+    // startup probe, wait until reviews answers once before the steady load.
+    let began = Instant::now();
+    loop {
+        match get(
+            &client,
+            &format!("http://{target}/reviews/ready"),
+            &[("host", &host)],
+        )
+        .await
+        {
+            Ok(_) => break,
+            Err(e) if began.elapsed() < Duration::from_secs(30) => {
+                eprintln!(
+                    "{:.3}s waiting for reviews: {e:#}",
+                    began.elapsed().as_secs_f64()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.context("reviews did not answer within 30 s")),
+        }
+    }
     let recorder = Arc::new(Mutex::new(Recorder::default()));
     {
         let recorder = recorder.clone();

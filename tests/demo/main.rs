@@ -25,12 +25,13 @@ use anyhow::{Context, Result, bail};
 use cairn_tests::{
     demo_env::{self, DEFAULT_DIR, PREFIX},
     lab::binary,
-    pod_lab::{NODE_A, NODE_B, Options, PodLab, connect_in},
+    pod_lab::{NODE_A, NODE_B, Options, PodLab, connect_in, get_in},
     waypoint_lab::{WAYPOINT_POD_IP, WAYPOINT_VIP, apply_and_place, spec, wait_for_waypoint},
 };
 use clap::{Parser, Subcommand};
 
 mod app;
+mod kube;
 mod view;
 
 #[derive(Parser)]
@@ -52,6 +53,10 @@ enum Cmd {
         rate: u32,
         #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
+        /// On the local Kubernetes cluster (a real API server; the controller in
+        /// Kubernetes mode; everything through kubectl and `cairn --kube`).
+        #[arg(long)]
+        kube: bool,
     },
     /// Stop a running demo and remove what any demo left behind.
     Down {
@@ -107,7 +112,7 @@ enum Role {
     },
 }
 
-const NAMESPACE: &str = "demo";
+pub(crate) const NAMESPACE: &str = "demo";
 const REVIEWS: &str = "10.96.0.12:9080";
 const RATINGS: &str = "10.96.0.13:9080";
 const PODS: [(&str, usize, &str); 4] = [
@@ -122,8 +127,12 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Cmd::Up {
         rate: 200,
         dir: DEFAULT_DIR.into(),
+        kube: false,
     }) {
-        Cmd::Up { rate, dir } => up(rate, &dir),
+        Cmd::Up {
+            rate, kube: true, ..
+        } => preflight().and_then(|()| kube::up(rate, &*stop_flag()?)),
+        Cmd::Up { rate, dir, .. } => up(rate, &dir),
         Cmd::Down { dir } => down(&dir),
         Cmd::App { role } => run_app(role),
     };
@@ -261,7 +270,7 @@ fn cairn(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn step(what: &str) {
+pub(crate) fn step(what: &str) {
     println!("==> {what}");
 }
 
@@ -451,7 +460,28 @@ fn run(rate: u32, dir: &Path, stop: &AtomicBool) -> Result<()> {
     }
     let footer = footer(&config, dir, &urls, &forwarded);
     println!("\n{footer}\n");
-    view_loop(&lab, &stats, rate, &footer, stop);
+    let admin = |ip: &str| format!("http://{ip}/metrics");
+    let scrapes = [
+        (
+            lab.netns_path(NODE_A),
+            admin(&lab.admin(NODE_A)),
+            "ztunnel node-a",
+        ),
+        (
+            lab.netns_path(NODE_B),
+            admin(&lab.admin(NODE_B)),
+            "ztunnel node-b",
+        ),
+        (
+            lab.netns_path(NODE_A),
+            format!("http://{WAYPOINT_POD_IP}:15020/metrics"),
+            "waypoint",
+        ),
+    ];
+    let header = format!(
+        "Cairn demo: namespace {NAMESPACE} on node-a and node-b, waypoint {NAMESPACE}/waypoint ({WAYPOINT_VIP}), frontend at {rate} req/s"
+    );
+    view_loop(&header, &scrapes, &stats, &footer, stop);
     step("stopping: removing every process, namespace, link, cgroup and pin");
     drop(lab);
     Ok(())
@@ -478,7 +508,16 @@ fn footer(config: &str, dir: &Path, urls: &str, forwarded: &[String]) -> String 
     )
 }
 
-fn view_loop(lab: &PodLab, stats: &Path, rate: u32, footer: &str, stop: &AtomicBool) {
+/// Redraws the view until `stop`: the frontend's stats from `stats`, the two
+/// ztunnels' and the waypoint's metrics from `scrapes` (namespace to fetch from,
+/// URL, name).
+pub(crate) fn view_loop(
+    header: &str,
+    scrapes: &[(PathBuf, String, &'static str); 3],
+    stats: &Path,
+    footer: &str,
+    stop: &AtomicBool,
+) {
     let tty = std::io::stdout().is_terminal();
     // A terminal is redrawn every second; a log (not a terminal) gets a frame every 5 s.
     let every = if tty {
@@ -491,36 +530,17 @@ fn view_loop(lab: &PodLab, stats: &Path, rate: u32, footer: &str, stop: &AtomicB
     while !stop.load(Ordering::SeqCst) {
         if Instant::now() >= next {
             next += every;
-            let scrape = |node: usize, url: String, who| {
-                let text = lab.fetch(node, &url);
-                view::Scrape {
-                    who,
-                    samples: (!text.starts_with("ERR ")).then(|| view::parse_metrics(&text)),
-                }
+            let scrape = |(netns, url, who): &(PathBuf, String, &'static str)| view::Scrape {
+                who,
+                samples: get_in(netns, url)
+                    .ok()
+                    .map(|text| view::parse_metrics(&text)),
             };
             let frame = view::Frame {
-                header: format!(
-                    "Cairn demo: namespace {NAMESPACE} on node-a and node-b, waypoint {NAMESPACE}/waypoint ({WAYPOINT_VIP}), frontend at {rate} req/s, up {:.0} s",
-                    started.elapsed().as_secs_f64()
-                ),
+                header: format!("{header}, up {:.0} s", started.elapsed().as_secs_f64()),
                 stats: app::read_stats(stats),
-                ztunnels: [
-                    scrape(
-                        NODE_A,
-                        format!("http://{}/metrics", lab.admin(NODE_A)),
-                        "ztunnel node-a",
-                    ),
-                    scrape(
-                        NODE_B,
-                        format!("http://{}/metrics", lab.admin(NODE_B)),
-                        "ztunnel node-b",
-                    ),
-                ],
-                waypoint: scrape(
-                    NODE_A,
-                    format!("http://{WAYPOINT_POD_IP}:15020/metrics"),
-                    "waypoint",
-                ),
+                ztunnels: [scrape(&scrapes[0]), scrape(&scrapes[1])],
+                waypoint: scrape(&scrapes[2]),
                 footer,
             };
             let text = view::render(&frame);

@@ -3,8 +3,9 @@
 //! - `cargo xtask test`: format check, clippy (warnings are errors), every test.
 //! - `cargo xtask bench [name]`: runs the benchmarks at full scale and rewrites
 //!   their tables in `docs/benchmarks.md`.
-//! - `cargo xtask demo [up | down]`: builds the mesh and runs the one-machine demo
-//!   (`tests/demo/`), or removes what a demo left behind.
+//! - `cargo xtask demo [up | down] [--kube]`: builds the mesh and runs the
+//!   one-machine demo (`tests/demo/`; `--kube` on the local Kubernetes cluster), or
+//!   removes what a demo left behind.
 //!
 //! - `cargo xtask cluster build`: builds (once, cached) the local cluster's
 //!   kube-apiserver, kubectl and etcd from their Go modules (`k8s.rs`).
@@ -106,7 +107,7 @@ fn main() -> Result<()> {
         }
         _ => {
             eprintln!(
-                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down] | cluster build|up|down | e2e [--kind [--keep]] | codegen [--check] | toolchain>"
+                "usage: cargo xtask <test | bench [controller|l4|capture|l4-loopback|lb|l7] | demo [up|down] [--kube] | cluster build|up|down | e2e [--kind [--keep]] | codegen [--check] | toolchain>"
             );
             bail!("unknown or missing command")
         }
@@ -324,6 +325,8 @@ const DEMO_BINS: &[&str] = &[
     "ztunnel",
     "waypoint",
     "cairn-cni",
+    // `--kube`: the local cluster's node agent.
+    "cairn-node",
 ];
 
 fn demo(root: &Path, args: &[String]) -> Result<()> {
@@ -342,9 +345,20 @@ fn demo(root: &Path, args: &[String]) -> Result<()> {
         }
         cargo(root, &build)?;
     }
+    // `demo --kube` is `cairn-demo up --kube` on the local cluster, whose API server
+    // and etcd are built (once) here.
+    let kube = args.iter().any(|a| a == "--kube");
+    let mut args = args.to_vec();
+    if kube && args.first().is_some_and(|a| a.starts_with("--")) {
+        args.insert(0, "up".into());
+    }
+    let mut cmd = Command::new(&bin);
+    if kube {
+        cmd.env("CAIRN_K8S_BIN", k8s::ensure_binaries()?);
+    }
     // The demo replaces this process: Ctrl-C reaches it, not a parent that would
     // exit before the demo has cleaned up.
-    let err = Command::new(&bin).args(args).current_dir(root).exec();
+    let err = cmd.args(&args).current_dir(root).exec();
     Err(err).with_context(|| format!("running {}", bin.display()))
 }
 
