@@ -80,10 +80,16 @@ impl Manifests for Cluster {
         let mut source = KubeSource::new();
         for kind in KINDS {
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &api_resource(kind));
+            let action = match kind {
+                Kind::Gateway => format!(
+                    "listing {kind}s (are Gateway API's CRDs installed? kubectl apply -f deploy/crds/gateway-api.yaml)"
+                ),
+                _ => format!("listing {kind}s"),
+            };
             let list = self
                 .runtime
                 .block_on(api.list(&ListParams::default()))
-                .map_err(kube_err(format!("listing {kind}")))?;
+                .map_err(kube_err(action))?;
             let resource = api_resource(kind);
             for mut obj in list.items {
                 // List items carry no type: the decoder needs it.
