@@ -126,7 +126,7 @@ async fn main() -> anyhow::Result<()> {
         root_namespace: args.root_namespace.clone(),
         ..MeshConfig::default()
     };
-    let runtime = Arc::new(Runtime::new(mesh.clone(), Arc::new(Cache::default())));
+    let runtime = Arc::new(Runtime::new(mesh, Arc::new(Cache::default())));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let kube = match args.config_dir {
@@ -238,8 +238,7 @@ async fn main() -> anyhow::Result<()> {
             ));
             tokio::spawn(policy_status::run(
                 client.clone(),
-                runtime.store().clone(),
-                mesh.clone(),
+                runtime.clone(),
                 reports,
                 status_changed,
                 leader_rx.clone(),

@@ -12,8 +12,9 @@
 //! | fields Cairn ignores, or compiled with notices | `True` | `PartiallyApplied`: each, `; `-separated |
 //! | fine again after either | `True` | `Accepted` |
 //!
-//! Only the leader writes, after store changes settle, and only what differs from
-//! what it wrote before. What a previous leader wrote on objects that are fine now
+//! Notices come from the runtime's compiler (each source's latest compile), so no
+//! compile is done twice. Only the leader writes, after store changes settle, and
+//! only what differs from what it wrote before. What a previous leader wrote on objects that are fine now
 //! stays until they change again (this writer keeps its memory in process).
 
 use std::{
@@ -31,10 +32,10 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    compile::{Compiler, MeshConfig, Notice},
+    compile::Notice,
     kubernetes::{Reports, SharedReports, api_resource},
     resources::{Kind, ObjectRef},
-    runtime::SharedStore,
+    runtime::Runtime,
 };
 
 /// The kinds whose status this writer owns (Gateway API routes report through
@@ -139,8 +140,7 @@ pub fn desired(
 /// While `leader` is true, writes statuses after every change notification.
 pub async fn run(
     client: Client,
-    store: SharedStore,
-    mesh: MeshConfig,
+    runtime: Arc<Runtime>,
     reports: SharedReports,
     changed: Arc<Notify>,
     mut leader: watch::Receiver<bool>,
@@ -150,10 +150,8 @@ pub async fn run(
     loop {
         if *leader.borrow() {
             let want = {
-                let store = store.read().unwrap_or_else(|e| e.into_inner());
-                // A full compile of its own: the runtime's compiles are incremental,
-                // and their notices cover only what each one recompiled.
-                let notices = Compiler::new(mesh.clone()).full(&store).notices;
+                let notices = runtime.notices();
+                let store = runtime.store().read().unwrap_or_else(|e| e.into_inner());
                 let reports = reports.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 desired(&notices, &reports, |r| store.get(r).is_some())
             };

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::{
     ca::service::WorkloadDirectory,
-    compile::{Compiler, MeshConfig},
+    compile::{Compiler, MeshConfig, Notice},
     local::{LocalSource, Scan},
     resources::ObjectRef,
     store::Store,
@@ -58,6 +58,14 @@ impl Runtime {
             warn!(policy = %n.policy, "{}", n.message);
         }
         self.cache.apply(&delta)
+    }
+
+    /// The notices of the compile in force (every source's latest).
+    pub fn notices(&self) -> Vec<Notice> {
+        self.compiler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .notices()
     }
 
     /// Rescans a local source and publishes what changed.

@@ -398,6 +398,9 @@ pub struct Delta {
 pub struct Compiler {
     mesh: MeshConfig,
     produced: HashMap<Source, Vec<(ResourceType, String)>>,
+    /// The notices each source's last compile gave: with `produced`, the state of
+    /// the whole compile without compiling it again.
+    notices: BTreeMap<Source, Vec<Notice>>,
     /// Until the first full compile, any change compiles everything.
     initialized: bool,
 }
@@ -407,12 +410,19 @@ impl Compiler {
         Self {
             mesh,
             produced: HashMap::new(),
+            notices: BTreeMap::new(),
             initialized: false,
         }
     }
 
     pub fn mesh(&self) -> &MeshConfig {
         &self.mesh
+    }
+
+    /// Every notice of the current compile (a full compile's, kept up to date by the
+    /// incremental ones): what the status writer reports.
+    pub fn notices(&self) -> Vec<Notice> {
+        self.notices.values().flatten().cloned().collect()
     }
 
     /// Recompiles every source. Resources no source produces any more are removed.
@@ -439,7 +449,12 @@ impl Compiler {
         let mut delta = Delta::default();
         let mut written = BTreeSet::new();
         for src in sources {
+            let first_notice = delta.notices.len();
             let outputs = compile_source(store, &self.mesh, &src, &mut delta.notices);
+            match &delta.notices[first_notice..] {
+                [] => self.notices.remove(&src),
+                given => self.notices.insert(src.clone(), given.to_vec()),
+            };
             let keys: Vec<_> = outputs.iter().map(Output::key).collect();
             let old = match keys.is_empty() {
                 true => self.produced.remove(&src).unwrap_or_default(),

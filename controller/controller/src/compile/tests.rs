@@ -452,6 +452,10 @@ fn incremental_matches_full_compile() {
         }
     }
     apply(&mut published, compiler.full(&store));
+    assert!(
+        !compiler.notices().is_empty(),
+        "the corpus has policies to report on"
+    );
 
     let edits: Vec<String> = vec![
         // Pod changes node and readiness.
@@ -481,6 +485,7 @@ fn incremental_matches_full_compile() {
         }
         apply(&mut published, compiler.changed(&store, &refs));
         check_same(&published, &compile(&store, &mesh));
+        check_same_notices(&compiler, &store, &mesh);
     }
     // Deletes, too.
     for r in [
@@ -503,7 +508,23 @@ fn incremental_matches_full_compile() {
         store.delete(&r);
         apply(&mut published, compiler.changed(&store, &[r]));
         check_same(&published, &compile(&store, &mesh));
+        check_same_notices(&compiler, &store, &mesh);
     }
+}
+
+/// The notices the incremental compiler holds are a full compile's.
+fn check_same_notices(compiler: &Compiler, store: &Store, mesh: &MeshConfig) {
+    let key = |n: &Notice| (n.policy.clone(), n.message.clone(), n.kind);
+    let mut got: Vec<_> = compiler.notices().iter().map(key).collect();
+    let mut want: Vec<_> = Compiler::new(mesh.clone())
+        .full(store)
+        .notices
+        .iter()
+        .map(key)
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
 }
 
 fn check_same(published: &BTreeMap<(ResourceType, String), Vec<u8>>, full: &Compiled) {
