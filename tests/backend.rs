@@ -128,16 +128,7 @@ impl Backend for KubeLab {
     }
 
     fn admin_get(&self, namespace: &str, pod: &str, path: &str) -> Result<String> {
-        let out = self.kubectl(&[
-            "-n",
-            namespace,
-            "get",
-            "pod",
-            pod,
-            "-o",
-            "jsonpath={.status.podIP} {.spec.nodeName}",
-        ])?;
-        let (ip, node) = out.split_once(' ').context("pod without an IP or node")?;
+        let (ip, node) = self.pod_on_node(namespace, pod, "status.podIP")?;
         let node = self
             .nodes
             .iter()

@@ -258,6 +258,25 @@ impl LocalCluster {
         kubectl(&self.bin, &self.kubeconfig, args)
     }
 
+    /// What ships, as a user installs it: Gateway API's CRDs (this cluster has none),
+    /// `kubectl apply -k deploy/`, and every CRD established.
+    pub fn install_deploy(&self) -> Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("workspace root")?;
+        let path = |p: &str| root.join(p).display().to_string();
+        self.kubectl(&["apply", "-f", &path("deploy/crds/gateway-api.yaml")])?;
+        self.kubectl(&["apply", "-k", &path("deploy")])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd",
+            "--all",
+        ])?;
+        Ok(())
+    }
+
     /// [`LocalCluster::kubectl`] for another thread.
     pub fn kubectl_fn(&self) -> impl Fn(&[&str]) -> Result<String> + Send + 'static {
         let (bin, kubeconfig) = (self.bin.clone(), self.kubeconfig.clone());

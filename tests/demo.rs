@@ -141,17 +141,7 @@ impl Demo {
 impl Drop for Demo {
     /// A failed assertion must not leave a demo running: Ctrl-C, then `down`'s sweep.
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .args(["-INT", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        demo_env::interrupt(&mut self.child, Duration::from_secs(20));
         demo_env::sweep(&self.dir);
     }
 }

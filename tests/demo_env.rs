@@ -187,3 +187,24 @@ pub fn stop_running(dir: &Path, timeout: Duration) -> bool {
     }
     !Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Ctrl-C (SIGINT) for a demo the caller started, then up to `within` for it to
+/// clean up and exit; killed after that. Whether it exited by itself.
+pub fn interrupt(child: &mut std::process::Child, within: Duration) -> bool {
+    if child.try_wait().ok().flatten().is_some() {
+        return true;
+    }
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + within;
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}

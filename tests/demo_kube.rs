@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cairn_tests::{cluster, lab::binary, pod_lab::can_run};
+use cairn_tests::{cluster, demo_env, lab::binary, pod_lab::can_run};
 use serde_json::Value;
 
 const DIR: &str = "/run/cairn-cluster";
@@ -78,17 +78,7 @@ impl Demo {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .args(["-INT", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        demo_env::interrupt(&mut self.child, Duration::from_secs(30));
         cairn_tests::kube_lab::sweep("cairn");
     }
 }
@@ -175,18 +165,11 @@ fn the_kubernetes_demo_shows_the_canary_and_reacts_to_kubectl() {
         v2 * 100.0
     );
 
-    let _ = Command::new("kill")
-        .args(["-INT", &demo.child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while demo.child.try_wait().ok().flatten().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the demo did not stop after Ctrl-C\n{}",
-            demo.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        demo_env::interrupt(&mut demo.child, Duration::from_secs(60)),
+        "the demo did not stop after Ctrl-C\n{}",
+        demo.output()
+    );
     let left = leftovers();
     assert!(left.is_empty(), "after Ctrl-C: {left:?}\n{}", demo.output());
     let _ = std::fs::remove_file(&demo.out);

@@ -154,24 +154,16 @@ async fn controller_on_a_real_api_server() {
             .expect("local cluster");
     let client = cluster.client().await.expect("kube client");
 
-    // What ships: `kubectl apply -k deploy/` (CRDs generated from Cairn's types,
-    // namespace, RBAC, controller, ztunnel DaemonSet), then the Gateway API CRDs, on
-    // the real API server.
+    // What ships: the Gateway API CRDs and `kubectl apply -k deploy/` (CRDs generated
+    // from Cairn's types, namespace, RBAC, controller, ztunnel DaemonSet), on the real
+    // API server.
     let root_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
         .to_owned();
     let repo = |p: &str| root_dir.join(p).display().to_string();
     tokio::task::block_in_place(|| {
-        cluster.kubectl(&["apply", "-k", &repo("deploy")])?;
-        cluster.kubectl(&["apply", "-f", &repo("deploy/crds/gateway-api.yaml")])?;
-        cluster.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd",
-            "--all",
-        ])?;
+        cluster.install_deploy()?;
         // The demo's manifests and steps are valid against those CRDs.
         cluster.kubectl(&["apply", "-f", &repo("deploy/demo/bookinfo.yaml")])?;
         for f in [

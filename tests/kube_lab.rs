@@ -86,13 +86,6 @@ fn sh(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|root| root.join(path).display().to_string())
-        .unwrap_or_else(|| path.into())
-}
-
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
@@ -244,15 +237,7 @@ impl KubeLab {
     /// What ships: CRDs (Gateway API's too, the cluster has none), namespace, RBAC,
     /// the controller's and ztunnel's service accounts.
     fn install(&self) -> Result<()> {
-        self.kubectl(&["apply", "-f", &repo("deploy/crds/gateway-api.yaml")])?;
-        self.kubectl(&["apply", "-k", &repo("deploy")])?;
-        self.kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=30s",
-            "crd",
-            "--all",
-        ])?;
+        self.cluster.install_deploy()?;
         // The controller runs on the host (the API server listens on the host's
         // loopback, which pods cannot reach), so its shipped Deployment is scaled
         // to none, or the node agent standing in for the Deployment controller
@@ -619,16 +604,8 @@ impl KubeLab {
     /// A command run as a process of pod `namespace/name` (its cgroup, then its
     /// network namespace): `kubectl exec` for the local cluster.
     pub fn exec(&self, namespace: &str, name: &str, args: &[&str]) -> Result<std::process::Output> {
-        let out = self.kubectl(&[
-            "-n",
-            namespace,
-            "get",
-            "pod",
-            name,
-            "-o",
-            "jsonpath={.metadata.uid} {.spec.nodeName}",
-        ])?;
-        let (uid, node) = out.split_once(' ').context("pod without uid or node")?;
+        let (uid, node) = self.pod_on_node(namespace, name, "metadata.uid")?;
+        let (uid, node) = (uid.as_str(), node.as_str());
         let cgroup = self
             .cgroup_root
             .join(format!("cairn-node/{node}/{uid}/cgroup.procs"));
@@ -642,6 +619,30 @@ impl KubeLab {
             .args(args)
             .output()
             .context("exec in pod")
+    }
+
+    /// A field of pod `namespace/name` (a jsonpath below the pod, e.g.
+    /// `status.podIP`) and the node it is bound to.
+    pub fn pod_on_node(
+        &self,
+        namespace: &str,
+        name: &str,
+        field: &str,
+    ) -> Result<(String, String)> {
+        let out = self.kubectl(&[
+            "-n",
+            namespace,
+            "get",
+            "pod",
+            name,
+            "-o",
+            &format!("jsonpath={{.{field}}} {{.spec.nodeName}}"),
+        ])?;
+        let (value, node) = out
+            .split_once(' ')
+            .filter(|(v, n)| !v.is_empty() && !n.is_empty())
+            .with_context(|| format!("pod {namespace}/{name} has no {field} or node yet"))?;
+        Ok((value.to_owned(), node.to_owned()))
     }
 
     /// Runs the CLI (`cairn ... --kube`) against this cluster.
