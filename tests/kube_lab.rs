@@ -48,6 +48,8 @@ pub struct KubeNode {
     /// The Node's name (also its network namespace's).
     pub name: String,
     pub ip: Ipv4Addr,
+    /// The node's pod range (`10.79.<i>.0/24`).
+    pub pod_cidr: String,
     agent: Option<Child>,
 }
 
@@ -335,6 +337,7 @@ impl KubeLab {
     fn add_node(&mut self, i: usize) -> Result<()> {
         let name = format!("{}-n{i}", self.prefix);
         let ip = Ipv4Addr::new(10, 79, i as u8, 1);
+        let pod_cidr = format!("10.79.{i}.0/24");
         let fabric = format!("{}-fab", self.prefix);
         let link = format!("{}n{i}", self.prefix);
         sh(&["ip", "netns", "add", &name])?;
@@ -393,7 +396,7 @@ impl KubeLab {
             &fabric,
             "route",
             "add",
-            &format!("10.79.{i}.0/24"),
+            &pod_cidr,
             "via",
             &ip.to_string(),
             "dev",
@@ -404,7 +407,7 @@ impl KubeLab {
         sh(&["mount", "-t", "bpf", "bpf", &pins.display().to_string()])?;
         std::fs::create_dir_all(self.state_dir(&name))?;
         self.apply(&format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}}}\nspec:\n  podCIDR: 10.79.{i}.0/24\n"
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}}}\nspec:\n  podCIDR: {pod_cidr}\n"
         ))?;
         let cni_config = self.dir.join(format!("cni-{name}.json"));
         std::fs::write(
@@ -422,6 +425,7 @@ impl KubeLab {
         let mut node = KubeNode {
             name,
             ip,
+            pod_cidr,
             agent: None,
         };
         node.agent = Some(self.start_agent(&node, i == 1, &cni_config)?);
@@ -443,13 +447,7 @@ impl KubeLab {
             .arg(&self.cluster.kubeconfig)
             .args(["--node", &node.name, "--node-netns", &node.name])
             .args(["--gateway", &node.ip.to_string()])
-            .args([
-                "--pod-cidr",
-                &format!("{}.0/24", {
-                    let [a, b, c, _] = node.ip.octets();
-                    format!("{a}.{b}.{c}")
-                }),
-            ])
+            .args(["--pod-cidr", &node.pod_cidr])
             .arg("--dir")
             .arg(self.dir.join(format!("logs-{}", node.name)))
             .args(["--image", &app, "--image", &ztunnel, "--image", &waypoint])
@@ -689,7 +687,8 @@ impl Drop for KubeLab {
                 let _ = Command::new("kill").arg(agent.id().to_string()).status();
             }
         }
-        for node in &mut self.nodes {
+        let pins: Vec<PathBuf> = self.nodes.iter().map(|n| self.pin_root(&n.name)).collect();
+        for (node, pins) in self.nodes.iter_mut().zip(pins) {
             if let Some(mut agent) = node.agent.take() {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while matches!(agent.try_wait(), Ok(None)) && Instant::now() < deadline {
@@ -699,7 +698,7 @@ impl Drop for KubeLab {
                 let _ = agent.wait();
             }
             let _ = Command::new("umount")
-                .arg(self.dir.join(format!("bpf-{}", node.name)))
+                .arg(pins)
                 .stderr(Stdio::null())
                 .status();
         }

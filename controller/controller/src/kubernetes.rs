@@ -363,11 +363,11 @@ fn apply_loop(
         let stats = runtime.publish(&changed);
         // A rejected update changes no object, but is news for the status writer.
         let reports_changed = {
-            let reports = source.reports();
             let mut shared = listeners.reports.lock().unwrap_or_else(|e| e.into_inner());
-            let differ = *shared != reports;
+            // Compared in place: most batches change no report, and need no copy.
+            let differ = shared.rejected != source.rejected || shared.ignored != source.ignored;
             if differ {
-                *shared = reports;
+                *shared = source.reports();
             }
             differ
         };
