@@ -177,7 +177,8 @@ fn role(args: &[String]) {
 // === the lab ===
 
 /// CPU-seconds (user + system) and RSS (KiB) of a process.
-fn usage(pid: u32) -> (f64, u64) {
+/// A process's CPU-seconds in user space and in the kernel so far, and its RSS (KiB).
+fn usage(pid: u32) -> (f64, f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -188,7 +189,7 @@ fn usage(pid: u32) -> (f64, u64) {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0);
-    ((ticks(11) + ticks(12)) / 100.0, rss)
+    (ticks(11) / 100.0, ticks(12) / 100.0, rss)
 }
 
 struct Run {
@@ -197,6 +198,20 @@ struct Run {
     secs: f64,
     p50: f64,
     p99: f64,
+}
+
+/// Connections node B's ztunnel has accepted for its pods so far (tunnels and
+/// plaintext alike): how often the paths above it open a new one.
+fn inbound_opened(lab: &PodLab) -> f64 {
+    let metrics = lab.fetch(NODE_B, &format!("http://{}/metrics", lab.admin(NODE_B)));
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn run(lab: &PodLab, pod: &str, ip: &str, rate: u32, secs: f64) -> Run {
@@ -303,9 +318,11 @@ fn main() {
         // Warm the pools and connections, then measure.
         run(&lab, pod, ip, 0, 0.2);
         let sat = run(&lab, pod, ip, 0, sat_secs);
-        let (cpu0, _) = usage(wp);
+        let (user0, sys0, _) = usage(wp);
+        let opened0 = inbound_opened(&lab);
         let paced = run(&lab, pod, ip, rate, paced_secs);
-        let (cpu1, rss) = usage(wp);
+        let (user1, sys1, rss) = usage(wp);
+        let opened = inbound_opened(&lab) - opened0;
         assert!(
             sat.ok > 0 && paced.ok > 0,
             "{name}: no request answered ({} / {} failed)\n{}",
@@ -315,8 +332,19 @@ fn main() {
         );
         let through_waypoint = ip == REVIEWS_VIP;
         let achieved = paced.ok as f64 / paced.secs;
-        let wp_cpu = through_waypoint.then(|| (cpu1 - cpu0) / paced.secs / (achieved / 1000.0));
-        rows.push((name, sat, paced, wp_cpu, through_waypoint.then_some(rss)));
+        // vCPU per 1,000 req/s, and the part of it spent in the kernel.
+        let per_1k = |cpu: f64| cpu / paced.secs / (achieved / 1000.0);
+        let wp_cpu =
+            through_waypoint.then(|| (per_1k(user1 - user0 + sys1 - sys0), per_1k(sys1 - sys0)));
+        let opened_per_1k = opened / (paced.ok.max(1) as f64 / 1000.0);
+        rows.push((
+            name,
+            sat,
+            paced,
+            wp_cpu,
+            through_waypoint.then_some(rss),
+            opened_per_1k,
+        ));
     }
     let direct_rps = rows[0].1.ok as f64 / rows[0].1.secs;
     let (l4_p99, direct_p99) = (rows[1].2.p99, rows[0].2.p99);
@@ -325,21 +353,26 @@ fn main() {
         "Pod lab: two nodes (network namespaces, veth), pods captured by eBPF, the real controller, ztunnels and `waypoint` (one worker thread each), HTTP/1.1 servers in pods on node B, the load generator in a pod on node A; saturation: 16 keep-alive connections for {sat_secs} s; latency: 8 connections paced at {rate} req/s for {paced_secs} s.\n"
     );
     println!(
-        "| path | req/s at saturation | vs direct | p50 µs @{rate}/s | p99 µs @{rate}/s | p99 added vs L4 mesh µs | p99 added vs direct µs | failed | waypoint vCPU per 1k req/s | waypoint RSS MB |"
+        "| path | req/s at saturation | vs direct | p50 µs @{rate}/s | p99 µs @{rate}/s | p99 added vs L4 mesh µs | p99 added vs direct µs | failed | waypoint vCPU per 1k req/s (of it in the kernel) | waypoint RSS MB | connections opened at node B per 1k req (paced) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-    for (name, sat, paced, cpu, rss) in &rows {
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (name, sat, paced, cpu, rss, opened) in &rows {
         let rps = sat.ok as f64 / sat.secs;
         println!(
-            "| {name} | {rps:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {name} | {rps:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} |",
             rps / direct_rps,
             paced.p50,
             paced.p99,
             paced.p99 - l4_p99,
             paced.p99 - direct_p99,
             sat.failed + paced.failed,
-            cpu.map_or("-".into(), |c| format!("{c:.3}")),
+            cpu.map_or("-".into(), |(c, k)| format!("{c:.3} ({k:.3})")),
             rss.map_or("-".into(), |r| format!("{:.1}", r as f64 / 1024.0)),
+            // The direct path's server is outside the mesh: node B's ztunnel never sees it.
+            match name.starts_with("direct") {
+                true => "-".to_string(),
+                false => format!("{opened:.1}"),
+            },
         );
     }
     println!("<!-- l7-mesh:end -->");

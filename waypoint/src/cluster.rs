@@ -424,15 +424,15 @@ impl Upstream for Clusters {
     }
 
     fn send(&self, backend: &str, req: Request<Body>) -> UpstreamFuture {
-        let backend = backend.to_owned();
-        let Some(cluster) = self.clusters.get(&backend).cloned() else {
-            return Box::pin(async move { Err(UpstreamError::NoEndpoint(backend)) });
+        let fail = |e: UpstreamError| -> UpstreamFuture { Box::pin(async move { Err(e) }) };
+        let Some(cluster) = self.clusters.get(backend).cloned() else {
+            return fail(UpstreamError::NoEndpoint(backend.to_owned()));
         };
         let Some(endpoint) = cluster.pick(&req) else {
-            return Box::pin(async move { Err(UpstreamError::NoEndpoint(backend)) });
+            return fail(UpstreamError::NoEndpoint(backend.to_owned()));
         };
         let Some(guard) = cluster.admit(endpoint.clone()) else {
-            return Box::pin(async move { Err(UpstreamError::Overflow(backend)) });
+            return fail(UpstreamError::Overflow(backend.to_owned()));
         };
         let mut req = req;
         if let Some(t) = cluster.policy.connect_timeout {

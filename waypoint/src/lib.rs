@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod config;
 pub mod detect;
 pub mod fault;
+pub mod h1_pool;
 pub mod hbone_upstream;
 pub mod head_timer;
 pub mod ingress;

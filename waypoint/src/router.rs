@@ -13,10 +13,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Body as _;
-use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
-};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, info, warn};
@@ -403,16 +399,23 @@ impl Router {
             .is_some_and(|v| v.starts_with("application/grpc"));
         let downstream = req.extensions().get::<Arc<Downstream>>().cloned();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let request_bytes = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let req = req.map(|b| Counting::new(b, request_bytes.clone()).boxed());
+        let uri = req.uri().clone();
+        // Bodies are counted as they are read; a request without one (most GETs) is
+        // not wrapped.
+        let (req, request_bytes) = match req.body().is_end_stream() {
+            true => (req, None),
+            false => {
+                let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                (req.map(|b| Counting::new(b, n.clone()).boxed()), Some(n))
+            }
+        };
         let resp = self.answer(req).await;
         let (mut parts, body) = resp.into_parts();
         let record = Record {
             start,
             downstream,
             method,
-            path,
+            uri,
             grpc,
             ids,
             request_bytes,
@@ -629,36 +632,36 @@ impl Router {
             },
             false => Err(body),
         };
-        let (mut first, saved) = match replay {
-            Ok(bytes) => (Some(full(bytes.clone())), Some(bytes)),
-            Err(body) => (Some(body), None),
+        let (body, saved) = match replay {
+            Ok(bytes) => (full(bytes.clone()), Some(bytes)),
+            Err(body) => (body, None),
         };
         self.mirror(rule, &parts, saved.as_ref());
+        let Some(saved) = saved else {
+            // Nothing kept to send again: one attempt, and the head goes as it is.
+            let attempt = self
+                .attempt(backend, Request::from_parts(parts, body), per_try)
+                .await;
+            return attempt.into_response(backend, 0);
+        };
+        let mut body = Some(body);
         let mut retries = 0u32;
         let mut _retrying = None;
         loop {
-            let body = first
-                .take()
-                .unwrap_or_else(|| full(saved.clone().unwrap_or_default()));
-            let sent = self.upstream.send(backend, copy_head(&parts, body));
-            let attempt = match per_try {
-                Some(t) => match tokio::time::timeout(t, sent).await {
-                    Ok(r) => r.map_or_else(Attempt::Failed, Attempt::Answered),
-                    Err(_) => Attempt::TimedOut,
-                },
-                None => sent.await.map_or_else(Attempt::Failed, Attempt::Answered),
-            };
-            let again = saved.is_some()
-                && policy.is_some_and(|p| {
-                    retries < p.retries
-                        && attempt.outcome().is_some_and(|o| {
-                            let headers = match &attempt {
-                                Attempt::Answered(r) => Some(r.headers()),
-                                _ => None,
-                            };
-                            p.retriable(o, headers)
-                        })
-                });
+            let body = body.take().unwrap_or_else(|| full(saved.clone()));
+            let attempt = self
+                .attempt(backend, copy_head(&parts, body), per_try)
+                .await;
+            let again = policy.is_some_and(|p| {
+                retries < p.retries
+                    && attempt.outcome().is_some_and(|o| {
+                        let headers = match &attempt {
+                            Attempt::Answered(r) => Some(r.headers()),
+                            _ => None,
+                        };
+                        p.retriable(o, headers)
+                    })
+            });
             if !again {
                 return attempt.into_response(backend, retries);
             }
@@ -681,72 +684,77 @@ impl Router {
             tokio::time::sleep(wait).await;
         }
     }
-}
 
-/// Plain HTTP/1.1 to endpoints (those outside the mesh), pooled per endpoint;
-/// `connect_timeout` is DestinationRule's `connectionPool.tcp.connectTimeout`.
-pub struct HttpTransport {
-    client: Client<HttpConnector, Body>,
-}
-
-impl HttpTransport {
-    pub fn new(connect_timeout: Option<std::time::Duration>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(connect_timeout);
-        connector.set_nodelay(true);
-        HttpTransport {
-            client: Client::builder(TokioExecutor::new()).build(connector),
+    /// Sends one attempt, within the per-try timeout if there is one.
+    async fn attempt(
+        &self,
+        backend: &str,
+        req: Request<Body>,
+        per_try: Option<std::time::Duration>,
+    ) -> Attempt {
+        let sent = self.upstream.send(backend, req);
+        match per_try {
+            Some(t) => match tokio::time::timeout(t, sent).await {
+                Ok(r) => r.map_or_else(Attempt::Failed, Attempt::Answered),
+                Err(_) => Attempt::TimedOut,
+            },
+            None => sent.await.map_or_else(Attempt::Failed, Attempt::Answered),
         }
     }
 }
 
+/// Plain HTTP/1.1 to endpoints (those outside the mesh), pooled per endpoint
+/// ([`crate::h1_pool`]). Connecting may take the cluster's `connectTimeout`
+/// (DestinationRule `connectionPool.tcp.connectTimeout`, in the request's
+/// extensions), else `connect_timeout`, else Istio's default, 10 s.
+pub struct HttpTransport {
+    pool: Arc<crate::h1_pool::Http1Pool>,
+    connect_timeout: std::time::Duration,
+}
+
+impl HttpTransport {
+    pub fn new(connect_timeout: Option<std::time::Duration>) -> Self {
+        HttpTransport {
+            pool: Arc::default(),
+            connect_timeout: connect_timeout
+                .unwrap_or(crate::hbone_upstream::DEFAULT_CONNECT_TIMEOUT),
+        }
+    }
+}
+
+/// A TCP connection to `addr` within `timeout`, Nagle off.
+async fn dial(
+    addr: SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<tokio::net::TcpStream, UpstreamError> {
+    let failed = |source: BoxError| UpstreamError::Connect {
+        backend: addr.to_string(),
+        source,
+    };
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| failed(format!("connect timeout ({timeout:?})").into()))?
+        .map_err(|e| failed(e.into()))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
 impl crate::cluster::Transport for HttpTransport {
-    fn send(&self, addr: SocketAddr, mut req: Request<Body>) -> UpstreamFuture {
-        let path = req
-            .uri()
-            .path_and_query()
-            .map_or("/".to_owned(), |p| p.to_string());
-        let client = self.client.clone();
+    fn send(&self, addr: SocketAddr, req: Request<Body>) -> UpstreamFuture {
+        let timeout = req
+            .extensions()
+            .get::<crate::cluster::ConnectTimeout>()
+            .map_or(self.connect_timeout, |t| t.0);
+        let pool = self.pool.clone();
         Box::pin(async move {
-            let backend = addr.to_string();
-            *req.uri_mut() =
-                format!("http://{addr}{path}")
-                    .parse()
-                    .map_err(|e: http::uri::InvalidUri| UpstreamError::Connect {
-                        backend: backend.clone(),
-                        source: e.into(),
-                    })?;
-            // hyper speaks HTTP/1.1 to the endpoint whatever the client spoke.
-            *req.version_mut() = http::Version::HTTP_11;
-            let resp = client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    UpstreamError::Connect {
-                        backend: backend.clone(),
-                        source: e.into(),
-                    }
-                } else {
-                    UpstreamError::Reset {
-                        backend: backend.clone(),
-                        source: e.into(),
-                    }
-                }
-            })?;
+            let resp = pool.send(addr, req, || dial(addr, timeout)).await?;
             Ok(resp.map(|b| b.map_err(|e| -> BoxError { e.into() }).boxed()))
         })
     }
 
     fn open(&self, addr: SocketAddr) -> OpenFuture {
-        Box::pin(async move {
-            let tcp =
-                tokio::net::TcpStream::connect(addr)
-                    .await
-                    .map_err(|e| UpstreamError::Connect {
-                        backend: addr.to_string(),
-                        source: e.into(),
-                    })?;
-            let _ = tcp.set_nodelay(true);
-            Ok(Box::new(tcp) as Box<dyn ByteStream>)
-        })
+        let timeout = self.connect_timeout;
+        Box::pin(async move { Ok(Box::new(dial(addr, timeout).await?) as Box<dyn ByteStream>) })
     }
 }
 

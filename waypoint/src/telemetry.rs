@@ -57,10 +57,12 @@ pub struct Record {
     pub start: Instant,
     pub downstream: Option<Arc<Downstream>>,
     pub method: http::Method,
-    pub path: String,
+    /// The request's URI as it arrived (the access log shows its path).
+    pub uri: http::Uri,
     pub grpc: bool,
     pub ids: TraceIds,
-    pub request_bytes: Arc<AtomicU64>,
+    /// Request body bytes read so far; `None` for a request that came without a body.
+    pub request_bytes: Option<Arc<AtomicU64>>,
     pub status: http::StatusCode,
     pub grpc_status: Option<String>,
     pub flag: Option<ResponseFlag>,
@@ -259,7 +261,10 @@ impl Record {
             .as_ref()
             .and_then(|r| r.backend.split('|').nth(1));
         let flag = self.flag.map_or("-", |f| f.0);
-        let request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        let request_bytes = self
+            .request_bytes
+            .as_ref()
+            .map_or(0, |n| n.load(Ordering::Relaxed));
         let h = handles_for(KeyView {
             identity,
             service,
@@ -276,7 +281,7 @@ impl Record {
         info!(
             target: "access",
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             protocol = if self.grpc { "grpc" } else { "http" },
             response_code = self.status.as_u16(),
             response_flags = flag,
