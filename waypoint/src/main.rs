@@ -223,5 +223,6 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     accept.abort();
     let _ = stop_tx.send(true);
     cairn_client::process::drain(|| active.load(Ordering::Acquire), s.drain).await;
+    cairn_client::process::flush_logs();
     Ok(())
 }

@@ -29,7 +29,8 @@ pub fn tune_malloc() {}
 
 /// What a proxy's `main` does first, before any other thread exists: the allocator
 /// settings, then logging to stdout filtered by `RUST_LOG` (default `info`), with
-/// colours only on a terminal (log files and collectors get plain text).
+/// colours only on a terminal (log files and collectors get plain text). Access log
+/// lines are written in batches ([`logs`]); call [`flush_logs`] before exiting.
 pub fn start() {
     tune_malloc();
     tracing_subscriber::fmt()
@@ -37,7 +38,127 @@ pub fn start() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_writer(logs::Stdout::start())
         .init();
+}
+
+/// Writes out the access log lines not yet written.
+pub fn flush_logs() {
+    logs::flush();
+}
+
+/// Log output. Access log lines (target `access`: one per request or connection)
+/// are the bulk of a busy proxy's output; written one `write` each, they cost a
+/// system call per request. They are collected and written together every
+/// [`logs::FLUSH_EVERY`], or at once past [`logs::BATCH_BYTES`] (Envoy buffers its
+/// access log files the same way). Everything else is written as it happens.
+pub mod logs {
+    use std::{
+        io::{self, Write},
+        sync::{Mutex, MutexGuard, OnceLock},
+        time::Duration,
+    };
+
+    use tracing_subscriber::fmt::MakeWriter;
+
+    /// How late an access log line may be written.
+    pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+    /// Access log bytes collected before they are written without waiting.
+    pub const BATCH_BYTES: usize = 32 * 1024;
+
+    static PENDING: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+    static FLUSHER: OnceLock<()> = OnceLock::new();
+
+    fn pending() -> MutexGuard<'static, Vec<u8>> {
+        PENDING.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_out(batch: &mut Vec<u8>) {
+        if batch.is_empty() {
+            return;
+        }
+        // Nowhere to report a failed log write; the batch is dropped either way.
+        let _ = io::stdout().lock().write_all(batch);
+        batch.clear();
+    }
+
+    pub(super) fn flush() {
+        let mut batch = std::mem::take(&mut *pending());
+        write_out(&mut batch);
+    }
+
+    /// The subscriber's writer: stdout, access lines batched.
+    pub struct Stdout;
+
+    impl Stdout {
+        /// Starts the thread that writes batches out.
+        pub fn start() -> Stdout {
+            FLUSHER.get_or_init(|| {
+                let spawned = std::thread::Builder::new()
+                    .name("access-log".into())
+                    .spawn(|| {
+                        loop {
+                            std::thread::sleep(FLUSH_EVERY);
+                            flush();
+                        }
+                    });
+                if let Err(e) = spawned {
+                    eprintln!("access log flusher not started ({e}); lines are written at {BATCH_BYTES} bytes and at exit");
+                }
+            });
+            Stdout
+        }
+    }
+
+    /// One log line being written.
+    pub enum Line<'a> {
+        Now(io::StdoutLock<'a>),
+        Batched(MutexGuard<'static, Vec<u8>>),
+    }
+
+    impl Write for Line<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match self {
+                Line::Now(out) => out.write(buf),
+                Line::Batched(pending) => {
+                    pending.extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+            }
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            match self {
+                Line::Now(out) => out.flush(),
+                Line::Batched(_) => Ok(()),
+            }
+        }
+    }
+
+    impl Drop for Line<'_> {
+        fn drop(&mut self) {
+            if let Line::Batched(pending) = self
+                && pending.len() >= BATCH_BYTES
+            {
+                write_out(pending);
+            }
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Stdout {
+        type Writer = Line<'a>;
+
+        fn make_writer(&'a self) -> Line<'a> {
+            Line::Now(io::stdout().lock())
+        }
+
+        fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Line<'a> {
+            match meta.target() {
+                "access" => Line::Batched(pending()),
+                _ => self.make_writer(),
+            }
+        }
+    }
 }
 
 /// Returns on SIGTERM or Ctrl-C.

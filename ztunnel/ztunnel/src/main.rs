@@ -190,5 +190,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     cairn_ztunnel::inbound::begin_drain();
     let _ = stop_tx.send(true);
     cairn_client::process::drain(|| ACTIVE_CONNECTIONS.load(Ordering::Acquire), config.drain).await;
+    cairn_client::process::flush_logs();
     Ok(())
 }
