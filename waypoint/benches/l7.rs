@@ -3,7 +3,8 @@
 //! requests to the backend, all in one run on loopback. Each proxy is its own
 //! process with one worker thread, so its CPU and RSS are its own:
 //!
-//! - requests/s at saturation (16 keep-alive connections);
+//! - requests/s at saturation (16 keep-alive connections; three rounds alternating
+//!   the proxies, each round starting with another, the median per proxy);
 //! - p50/p99 latency at a fixed 1,000 requests/s (8 connections, paced), and the
 //!   proxy's CPU (vCPU = CPU-seconds per second at that rate) and RSS there.
 //!
@@ -365,9 +366,29 @@ struct Row {
     rss_mb: Option<f64>,
 }
 
-async fn measure(p: &Proxy, sat: Duration, fixed: Duration) -> Row {
-    let _ = saturate(p.addr, 4, Duration::from_millis(300)).await; // warm-up
-    let rps = saturate(p.addr, 16, sat).await;
+/// Requests/s at saturation: `rounds` rounds over all proxies, each round starting
+/// with a different one (the machine's load drifts; no proxy always goes first), the
+/// median per proxy.
+async fn saturation(proxies: &[&Proxy], rounds: usize, sat: Duration) -> Vec<f64> {
+    let mut seen: Vec<Vec<f64>> = vec![Vec::new(); proxies.len()];
+    for round in 0..rounds {
+        for i in 0..proxies.len() {
+            let at = (i + round) % proxies.len();
+            let p = proxies[at];
+            let _ = saturate(p.addr, 4, Duration::from_millis(300)).await; // warm-up
+            seen[at].push(saturate(p.addr, 16, sat).await);
+        }
+    }
+    seen.into_iter()
+        .map(|mut v| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        })
+        .collect()
+}
+
+/// Latency, CPU and RSS at a fixed 1,000 req/s.
+async fn measure(p: &Proxy, rps: f64, fixed: Duration) -> Row {
     let pid = p.child.as_ref().map(Child::id);
     let before = pid.map(usage);
     let start = Instant::now();
@@ -394,10 +415,10 @@ fn main() {
         return;
     }
     let full = std::env::args().any(|a| a == "--bench");
-    let (sat, fixed) = if full {
-        (Duration::from_secs(5), Duration::from_secs(5))
+    let (sat, fixed, rounds) = if full {
+        (Duration::from_secs(3), Duration::from_secs(5), 3)
     } else {
-        (Duration::from_millis(300), Duration::from_millis(300))
+        (Duration::from_millis(300), Duration::from_millis(300), 1)
     };
     if full {
         install_peers();
@@ -422,15 +443,19 @@ fn main() {
             proxies.extend(nginx(v1, v2));
             proxies.extend(haproxy(v1, v2));
         }
-        let mut rows = Vec::new();
+        let mut ready = Vec::new();
         for p in &proxies {
-            if !wait_ready(p.addr).await {
-                eprintln!("{} did not start; left out", p.name);
-                continue;
+            match wait_ready(p.addr).await {
+                true => ready.push(p),
+                false => eprintln!("{} did not start; left out", p.name),
             }
-            rows.push(measure(p, sat, fixed).await);
         }
-        report(&rows, full);
+        let rates = saturation(&ready, rounds, sat).await;
+        let mut rows = Vec::new();
+        for (p, rps) in ready.into_iter().zip(rates) {
+            rows.push(measure(p, rps, fixed).await);
+        }
+        report(&rows, full, rounds, sat);
         let waypoint = rows
             .iter()
             .find(|r| r.name == "waypoint")
@@ -439,13 +464,14 @@ fn main() {
     });
 }
 
-fn report(rows: &[Row], full: bool) {
+fn report(rows: &[Row], full: bool, rounds: usize, sat: Duration) {
     let direct = rows.iter().find(|r| r.name == "direct");
     let nginx = rows.iter().find(|r| r.name == "nginx");
     let opt = |v: Option<f64>, unit: &str| v.map_or("-".into(), |v| format!("{v:.3}{unit}"));
     println!("<!-- l7:begin -->");
     println!(
-        "One route, 90/10 weighted over two HTTP/1.1 backends on loopback; each proxy one process with one worker thread; load from 16 keep-alive connections (saturation) and 8 paced connections at 1,000 req/s (latency, CPU, RSS){}.\n",
+        "One route, 90/10 weighted over two HTTP/1.1 backends on loopback; each proxy one process with one worker thread; load from 16 keep-alive connections (saturation: {rounds} rounds of {} s alternating the paths, medians) and 8 paced connections at 1,000 req/s (latency, CPU, RSS){}.\n",
+        sat.as_secs_f64(),
         if full {
             ""
         } else {

@@ -4,14 +4,15 @@
 //! takes a new span id and the caller's becomes the parent. Requests outside any
 //! trace are not put into one (no tracer is configured to collect it).
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::Rng;
 
-pub const REQUEST_ID: &str = "x-request-id";
-const TRACEPARENT: &str = "traceparent";
-const B3_TRACE: &str = "x-b3-traceid";
-const B3_SPAN: &str = "x-b3-spanid";
-const B3_PARENT: &str = "x-b3-parentspanid";
+// Names made once: looking a header up by a `&str` parses the name every time.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3_TRACE: HeaderName = HeaderName::from_static("x-b3-traceid");
+const B3_SPAN: HeaderName = HeaderName::from_static("x-b3-spanid");
+const B3_PARENT: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 
 /// What the access log says about a request's identity in traces.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,11 +58,11 @@ fn uuid(rng: &mut impl Rng) -> String {
     s
 }
 
-fn get<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn get<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn set(h: &mut HeaderMap, name: &'static str, value: String) {
+fn set(h: &mut HeaderMap, name: HeaderName, value: String) {
     if let Ok(v) = HeaderValue::try_from(value) {
         h.insert(name, v);
     }
@@ -69,7 +70,7 @@ fn set(h: &mut HeaderMap, name: &'static str, value: String) {
 
 /// Makes the outgoing request's ids in `headers`; returns them for the access log.
 pub fn propagate(headers: &mut HeaderMap, rng: &mut impl Rng) -> TraceIds {
-    let request_id = match get(headers, REQUEST_ID).filter(|v| !v.is_empty()) {
+    let request_id = match get(headers, &REQUEST_ID).filter(|v| !v.is_empty()) {
         Some(id) => id.to_owned(),
         None => {
             let id = uuid(rng);
@@ -81,7 +82,7 @@ pub fn propagate(headers: &mut HeaderMap, rng: &mut impl Rng) -> TraceIds {
     };
     let mut trace_id = None;
     // traceparent: version-traceid-parentid-flags.
-    let w3c = get(headers, TRACEPARENT).and_then(|tp| {
+    let w3c = get(headers, &TRACEPARENT).and_then(|tp| {
         let parts: Vec<&str> = tp.split('-').collect();
         match parts.as_slice() {
             [version, trace, parent, flags]
@@ -105,11 +106,11 @@ pub fn propagate(headers: &mut HeaderMap, rng: &mut impl Rng) -> TraceIds {
         );
         trace_id = Some(trace);
     }
-    let b3 = get(headers, B3_TRACE)
+    let b3 = get(headers, &B3_TRACE)
         .filter(|t| is_hex(t, 32) || is_hex(t, 16))
         .map(str::to_owned);
     if let Some(trace) = b3 {
-        if let Some(span) = get(headers, B3_SPAN).map(str::to_owned) {
+        if let Some(span) = get(headers, &B3_SPAN).map(str::to_owned) {
             set(headers, B3_PARENT, span);
         }
         set(headers, B3_SPAN, hex(rng, 8));
@@ -132,7 +133,7 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let mut h = HeaderMap::new();
         let ids = propagate(&mut h, &mut rng);
-        let made = get(&h, REQUEST_ID).expect("made").to_owned();
+        let made = get(&h, &REQUEST_ID).expect("made").to_owned();
         assert_eq!(ids.request_id, made);
         assert_eq!(made.len(), 36);
         assert_eq!(made.as_bytes()[14], b'4', "version 4: {made}");
@@ -155,14 +156,14 @@ mod tests {
         set(&mut h, B3_SPAN, "00f067aa0ba902b7".into());
         let ids = propagate(&mut h, &mut rng);
         assert_eq!(ids.trace_id.as_deref(), Some(trace));
-        let tp = get(&h, TRACEPARENT).expect("traceparent");
+        let tp = get(&h, &TRACEPARENT).expect("traceparent");
         assert!(
             tp.starts_with(&format!("00-{trace}-")) && tp.ends_with("-01"),
             "{tp}"
         );
         assert!(!tp.contains("00f067aa0ba902b7"), "a new span id: {tp}");
-        assert_eq!(get(&h, B3_PARENT), Some("00f067aa0ba902b7"));
-        assert_ne!(get(&h, B3_SPAN), Some("00f067aa0ba902b7"));
+        assert_eq!(get(&h, &B3_PARENT), Some("00f067aa0ba902b7"));
+        assert_ne!(get(&h, &B3_SPAN), Some("00f067aa0ba902b7"));
         // A malformed traceparent is not propagated as a trace.
         let mut bad = HeaderMap::new();
         set(&mut bad, TRACEPARENT, "00-xyz-00f067aa0ba902b7-01".into());
