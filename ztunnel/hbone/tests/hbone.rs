@@ -796,3 +796,54 @@ async fn a_draining_server_lets_tunnels_finish_and_sends_new_ones_elsewhere() {
         String::from_utf8_lossy(&out)
     );
 }
+
+/// Between Cairn's own proxies AES-128-GCM is chosen; a peer preferring AES-256-GCM
+/// (rustls' default order, as Istio's ztunnel offers) still gets a handshake, with its
+/// choice.
+#[tokio::test]
+async fn the_cipher_suite_is_aes_128_gcm_between_cairn_proxies_and_the_peers_choice_otherwise() {
+    use rustls::CipherSuite;
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    let mesh = ca("mesh");
+    let server = server_config(&workload(&mesh, SERVER), &mesh.roots()).expect("server");
+    let ours = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let default_order = Arc::new(rustls::crypto::ring::default_provider());
+    assert_eq!(
+        default_order.cipher_suites[0].suite(),
+        CipherSuite::TLS13_AES_256_GCM_SHA384,
+        "rustls' own order starts with AES-256"
+    );
+    let cert = workload(&mesh, CLIENT);
+    let theirs = rustls::ClientConfig::builder_with_provider(default_order.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(cairn_identity::verify::ServerVerifier::new(
+            mesh.roots(),
+            id(SERVER),
+            &default_order,
+        )))
+        .with_client_auth_cert(cert.chain, cert.key)
+        .expect("client config");
+    for (client, expected) in [
+        (ours, CipherSuite::TLS13_AES_128_GCM_SHA256),
+        (Arc::new(theirs), CipherSuite::TLS13_AES_256_GCM_SHA384),
+    ] {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let accept = TlsAcceptor::from(server.clone()).accept(b);
+        let name = rustls_pki_types::ServerName::try_from("server").expect("name");
+        let connect = TlsConnector::from(client).connect(name, a);
+        let (accepted, connected) = tokio::join!(accept, connect);
+        let (accepted, connected) = (accepted.expect("accept"), connected.expect("connect"));
+        let suite = |c: Option<rustls::SupportedCipherSuite>| c.map(|s| s.suite());
+        assert_eq!(
+            suite(connected.get_ref().1.negotiated_cipher_suite()),
+            Some(expected)
+        );
+        assert_eq!(
+            suite(accepted.get_ref().1.negotiated_cipher_suite()),
+            Some(expected)
+        );
+    }
+}
