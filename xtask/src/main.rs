@@ -277,11 +277,10 @@ const BENCHES: &[(&str, &str, &str)] = &[
 
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     let doc_path = root.join("docs/benchmarks.md");
-    let mut doc = std::fs::read_to_string(&doc_path)
-        .with_context(|| format!("reading {}", doc_path.display()))?;
     // Benchmarks that run the binaries (the l4 lab) find them next to themselves.
     cargo(root, &["build", "--release", "--bins"])?;
-    let mut ran = 0;
+    // (markers, stamped table) per benchmark run; written into the doc at the end.
+    let mut tables = Vec::new();
     for (name, package, target) in BENCHES {
         // `l7` runs `l7` and `l7-mesh`: a name selects its family.
         if only.is_some_and(|o| o != *name && !name.starts_with(&format!("{o}-"))) {
@@ -304,12 +303,17 @@ fn bench(root: &Path, only: Option<&str>) -> Result<()> {
             .with_context(|| format!("benchmark {name} printed no table"))?;
         println!("{table}");
         let stamped = format!("{begin}\n{}\n{}\n{end}", machine()?, table.trim());
-        doc = replace_section(&doc, &begin, &end, &stamped)
-            .with_context(|| format!("docs/benchmarks.md lacks the {begin} markers"))?;
-        ran += 1;
+        tables.push((begin, end, stamped));
     }
-    if ran == 0 {
+    if tables.is_empty() {
         bail!("no benchmark named {}", only.unwrap_or_default());
+    }
+    // Read only now: edits made to the doc while the benchmarks ran are kept.
+    let mut doc = std::fs::read_to_string(&doc_path)
+        .with_context(|| format!("reading {}", doc_path.display()))?;
+    for (begin, end, stamped) in &tables {
+        doc = replace_section(&doc, begin, end, stamped)
+            .with_context(|| format!("docs/benchmarks.md lacks the {begin} markers"))?;
     }
     std::fs::write(&doc_path, doc).with_context(|| format!("writing {}", doc_path.display()))?;
     eprintln!("updated {}", doc_path.display());
