@@ -79,7 +79,8 @@ impl Http1Pool {
     }
 
     /// How many connections to `endpoint` are pooled (busy or not).
-    pub fn pooled(&self, endpoint: SocketAddr) -> usize {
+    #[cfg(test)]
+    fn pooled(&self, endpoint: SocketAddr) -> usize {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         idle.get(&endpoint).map_or(0, Vec::len)
     }
@@ -187,10 +188,10 @@ mod tests {
     };
 
     use http_body_util::BodyExt;
-    use tokio::net::{TcpListener, TcpStream};
+    use tokio::net::TcpListener;
 
     use super::*;
-    use crate::router::full;
+    use crate::router::{dial, full};
 
     /// Bodies larger than hyper reads ahead: a connection stays busy until its
     /// response body is read.
@@ -247,14 +248,7 @@ mod tests {
     async fn a_connection_busy_with_a_body_is_kept_and_serves_the_next_requests() {
         let (addr, accepted) = server().await;
         let pool = Http1Pool::default();
-        let connect = || async move {
-            TcpStream::connect(addr)
-                .await
-                .map_err(|e| UpstreamError::Connect {
-                    backend: addr.to_string(),
-                    source: e.into(),
-                })
-        };
+        let connect = || dial(addr, Duration::from_secs(5));
         // The first response's body is not read yet: its connection is busy, so the
         // second request needs a connection of its own, and both stay pooled.
         let first = pool.send(addr, get(), connect).await.expect("first");
@@ -279,14 +273,7 @@ mod tests {
     async fn a_connection_the_server_closed_is_replaced() {
         let (addr, accepted) = server().await;
         let pool = Http1Pool::default();
-        let connect = || async move {
-            TcpStream::connect(addr)
-                .await
-                .map_err(|e| UpstreamError::Connect {
-                    backend: addr.to_string(),
-                    source: e.into(),
-                })
-        };
+        let connect = || dial(addr, Duration::from_secs(5));
         let mut req = get();
         req.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -302,14 +289,7 @@ mod tests {
     async fn a_connection_at_its_request_cap_is_not_kept() {
         let (addr, accepted) = server().await;
         let pool = Http1Pool::default();
-        let connect = || async move {
-            TcpStream::connect(addr)
-                .await
-                .map_err(|e| UpstreamError::Connect {
-                    backend: addr.to_string(),
-                    source: e.into(),
-                })
-        };
+        let connect = || dial(addr, Duration::from_secs(5));
         for _ in 0..6 {
             settle().await;
             let mut req = get();

@@ -723,7 +723,7 @@ impl HttpTransport {
 }
 
 /// A TCP connection to `addr` within `timeout`, Nagle off.
-async fn dial(
+pub(crate) async fn dial(
     addr: SocketAddr,
     timeout: std::time::Duration,
 ) -> Result<tokio::net::TcpStream, UpstreamError> {

@@ -24,11 +24,15 @@ pub struct TraceIds {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+fn push_hex(s: &mut String, b: u8) {
+    s.push(char::from(HEX[usize::from(b >> 4)]));
+    s.push(char::from(HEX[usize::from(b & 0xf)]));
+}
+
 fn hex_of(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    for &b in bytes {
+        push_hex(&mut s, b);
     }
     s
 }
@@ -48,12 +52,11 @@ fn uuid(rng: &mut impl Rng) -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let mut s = String::with_capacity(36);
-    for (i, byte) in b.iter().enumerate() {
+    for (i, &byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
             s.push('-');
         }
-        s.push(char::from(HEX[usize::from(byte >> 4)]));
-        s.push(char::from(HEX[usize::from(byte & 0xf)]));
+        push_hex(&mut s, byte);
     }
     s
 }
