@@ -261,9 +261,7 @@ impl LocalCluster {
     /// What ships, as a user installs it: Gateway API's CRDs (this cluster has none),
     /// `kubectl apply -k deploy/`, and every CRD established.
     pub fn install_deploy(&self) -> Result<()> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("workspace root")?;
+        let root = crate::workspace_root();
         let path = |p: &str| root.join(p).display().to_string();
         self.kubectl(&["apply", "-f", &path("deploy/crds/gateway-api.yaml")])?;
         self.kubectl(&["apply", "-k", &path("deploy")])?;

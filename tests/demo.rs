@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cairn_tests::{demo_env, pod_lab::can_run};
+use cairn_tests::{demo_env, pod_lab::can_run, workspace_root};
 
 #[derive(serde::Deserialize, Default, Debug)]
 struct Tally {
@@ -26,13 +26,6 @@ struct Tally {
 struct Stats {
     total: Tally,
     recent: Tally,
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
 }
 
 struct Demo {
@@ -48,7 +41,7 @@ impl Demo {
         let child = Command::new(cairn_tests::lab::binary("cairn-demo"))
             .args(["up", "--rate", "300", "--dir"])
             .arg(dir)
-            .current_dir(root())
+            .current_dir(workspace_root())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -125,7 +118,7 @@ impl Demo {
         let command = line.split_once("$ ").expect("command").1;
         let out = Command::new("sh")
             .args(["-c", command])
-            .current_dir(root())
+            .current_dir(workspace_root())
             .output()
             .expect("sh");
         let said = format!(
@@ -212,7 +205,7 @@ fn the_demo_shows_the_canary_reacts_to_each_step_and_leaves_nothing_behind() {
     let run = |command: String| {
         let out = Command::new("sh")
             .args(["-c", &command])
-            .current_dir(root())
+            .current_dir(workspace_root())
             .output()
             .expect("sh");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -13,17 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use cairn_tests::{cluster, demo_env, lab::binary, pod_lab::can_run};
+use cairn_tests::{cluster, demo_env, lab::binary, pod_lab::can_run, workspace_root};
 use serde_json::Value;
 
 const DIR: &str = "/run/cairn-cluster";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
 
 struct Demo {
     child: Child,
@@ -122,7 +115,7 @@ fn the_kubernetes_demo_shows_the_canary_and_reacts_to_kubectl() {
     let log = std::fs::File::create(&out).expect("output file");
     let child = Command::new(binary("cairn-demo"))
         .args(["up", "--kube", "--rate", "300"])
-        .current_dir(root())
+        .current_dir(workspace_root())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
@@ -150,7 +143,7 @@ fn the_kubernetes_demo_shows_the_canary_and_reacts_to_kubectl() {
     let command = line.split_once("$ ").expect("command").1;
     let ran = Command::new("sh")
         .args(["-c", command])
-        .current_dir(root())
+        .current_dir(workspace_root())
         .output()
         .expect("sh");
     assert!(ran.status.success(), "{command}: {ran:?}");

@@ -157,10 +157,7 @@ async fn controller_on_a_real_api_server() {
     // What ships: the Gateway API CRDs and `kubectl apply -k deploy/` (CRDs generated
     // from Cairn's types, namespace, RBAC, controller, ztunnel DaemonSet), on the real
     // API server.
-    let root_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned();
+    let root_dir = cairn_tests::workspace_root();
     let repo = |p: &str| root_dir.join(p).display().to_string();
     tokio::task::block_in_place(|| {
         cluster.install_deploy()?;

@@ -14,3 +14,10 @@ pub mod lab;
 pub mod pod_lab;
 pub mod prometheus;
 pub mod waypoint_lab;
+
+/// The workspace's root directory (`deploy/`, `docs/`, the README), found from this
+/// crate's own.
+pub fn workspace_root() -> std::path::PathBuf {
+    let tests = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    tests.parent().unwrap_or(tests).to_owned()
+}

@@ -33,10 +33,7 @@ pub fn unavailable() -> Option<String> {
 }
 
 fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(|root| root.join(path))
-        .unwrap_or_else(|| path.into())
+    crate::workspace_root().join(path)
 }
 
 pub struct Prometheus {

@@ -42,7 +42,7 @@ pub fn setup(lab: &mut dyn Backend) -> Mesh {
         accepted.lines().count()
     );
     // The dashboards' ConfigMaps, as shipped for Grafana's sidecar.
-    let grafana = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/grafana");
+    let grafana = cairn_tests::workspace_root().join("deploy/grafana");
     lab.kubectl(&[
         "apply",
         "--dry-run=server",
@@ -336,11 +336,11 @@ pub fn l7(lab: &mut dyn Backend, m: &Mesh) {
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  host: reviews\n  subsets:\n  - {{name: v1, labels: {{version: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  hosts: [reviews]\n  http:\n  - name: canary\n    route:\n    - {{destination: {{host: reviews, subset: v1}}, weight: 80}}\n    - {{destination: {{host: reviews, subset: v2}}, weight: 20}}\n"
     ))
     .expect("canary");
-    eventually(
+    rule_at_waypoint(
         lab,
-        "the canary at the waypoint",
+        &m.waypoint_pod,
+        "shop/reviews/canary",
         Duration::from_secs(20),
-        || waypoint_dump(lab, &m.waypoint_pod).contains("shop/reviews/canary"),
     );
     let canary = load(lab, NS, "client", &m.reviews_vip, "reviews", 4000);
     assert_eq!(canary.code("200"), 4000, "{canary:?}");
@@ -355,11 +355,11 @@ pub fn l7(lab: &mut dyn Backend, m: &Mesh) {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  hosts: [reviews]\n  http:\n  - name: abort\n    fault: {{abort: {{httpStatus: 503, percentage: {{value: 50}}}}}}\n    route:\n    - {{destination: {{host: reviews, subset: v1}}}}\n"
     ))
     .expect("abort");
-    eventually(
+    rule_at_waypoint(
         lab,
-        "the abort at the waypoint",
+        &m.waypoint_pod,
+        "shop/reviews/abort",
         Duration::from_secs(20),
-        || waypoint_dump(lab, &m.waypoint_pod).contains("shop/reviews/abort"),
     );
     let abort = load(lab, NS, "client", &m.reviews_vip, "reviews", 2000);
     let aborted = share(abort.code("503"), abort.requests());
@@ -381,11 +381,11 @@ pub fn l7(lab: &mut dyn Backend, m: &Mesh) {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: flaky, namespace: {NS}}}\nspec:\n  hosts: [flaky]\n  http:\n  - name: retries\n    retries: {{attempts: 3, retryOn: 5xx}}\n    route:\n    - {{destination: {{host: flaky}}}}\n"
     ))
     .expect("retries");
-    eventually(
+    rule_at_waypoint(
         lab,
-        "retries at the waypoint",
+        &m.waypoint_pod,
+        "shop/flaky/retries",
         Duration::from_secs(20),
-        || waypoint_dump(lab, &m.waypoint_pod).contains("shop/flaky/retries"),
     );
     let retried = load_with(lab, (NS, "client"), &flaky_vip, "flaky", 150, 1);
     println!(
@@ -399,11 +399,11 @@ pub fn l7(lab: &mut dyn Backend, m: &Mesh) {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: slow, namespace: {NS}}}\nspec:\n  hosts: [slow]\n  http:\n  - name: timeout\n    timeout: 300ms\n    route:\n    - {{destination: {{host: slow}}}}\n"
     ))
     .expect("timeout");
-    eventually(
+    rule_at_waypoint(
         lab,
-        "the timeout at the waypoint",
+        &m.waypoint_pod,
+        "shop/slow/timeout",
         Duration::from_secs(20),
-        || waypoint_dump(lab, &m.waypoint_pod).contains("shop/slow/timeout"),
     );
     let timed_out = load(lab, NS, "client", &slow_vip, "slow", 8);
     println!(
@@ -417,11 +417,11 @@ pub fn l7(lab: &mut dyn Backend, m: &Mesh) {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  hosts: [reviews]\n  http:\n  - name: all-v1\n    route:\n    - {{destination: {{host: reviews, subset: v1}}}}\n"
     ))
     .expect("all to v1");
-    eventually(
+    rule_at_waypoint(
         lab,
-        "all-v1 at the waypoint",
+        &m.waypoint_pod,
+        "shop/reviews/all-v1",
         Duration::from_secs(20),
-        || waypoint_dump(lab, &m.waypoint_pod).contains("shop/reviews/all-v1"),
     );
 }
 
@@ -508,11 +508,11 @@ pub fn apiserver_restart(lab: &mut dyn Backend, m: &Mesh) {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  hosts: [reviews]\n  http:\n  - name: all-v2\n    route:\n    - {{destination: {{host: reviews, subset: v2}}}}\n"
     ))
     .expect("a route after the API-server restart");
-    eventually(
+    rule_at_waypoint(
         lab,
-        "a route made after the API-server restart at the waypoint",
+        &m.waypoint_pod,
+        "shop/reviews/all-v2",
         Duration::from_secs(60),
-        || waypoint_dump(lab, &m.waypoint_pod).contains("shop/reviews/all-v2"),
     );
     let took = applied.elapsed();
     let v2 = load(lab, NS, "client", &m.reviews_vip, "reviews", 50);

@@ -215,6 +215,14 @@ pub fn waypoint_dump(lab: &dyn Backend, pod: &str) -> String {
     lab.admin_get(NS, pod, "/config_dump").unwrap_or_default()
 }
 
+/// Waits up to `within` until the waypoint pod holds route rule `rule`
+/// (`namespace/virtualservice/rule-name`), as its `/config_dump` lists it.
+pub fn rule_at_waypoint(lab: &dyn Backend, pod: &str, rule: &str, within: Duration) {
+    eventually(lab, &format!("rule {rule} at the waypoint"), within, || {
+        waypoint_dump(lab, pod).contains(rule)
+    });
+}
+
 /// The `Accepted` condition Cairn wrote on an object: (status, reason, message).
 pub fn condition(lab: &dyn Backend, kind: &str, name: &str) -> (String, String, String) {
     let field = |f: &str| {
