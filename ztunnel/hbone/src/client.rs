@@ -254,13 +254,14 @@ impl Client {
         // The server is identified by its SPIFFE id, not a name: SNI is not used for
         // verification (the verifier checks the identity).
         let name = ServerName::from(addr.ip());
-        let tls = tokio::time::timeout(
+        let mut tls = tokio::time::timeout(
             timeout,
             TlsConnector::from(tls).connect(name, transport(tcp)),
         )
         .await
         .map_err(|_| ClientError::ConnectTimeout { addr, timeout })?
         .map_err(|source| ClientError::Tls { addr, source })?;
+        crate::tune_tls(tls.get_mut().1);
         let s = self.h2;
         let (send, mut connection) = h2::client::Builder::new()
             .initial_window_size(s.stream_window)

@@ -32,6 +32,17 @@ fn transport(tcp: tokio::net::TcpStream) -> Transport {
     tokio::io::BufReader::with_capacity(TRANSPORT_READ_BUFFER, tcp)
 }
 
+/// Encrypted bytes rustls holds for the socket at most (its default is 64 KiB). A
+/// write is taken only up to this limit minus what is still queued, so with room for
+/// two of [`splice`]'s DATA frames a frame is taken whole (as full TLS records, in one
+/// `writev`) whenever the socket has drained half of it. Only a connection whose
+/// socket is full holds this much.
+const TLS_SEND_BUFFER: usize = 2 * (splice::READ_CHUNK + 9);
+
+fn tune_tls<D>(conn: &mut rustls::ConnectionCommon<D>) {
+    conn.set_buffer_limit(Some(TLS_SEND_BUFFER));
+}
+
 /// The HBONE port.
 pub const PORT: u16 = 15008;
 

@@ -193,10 +193,11 @@ impl Server {
         peer: SocketAddr,
     ) -> Result<(TlsStream<Transport>, SpiffeId), ServerError> {
         let timeout = self.handshake_timeout;
-        let tls = tokio::time::timeout(timeout, self.acceptor.accept(transport(tcp)))
+        let mut tls = tokio::time::timeout(timeout, self.acceptor.accept(transport(tcp)))
             .await
             .map_err(|_| ServerError::HandshakeTimeout { peer, timeout })?
             .map_err(|source| ServerError::Handshake { peer, source })?;
+        crate::tune_tls(tls.get_mut().1);
         let (_, conn) = tls.get_ref();
         if conn.alpn_protocol() != Some(b"h2") {
             return Err(ServerError::Alpn { peer });

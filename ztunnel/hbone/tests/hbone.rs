@@ -614,6 +614,52 @@ async fn a_reset_after_the_answer_ended_is_a_copy_error_not_a_crash() {
 }
 
 #[tokio::test]
+async fn bytes_sent_before_a_reset_reach_the_client_then_the_splice_fails() {
+    let mesh = ca("mesh");
+    // Answers 200, sends three 100 KiB DATA frames, then cancels the stream (after a
+    // pause: h2 drops what it has not sent yet when a stream is reset).
+    let addr = raw_h2_server(&mesh, |_, mut conn| async move {
+        let Some(Ok((request, mut respond))) = conn.accept().await else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _request = request;
+            let response = http::Response::builder().status(200).body(()).expect("200");
+            let mut send = respond.send_response(response, false).expect("200");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for i in 0..3u8 {
+                send.send_data(bytes::Bytes::from(vec![i; 100 * 1024]), false)
+                    .expect("data");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            send.send_reset(h2::Reason::CANCEL);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        while conn.accept().await.is_some() {}
+    })
+    .await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tunnel = client
+        .connect(
+            &key(addr),
+            tls_for(&mesh, &mesh, CLIENT, SERVER),
+            "10.0.0.7:8080".parse().expect("a"),
+        )
+        .await
+        .expect("tunnel");
+    let (mut app, mut proxied) = tcp_pair().await;
+    let splice =
+        tokio::spawn(async move { cairn_hbone::splice::splice(&mut proxied, tunnel).await });
+    let mut out = Vec::new();
+    // The reset ends the splice, which closes the connection: an EOF or a reset.
+    let _ = app.read_to_end(&mut out).await;
+    let want: Vec<u8> = (0..3u8).flat_map(|i| vec![i; 100 * 1024]).collect();
+    assert!(out == want, "got {} bytes of {}", out.len(), want.len());
+    let result = splice.await.expect("the splice task must not panic");
+    assert!(result.is_err(), "a reset is a copy error: {result:?}");
+}
+
+#[tokio::test]
 async fn a_connect_that_is_never_answered_times_out() {
     let mesh = ca("mesh");
     // Completes TLS and HTTP/2, takes the CONNECT, never answers it.
