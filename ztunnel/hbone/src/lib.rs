@@ -20,16 +20,12 @@ pub mod stream;
 pub mod test_ca;
 pub mod tls;
 
-/// What TLS runs over: the TCP connection behind a read buffer. rustls asks its
-/// transport for at most 4 KiB at a time; without the buffer that is one `recv`
-/// syscall per 4 KiB of tunnel traffic.
-pub type Transport = tokio::io::BufReader<tokio::net::TcpStream>;
+pub mod transport;
 
-/// Bytes read from an HBONE TCP connection per syscall at most.
-const TRANSPORT_READ_BUFFER: usize = 64 * 1024;
+pub use transport::Transport;
 
 fn transport(tcp: tokio::net::TcpStream) -> Transport {
-    tokio::io::BufReader::with_capacity(TRANSPORT_READ_BUFFER, tcp)
+    Transport::new(tcp)
 }
 
 /// Encrypted bytes rustls holds for the socket at most (its default is 64 KiB). A
