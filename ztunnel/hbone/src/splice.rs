@@ -18,7 +18,7 @@ use std::{
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -150,7 +150,7 @@ fn peer_finished(e: &h2::Error, send: &mut SendStream<Bytes>) -> bool {
 }
 
 async fn tcp_to_tunnel(
-    tcp: ReadHalf<'_>,
+    mut tcp: ReadHalf<'_>,
     mut send: SendStream<Bytes>,
     write_closed: bool,
 ) -> Result<u64, UpError> {
@@ -171,11 +171,12 @@ async fn tcp_to_tunnel(
         tcp.as_ref().readable().await.map_err(UpError::Tcp)?;
         // Reclaims the previous allocation when h2 has already written it out.
         buf.reserve(READ_CHUNK);
-        let n = match tcp.as_ref().try_read_buf(&mut (&mut buf).limit(READ_CHUNK)) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(UpError::Tcp(e)),
-        };
+        // `read_buf` (not `try_read_buf`): tokio takes a short read as proof that the
+        // socket is drained, saving a `recv` that would only see `EAGAIN`.
+        let n = tcp
+            .read_buf(&mut (&mut buf).limit(READ_CHUNK))
+            .await
+            .map_err(UpError::Tcp)?;
         if n == 0 {
             return match send.send_data(Bytes::new(), true) {
                 Ok(()) => Ok(total),

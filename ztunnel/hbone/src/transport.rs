@@ -14,6 +14,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use bytes::BufMut;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
@@ -50,22 +51,23 @@ impl Transport {
     }
 
     /// Fills the (empty) buffer from the socket; gives the buffer back and waits if
-    /// the socket has nothing to read.
+    /// the socket has nothing to read. (Through `poll_read`, which takes a short read
+    /// as proof that the socket is drained: no extra `recv` to see `EAGAIN`.)
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.buf.clear();
         self.start = 0;
-        loop {
-            if let Err(e) = ready!(self.tcp.poll_read_ready(cx)) {
-                return Poll::Ready(Err(e));
-            }
-            self.buf.reserve_exact(READ_BUFFER);
-            match self.tcp.try_read_buf(&mut self.buf) {
-                Ok(_) => return Poll::Ready(Ok(())),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Idle: hold no buffer while waiting.
-                    self.buf = Vec::new();
-                }
-                Err(e) => return Poll::Ready(Err(e)),
+        if self.tcp.poll_read_ready(cx).is_pending() {
+            // Idle: hold no buffer while waiting.
+            self.buf = Vec::new();
+            return Poll::Pending;
+        }
+        self.buf.reserve_exact(READ_BUFFER);
+        let limited = &mut (&mut self.buf).limit(READ_BUFFER);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, limited) {
+            Poll::Ready(read) => Poll::Ready(read.map(drop)),
+            Poll::Pending => {
+                self.buf = Vec::new();
+                Poll::Pending
             }
         }
     }
