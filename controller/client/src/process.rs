@@ -4,6 +4,9 @@
 use std::time::Duration;
 
 use tracing::warn;
+use tracing_subscriber::{
+    Layer, filter::LevelFilter, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 /// Allocator settings both proxies start with (called by [`start`], before
 /// any other thread). glibc's malloc defaults cost the data path dearly: h2 reads each DATA frame into a
@@ -33,13 +36,33 @@ pub fn tune_malloc() {}
 /// lines are written in batches ([`logs`]); call [`flush_logs`] before exiting.
 pub fn start() {
     tune_malloc();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    let (filter, bad) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+                .with_writer(logs::Stdout::start())
+                .with_filter(filter),
         )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_writer(logs::Stdout::start())
         .init();
+    if let Some(why) = bad {
+        tracing::warn!(error = %why, "RUST_LOG is not a valid filter; logging at info");
+    }
+}
+
+/// The log filter from `RUST_LOG`: comma-separated `target=level` directives and a
+/// bare default level (`info,access=off,cairn_hbone=debug`); `info` when unset.
+/// Targets only: the span and field filters of tracing's `EnvFilter` would put a regex
+/// engine in every proxy. An invalid value gives `info` and the reason.
+fn log_filter(value: Option<&str>) -> (Targets, Option<String>) {
+    let info = || Targets::new().with_default(LevelFilter::INFO);
+    match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => (info(), None),
+        Some(v) => match v.parse::<Targets>() {
+            Ok(targets) => (targets, None),
+            Err(e) => (info(), Some(format!("{v:?}: {e}"))),
+        },
+    }
 }
 
 /// Writes out the access log lines not yet written.
@@ -189,5 +212,38 @@ pub async fn drain(active: impl Fn() -> usize, deadline: Duration) {
             connections = left,
             "drain deadline reached; closing remaining connections"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::log_filter;
+
+    #[test]
+    fn rust_log_sets_levels_per_target_and_bad_values_fall_back_to_info() {
+        let (filter, bad) = log_filter(Some("info,access=off,cairn_hbone=debug"));
+        assert!(bad.is_none());
+        assert!(filter.would_enable("cairn_ztunnel::inbound", &Level::INFO));
+        assert!(!filter.would_enable("cairn_ztunnel::inbound", &Level::DEBUG));
+        assert!(
+            !filter.would_enable("access", &Level::INFO),
+            "access lines off"
+        );
+        assert!(filter.would_enable("cairn_hbone::client", &Level::DEBUG));
+
+        for unset in [None, Some(""), Some("  ")] {
+            let (filter, bad) = log_filter(unset);
+            assert!(bad.is_none(), "{unset:?}");
+            assert!(filter.would_enable("x", &Level::INFO));
+            assert!(!filter.would_enable("x", &Level::DEBUG));
+        }
+
+        let (filter, bad) = log_filter(Some("cairn=loud"));
+        let why = bad.expect("an invalid level is reported");
+        assert!(why.contains("cairn=loud"), "{why}");
+        assert!(filter.would_enable("cairn", &Level::INFO));
+        assert!(!filter.would_enable("cairn", &Level::DEBUG));
     }
 }
