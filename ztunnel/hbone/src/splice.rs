@@ -5,7 +5,8 @@
 //! every byte twice more than needed: once from the copy buffer into a fresh `Bytes`
 //! for h2, and once from h2's `Bytes` into the copy buffer on the way out. Here bytes
 //! read from TCP are frozen and handed to h2 as they are, and DATA payloads from h2
-//! are written to TCP as they are. Per direction, at most one read chunk and h2's
+//! are written to TCP as they are (the frames already received together, in one
+//! `writev`). Per direction, at most one read chunk, one write batch and h2's
 //! flow-control windows are in flight, so memory stays bounded.
 
 use std::{
