@@ -41,11 +41,8 @@ fn waypoint_role() {
     let listen: SocketAddr = env("CAIRN_L7_LISTEN").parse().expect("listen");
     let v1: SocketAddr = env("CAIRN_L7_V1").parse().expect("v1");
     let v2: SocketAddr = env("CAIRN_L7_V2").parse().expect("v2");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The runtime the `waypoint` binary runs with one worker.
+    let rt = cairn_client::process::runtime(1).expect("runtime");
     rt.block_on(async move {
         let backends = |w1, w2| {
             Action::Forward(vec![

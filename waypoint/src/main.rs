@@ -84,10 +84,7 @@ struct Settings {
 fn main() -> anyhow::Result<()> {
     cairn_client::process::start();
     let settings = Settings::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.worker_threads.max(1))
-        .enable_all()
-        .build()
+    cairn_client::process::runtime(settings.worker_threads)
         .context("starting the runtime")?
         .block_on(run(settings))
 }

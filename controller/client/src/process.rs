@@ -65,6 +65,23 @@ fn log_filter(value: Option<&str>) -> (Targets, Option<String>) {
     }
 }
 
+/// The proxy's runtime. With one worker it is tokio's current-thread scheduler: a task
+/// woken by another runs after the tasks already ready, where the multi-thread
+/// scheduler's LIFO slot runs it next. That order is what lets one HTTP/2 connection
+/// task write the frames of many streams in one `writev`.
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+}
+
 /// Writes out the access log lines not yet written.
 pub fn flush_logs() {
     logs::flush();
@@ -219,7 +236,17 @@ pub async fn drain(active: impl Fn() -> usize, deadline: Duration) {
 mod tests {
     use tracing::Level;
 
-    use super::log_filter;
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::{log_filter, runtime};
+
+    #[test]
+    fn one_worker_is_the_current_thread_scheduler() {
+        let flavor = |n| runtime(n).expect("runtime").handle().runtime_flavor();
+        assert_eq!(flavor(1), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavor(0), RuntimeFlavor::CurrentThread);
+        assert_eq!(flavor(2), RuntimeFlavor::MultiThread);
+    }
 
     #[test]
     fn rust_log_sets_levels_per_target_and_bad_values_fall_back_to_info() {

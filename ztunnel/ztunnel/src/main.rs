@@ -37,10 +37,7 @@ use tracing::{info, warn};
 fn main() -> anyhow::Result<()> {
     cairn_client::process::start();
     let config = Config::from_source(&Env).context("configuration")?;
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .enable_all()
-        .build()
+    cairn_client::process::runtime(config.worker_threads)
         .context("starting the runtime")?
         .block_on(run(config))
 }
