@@ -275,15 +275,34 @@ const BENCHES: &[(&str, &str, &str)] = &[
     ("l7-mesh", "cairn-tests", "l7_mesh"),
 ];
 
+/// (package, binary, Cargo profile) of each proxy, as `deploy/docker/Dockerfile`
+/// builds its image.
+const PROXY_BUILDS: &[(&str, &str, &str)] = &[
+    ("cairn-ztunnel", "ztunnel", "release-small"),
+    ("cairn-waypoint", "waypoint", "release"),
+];
+
 fn bench(root: &Path, only: Option<&str>) -> Result<()> {
     let doc_path = root.join("docs/benchmarks.md");
     // Benchmarks that run the binaries (the l4 lab) find them next to themselves.
     cargo(root, &["build", "--release", "--bins"])?;
-    // The proxies again, each with only its own package's features, as the images
-    // build them: with the whole workspace's, kube-client turns on tracing's `log`
-    // bridge in every crate that logs (~1 MB more ztunnel, and more of it resident).
-    for package in ["cairn-ztunnel", "cairn-waypoint"] {
-        cargo(root, &["build", "--release", "-p", package, "--bins"])?;
+    // The proxies again as the images build them: each with only its own package's
+    // features (with the whole workspace's, kube-client turns on tracing's `log`
+    // bridge in every crate that logs: ~1 MB more ztunnel, and more of it resident),
+    // and with its image's profile, put where the benchmarks look.
+    // (A relative CARGO_TARGET_DIR is relative to the workspace cargo runs in.)
+    let target = root.join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into()));
+    for (package, bin, profile) in PROXY_BUILDS {
+        cargo(
+            root,
+            &["build", "--profile", profile, "-p", package, "--bin", bin],
+        )?;
+        if *profile != "release" {
+            let built = target.join(profile).join(bin);
+            let benched = target.join("release").join(bin);
+            std::fs::copy(&built, &benched)
+                .with_context(|| format!("copying {} to {}", built.display(), benched.display()))?;
+        }
     }
     // (markers, stamped table) per benchmark run; written into the doc at the end.
     let mut tables = Vec::new();
