@@ -33,7 +33,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::fr
 pub struct HboneTransport {
     tunnels: Arc<Tunnels>,
     /// HTTP/1.1 connections inside tunnels, kept per endpoint.
-    pool: Arc<Http1Pool<cairn_hbone::stream::H2Stream>>,
+    pool: Arc<Http1Pool>,
     plain: HttpTransport,
 }
 

@@ -602,18 +602,8 @@ impl Router {
             let sent = self.upstream.send(backend, copy);
             let backend = backend.to_owned();
             tokio::spawn(async move {
-                match sent.await {
-                    // Read to the end (and dropped) so the connection is reused.
-                    Ok(resp) => {
-                        let mut body = resp.into_body();
-                        while let Some(frame) = body.frame().await {
-                            if let Err(e) = frame {
-                                debug!(%backend, error = %e, "mirrored response body failed");
-                                break;
-                            }
-                        }
-                    }
-                    Err(e) => debug!(%backend, error = %e, "mirrored request failed"),
+                if let Err(e) = sent.await {
+                    debug!(%backend, error = %e, "mirrored request failed");
                 }
             });
         }
@@ -718,7 +708,7 @@ impl Router {
 /// (DestinationRule `connectionPool.tcp.connectTimeout`, in the request's
 /// extensions), else `connect_timeout`, else Istio's default, 10 s.
 pub struct HttpTransport {
-    pool: Arc<crate::h1_pool::Http1Pool<tokio::net::TcpStream>>,
+    pool: Arc<crate::h1_pool::Http1Pool>,
     connect_timeout: std::time::Duration,
 }
 
