@@ -125,6 +125,7 @@ async fn run(s: Settings) -> anyhow::Result<()> {
         .context("histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    cairn_waypoint::telemetry::fold_histograms(prometheus.clone());
     let root_pem = std::fs::read_to_string(&s.root_cert)
         .with_context(|| format!("reading CAIRN_ROOT_CERT {}", s.root_cert.display()))?;
     // Read at every use (a projected token rotates); checked once now for a clear
