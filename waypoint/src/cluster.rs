@@ -152,7 +152,9 @@ pub struct Cluster {
     name: String,
     endpoints: Vec<Arc<Endpoint>>,
     policy: TrafficPolicy,
-    in_flight: AtomicUsize,
+    /// Requests in flight to the cluster (shared with the cluster this one
+    /// replaced, whose requests may still be in flight).
+    in_flight: Arc<AtomicUsize>,
     /// Retries in flight (for `maxRetries`).
     retrying: Arc<AtomicUsize>,
     cursor: AtomicUsize,
@@ -167,13 +169,13 @@ fn hash_of(value: &impl Hash) -> u64 {
 
 /// Counts a request in flight (cluster-wide and on its endpoint) until dropped.
 struct InFlight {
-    cluster: Arc<Cluster>,
+    cluster: Arc<AtomicUsize>,
     endpoint: Arc<Endpoint>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.cluster.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.cluster.fetch_sub(1, Ordering::AcqRel);
         self.endpoint.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -200,7 +202,7 @@ impl Cluster {
                 })
                 .collect(),
             policy,
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::default(),
             retrying: Arc::default(),
             cursor: AtomicUsize::new(0),
             rng: Mutex::new(match seed {
@@ -278,12 +280,35 @@ impl Cluster {
         Some(chosen.clone())
     }
 
+    /// Takes over what `previous` (the same backend under the config before) knows:
+    /// the endpoints both have keep their requests in flight and, unless the
+    /// outlier detection settings changed, their health and ejections; the cluster
+    /// keeps its requests and retries in flight and its round-robin position. So a
+    /// config change (an endpoint added, a route edited) neither brings an ejected
+    /// endpoint back early nor lets the pool limits be exceeded while the old
+    /// config's requests finish (Envoy keeps a host's state across updates too).
+    fn carry_over(&mut self, previous: &Cluster) {
+        let same_outlier = self.policy.outlier == previous.policy.outlier;
+        for endpoint in &mut self.endpoints {
+            let Some(before) = previous.endpoints.iter().find(|e| e.addr == endpoint.addr) else {
+                continue;
+            };
+            if !same_outlier {
+                *before.health.lock().unwrap_or_else(|e| e.into_inner()) = Health::default();
+            }
+            *endpoint = before.clone();
+        }
+        self.in_flight = previous.in_flight.clone();
+        self.retrying = previous.retrying.clone();
+        self.cursor = AtomicUsize::new(previous.cursor.load(Ordering::Relaxed));
+    }
+
     /// Admits one more request under the pool limits, or says it overflows.
-    fn admit(self: &Arc<Self>, endpoint: Arc<Endpoint>) -> Option<InFlight> {
+    fn admit(&self, endpoint: Arc<Endpoint>) -> Option<InFlight> {
         let now = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight {
-            cluster: self.clone(),
+            cluster: self.in_flight.clone(),
             endpoint,
         };
         let pool = &self.policy.pool;
@@ -384,6 +409,26 @@ impl Clusters {
                 .collect(),
             transport,
         }
+    }
+
+    /// [`Clusters::new`] for a new config, taking over from `previous` (the
+    /// clusters of the config it replaces) the state of every backend both have
+    /// ([`Cluster::carry_over`]).
+    pub fn replacing(
+        clusters: Vec<Cluster>,
+        transport: Arc<dyn Transport>,
+        previous: &Clusters,
+    ) -> Self {
+        let clusters = clusters
+            .into_iter()
+            .map(|mut c| {
+                if let Some(before) = previous.clusters.get(&c.name) {
+                    c.carry_over(before);
+                }
+                c
+            })
+            .collect();
+        Self::new(clusters, transport)
     }
 
     /// One endpoint per backend over plain HTTP, round robin, no limits (tests,

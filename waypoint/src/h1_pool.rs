@@ -17,7 +17,10 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -46,9 +49,24 @@ struct Pooled {
     since: Instant,
 }
 
+impl Pooled {
+    /// Closed, or unused past [`IDLE_TIMEOUT`].
+    fn is_stale(&self) -> bool {
+        self.sender.is_closed() || self.since.elapsed() > IDLE_TIMEOUT
+    }
+}
+
+/// Connections given back between two sweeps of the whole pool.
+const SWEEP_EVERY: usize = 1024;
+
+/// Pooled connections by endpoint. One pool serves every config: the transports
+/// built for successive route configs share it, so a config change (an endpoint
+/// added elsewhere, a route edited) keeps the connections it already has.
 #[derive(Default)]
 pub struct Http1Pool {
     idle: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
+    /// Connections given back so far (paces the sweeps).
+    returned: AtomicUsize,
 }
 
 impl Http1Pool {
@@ -57,16 +75,21 @@ impl Http1Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&endpoint)?;
         let mut i = list.len();
+        let mut found = None;
         while i > 0 {
             i -= 1;
             let c = &list[i];
-            if c.sender.is_closed() || c.since.elapsed() > IDLE_TIMEOUT {
+            if c.is_stale() {
                 list.swap_remove(i);
             } else if c.sender.is_ready() {
-                return Some(list.swap_remove(i));
+                found = Some(list.swap_remove(i));
+                break;
             }
         }
-        None
+        if list.is_empty() {
+            idle.remove(&endpoint);
+        }
+        found
     }
 
     fn give_back(&self, endpoint: SocketAddr, mut conn: Pooled) {
@@ -76,6 +99,20 @@ impl Http1Pool {
         if list.len() < PER_ENDPOINT {
             list.push(conn);
         }
+        // Endpoints come and go (the pool outlives configs): now and then, drop
+        // what closed or expired everywhere, and the endpoints left with nothing.
+        if self.returned.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            idle.retain(|_, list| {
+                list.retain(|c| !c.is_stale());
+                !list.is_empty()
+            });
+        }
+    }
+
+    /// Endpoints with connections pooled (tests).
+    #[cfg(test)]
+    fn endpoints(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// How many connections to `endpoint` are pooled (busy or not).

@@ -30,6 +30,18 @@ pub type TlsFor = Arc<dyn Fn(&SpiffeId) -> Result<Arc<ClientConfig>, BoxError> +
 /// (Istio's default `connectTimeout`).
 pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The upstream connections the transports keep, one pool for tunnels and one for
+/// plain connections: built once and given to the transport of every route config,
+/// so a config change keeps them. (Two pools: an endpoint that joins the mesh must
+/// not be reached over a plain connection pooled before. Within the tunnel pool a
+/// connection stays with the pod it was opened to, whose identity was checked; a
+/// pod keeps its address and identity for life.)
+#[derive(Clone, Default)]
+pub struct UpstreamPools {
+    tunnels: Arc<Http1Pool>,
+    plain: Arc<Http1Pool>,
+}
+
 pub struct HboneTransport {
     tunnels: Arc<Tunnels>,
     /// HTTP/1.1 connections inside tunnels, kept per endpoint.
@@ -70,6 +82,13 @@ impl HboneTransport {
             pool: Arc::default(),
             plain: HttpTransport::new(None),
         }
+    }
+
+    /// Keeps connections in `pools` (shared with the transports of other configs).
+    pub fn with_pools(mut self, pools: &UpstreamPools) -> Self {
+        self.pool = pools.tunnels.clone();
+        self.plain = self.plain.with_pool(pools.plain.clone());
+        self
     }
 
     /// The tunnel settings, while this transport is being built (not yet shared).

@@ -29,7 +29,7 @@ use cairn_identity::{SpiffeId, verify::MeshRoots};
 use cairn_waypoint::{
     admin::Admin,
     cluster::Transport,
-    hbone_upstream::{HboneTransport, TlsFor},
+    hbone_upstream::{HboneTransport, TlsFor, UpstreamPools},
     ingress::{ConnLimits, Ingress},
     xds::{RouteSink, TransportFor},
 };
@@ -154,13 +154,13 @@ async fn run(s: Settings) -> anyhow::Result<()> {
     };
     let transport: TransportFor = {
         let me = s.identity.clone();
+        // One set of upstream connections for every config.
+        let pools = UpstreamPools::default();
         Arc::new(move |identities| {
-            Arc::new(HboneTransport::new(
-                hbone.clone(),
-                me.clone(),
-                tls.clone(),
-                identities,
-            )) as Arc<dyn Transport>
+            Arc::new(
+                HboneTransport::new(hbone.clone(), me.clone(), tls.clone(), identities)
+                    .with_pools(&pools),
+            ) as Arc<dyn Transport>
         })
     };
     let ingress = Arc::new(Ingress::new(ConnLimits::default()));

@@ -720,6 +720,12 @@ impl HttpTransport {
                 .unwrap_or(crate::hbone_upstream::DEFAULT_CONNECT_TIMEOUT),
         }
     }
+
+    /// Keeps connections in `pool` (shared with the transports of other configs).
+    pub fn with_pool(mut self, pool: Arc<crate::h1_pool::Http1Pool>) -> Self {
+        self.pool = pool;
+        self
+    }
 }
 
 /// A TCP connection to `addr` within `timeout`, Nagle off.

@@ -47,6 +47,9 @@ pub type TransportFor =
 struct Built {
     config: l7::RouteConfig,
     router: Arc<Router>,
+    /// The router's upstream clusters (the next config for this name takes over
+    /// their state).
+    clusters: Arc<Clusters>,
 }
 
 /// What `/config_dump` shows of the config.
@@ -96,20 +99,30 @@ impl RouteSink {
     }
 
     fn build(&self, name: &str, config: l7::RouteConfig) -> Result<Built, String> {
-        if let Some(b) = self.routes.get(name)
+        let previous = self.routes.get(name);
+        if let Some(b) = previous
             && b.config == config
         {
             return Ok(Built {
                 config,
                 router: b.router.clone(),
+                clusters: b.clusters.clone(),
             });
         }
         let bad = |e: config::ConfigError| format!("route config {name}: {e}");
         let table = RouteTable::try_from(&config).map_err(bad)?;
         let (clusters, identities) = config::clusters(&config, self.seed).map_err(bad)?;
-        let upstream = Clusters::new(clusters, (self.transport)(identities));
-        let router = Arc::new(Router::new(table, Arc::new(upstream), self.seed));
-        Ok(Built { config, router })
+        let transport = (self.transport)(identities);
+        let clusters = Arc::new(match previous {
+            Some(b) => Clusters::replacing(clusters, transport, &b.clusters),
+            None => Clusters::new(clusters, transport),
+        });
+        let router = Arc::new(Router::new(table, clusters.clone(), self.seed));
+        Ok(Built {
+            config,
+            router,
+            clusters,
+        })
     }
 
     /// Rebuilds what the ingress serves from the services and routes held.

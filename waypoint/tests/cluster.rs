@@ -382,3 +382,117 @@ async fn max_retries_caps_the_retries_in_flight_to_a_cluster() {
     drop(a);
     assert!(RetrySlot::counted(&count, 2).is_some(), "a slot freed");
 }
+
+/// A router over `clusters` with one rule to `reviews`.
+fn router_over(clusters: Arc<Clusters>) -> Router {
+    Router::new(
+        RouteTable {
+            rules: vec![Rule::new("r", vec![], Action::to("reviews"))],
+            ..Default::default()
+        },
+        clusters,
+        Some(4),
+    )
+}
+
+fn ejecting(max_ejection_percent: u32) -> TrafficPolicy {
+    TrafficPolicy {
+        outlier: Some(OutlierDetection {
+            consecutive_5xx: Some(2),
+            consecutive_gateway_errors: None,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_config_change_keeps_an_ejected_endpoint_out_until_its_ejection_ends() {
+    let t = Arc::new(Scripted::default());
+    let eps = addrs(3);
+    let (good, bad, added) = (eps[0], eps[1], eps[2]);
+    t.set(bad, Answer::Status(StatusCode::INTERNAL_SERVER_ERROR));
+    let cluster = |endpoints: Vec<SocketAddr>, policy| {
+        vec![Cluster::new("reviews", endpoints, policy, Some(4))]
+    };
+    let before = Arc::new(Clusters::new(
+        cluster(vec![good, bad], ejecting(50)),
+        t.clone(),
+    ));
+    let r = router_over(before.clone());
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 2, "ejected after two 5xx");
+
+    // An endpoint is added: the new config's cluster takes the old one's state.
+    let after = Arc::new(Clusters::replacing(
+        cluster(vec![good, bad, added], ejecting(50)),
+        t.clone(),
+        &before,
+    ));
+    let r = router_over(after.clone());
+    for _ in 0..30 {
+        assert_eq!(r.handle(get()).await.status(), StatusCode::OK);
+    }
+    let seen = counts(&t.take_seen());
+    assert_eq!(seen.get(&bad), None, "still ejected under the new config");
+    assert_eq!(seen[&added], 15, "the new endpoint takes its share");
+    tokio::time::advance(Duration::from_secs(31)).await;
+    for _ in 0..3 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 1, "back once its ejection ends");
+
+    // Changed outlier settings start every endpoint afresh.
+    for _ in 0..6 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 1, "ejected again");
+    let changed = Arc::new(Clusters::replacing(
+        cluster(vec![good, bad, added], ejecting(34)),
+        t.clone(),
+        &after,
+    ));
+    let r = router_over(changed);
+    for _ in 0..3 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 1, "its ejection was forgotten");
+}
+
+#[tokio::test]
+async fn requests_in_flight_under_the_old_config_count_against_the_new_one() {
+    let t = Arc::new(Scripted::default());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let eps = addrs(1);
+    t.set(eps[0], Answer::Wait(gate.clone()));
+    let policy = TrafficPolicy {
+        pool: PoolLimits {
+            http2_max_requests: Some(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let cluster = || vec![Cluster::new("reviews", eps.clone(), policy.clone(), Some(4))];
+    let before = Arc::new(Clusters::new(cluster(), t.clone()));
+    let old = Arc::new(router_over(before.clone()));
+    let held = tokio::spawn({
+        let old = old.clone();
+        async move { old.handle(get()).await.status() }
+    });
+    while t.seen.lock().expect("lock").is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let new = router_over(Arc::new(Clusters::replacing(cluster(), t.clone(), &before)));
+    assert_eq!(
+        new.handle(get()).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the old config's request holds the one slot"
+    );
+    gate.add_permits(10);
+    assert_eq!(held.await.expect("task"), StatusCode::OK);
+    t.set(eps[0], Answer::Ok);
+    assert_eq!(new.handle(get()).await.status(), StatusCode::OK);
+}
