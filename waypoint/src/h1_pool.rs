@@ -341,6 +341,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn endpoints_whose_connections_closed_are_swept_out() {
+        let (gone, _) = server().await;
+        let (busy, _) = server().await;
+        let pool = Http1Pool::default();
+        let connect = |addr| move || dial(addr, Duration::from_secs(5));
+        // The connection to `gone` closes after its response, as when the endpoint
+        // goes away; nothing is sent there again.
+        let mut req = get();
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let resp = pool.send(gone, req, connect(gone)).await.expect("first");
+        assert_eq!(body_len(resp).await, BODY);
+        settle().await;
+        assert_eq!(pool.endpoints(), 1);
+        for _ in 0..SWEEP_EVERY {
+            let resp = pool.send(busy, get(), connect(busy)).await.expect("busy");
+            drop(resp);
+        }
+        assert_eq!(pool.endpoints(), 1, "only the endpoint in use is left");
+        assert_eq!(pool.pooled(gone), 0);
+    }
+
     #[test]
     fn requests_go_out_in_origin_form_with_a_host() {
         let mut req = Request::builder()
