@@ -5,13 +5,16 @@
 //! address): a connection proves one identity to one peer, so it is only shared by
 //! streams that would prove the same. Each connection carries up to
 //! `max_streams_per_connection` CONNECT streams; past that a new one is opened.
-//! Connections idle (no streams) for `idle_timeout` are closed.
+//! A connection idle (no streams) for `idle_timeout` closes itself, and one that
+//! ends for any reason leaves the pool at once: a peer the proxy stopped talking to
+//! (a node gone, a workload moved) keeps no connection, no keepalive pings and no
+//! pool entry. A dropped [`Client`]'s connections close once idle.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -90,9 +93,56 @@ impl Default for PoolSettings {
 
 struct Connection {
     send: SendRequest<Bytes>,
+    /// Streams open or reserved; [`CLOSING`] once the connection closes for being
+    /// idle (no stream can be reserved after that).
     streams: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
+}
+
+/// A stream count no connection reaches: the connection is closing.
+const CLOSING: usize = usize::MAX / 2;
+
+type Pool = Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>;
+
+/// Resolves once `conn` has had no stream for `timeout` (and then no stream can be
+/// reserved on it any more), or once the pool let go of it.
+async fn idle_out(conn: Weak<Connection>, timeout: Duration) {
+    loop {
+        let Some(c) = conn.upgrade() else {
+            return;
+        };
+        let wait = match c.streams.load(Ordering::Acquire) {
+            0 => {
+                let since = *c.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+                (since + timeout).saturating_duration_since(Instant::now())
+            }
+            _ => timeout,
+        };
+        if wait.is_zero()
+            && c.streams
+                .compare_exchange(0, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return;
+        }
+        drop(c);
+        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+    }
+}
+
+/// Takes an ended connection out of the pool.
+fn forget(pool: &Weak<Pool>, key: &PoolKey, conn: &Weak<Connection>) {
+    let Some(pool) = pool.upgrade() else {
+        return;
+    };
+    let mut conns = pool.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(list) = conns.get_mut(key) {
+        list.retain(|c| !std::ptr::eq(Arc::as_ptr(c), conn.as_ptr()));
+        if list.is_empty() {
+            conns.remove(key);
+        }
+    }
 }
 
 /// One reserved stream slot on a connection, released when the tunnel (or a failed
@@ -118,7 +168,7 @@ impl Drop for StreamGuard {
 pub struct Client {
     h2: H2Settings,
     pool: PoolSettings,
-    conns: Arc<Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>>,
+    conns: Arc<Pool>,
     opened: Arc<AtomicUsize>,
 }
 
@@ -135,6 +185,12 @@ impl Client {
     /// How many connections this client has opened so far.
     pub fn connections_opened(&self) -> usize {
         self.opened.load(Ordering::Relaxed)
+    }
+
+    /// How many connections the pool holds now (open, or ended a moment ago).
+    pub fn connections_pooled(&self) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.values().map(Vec::len).sum()
     }
 
     /// Opens a CONNECT to `authority` through the HBONE endpoint in `key` and waits
@@ -272,8 +328,27 @@ impl Client {
             .await
             .map_err(|source| ClientError::H2 { addr, source })?;
         let closed = Arc::new(AtomicBool::new(false));
-        let closed_by_task = closed.clone();
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Connection {
+            send,
+            // This dial is for a stream: count it now.
+            streams: Arc::new(AtomicUsize::new(1)),
+            closed: closed.clone(),
+            idle_since: Mutex::new(Instant::now()),
+        });
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
         let ping = connection.ping_pong();
+        let (pool, me, key, idle_timeout) = (
+            Arc::downgrade(&self.conns),
+            Arc::downgrade(&conn),
+            key.clone(),
+            self.pool.idle_timeout,
+        );
         tokio::spawn(async move {
             let keepalive = keepalive::unresponsive(ping, s);
             tokio::select! {
@@ -284,23 +359,13 @@ impl Client {
                 reason = keepalive => {
                     warn!(%addr, %reason, "HBONE peer unresponsive; closing the connection");
                 }
+                () = idle_out(me.clone(), idle_timeout) => {
+                    debug!(%addr, ?idle_timeout, "HBONE connection idle; closing it");
+                }
             }
-            closed_by_task.store(true, Ordering::Release);
+            closed.store(true, Ordering::Release);
+            forget(&pool, &key, &me);
         });
-        self.opened.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Connection {
-            send,
-            // This dial is for a stream: count it now.
-            streams: Arc::new(AtomicUsize::new(1)),
-            closed,
-            idle_since: Mutex::new(Instant::now()),
-        });
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key.clone())
-            .or_default()
-            .push(conn.clone());
         Ok(conn)
     }
 }

@@ -77,6 +77,8 @@ impl Handler for Echo {
 struct TestServer {
     addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    /// Connections that have ended (the client closed them, or they failed).
+    ended: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
 }
 
@@ -101,8 +103,9 @@ async fn start_server_with(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let accepted = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(Mutex::new(Vec::new()));
-    let (acc, fail) = (accepted.clone(), failures.clone());
+    let (acc, end, fail) = (accepted.clone(), ended.clone(), failures.clone());
     tokio::spawn(async move {
         loop {
             let Ok((tcp, peer)) = listener.accept().await else {
@@ -110,7 +113,7 @@ async fn start_server_with(
             };
             acc.fetch_add(1, Ordering::SeqCst);
             let server = server.clone();
-            let fail = fail.clone();
+            let (end, fail) = (end.clone(), fail.clone());
             tokio::spawn(async move {
                 match server.handshake(tcp, peer).await {
                     Ok((tls, who)) => {
@@ -120,12 +123,14 @@ async fn start_server_with(
                     }
                     Err(e) => fail.lock().expect("lock").push(e.to_string()),
                 }
+                end.fetch_add(1, Ordering::SeqCst);
             });
         }
     });
     TestServer {
         addr,
         accepted,
+        ended,
         failures,
     }
 }
@@ -345,6 +350,49 @@ async fn streams_share_connections_up_to_the_limit() {
     let tls_other = tls_for(&mesh, &mesh, "spiffe://cluster.local/ns/a/sa/other", SERVER);
     round_trip(&client, &other_key, tls_other, b"y").await;
     assert_eq!(client.connections_opened(), 4);
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_leave_the_pool() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let idle = Duration::from_millis(300);
+    let client = Client::new(
+        H2Settings::default(),
+        PoolSettings {
+            idle_timeout: idle,
+            ..PoolSettings::default()
+        },
+    );
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    // A tunnel held open past the idle timeout keeps its connection.
+    let held = client
+        .connect(
+            &key(srv.addr),
+            tls.clone(),
+            "10.0.0.7:80".parse().expect("a"),
+        )
+        .await
+        .expect("tunnel");
+    tokio::time::sleep(idle * 2).await;
+    assert_eq!(srv.ended.load(Ordering::SeqCst), 0, "in use: open");
+    assert_eq!(client.connections_pooled(), 1);
+    drop(held);
+    // Idle from now: closed by the client within the timeout (and some slack),
+    // without the pool being asked for that peer again.
+    let deadline = tokio::time::Instant::now() + idle * 10;
+    while srv.ended.load(Ordering::SeqCst) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(client.connections_pooled(), 0, "and it left the pool");
+    // The next tunnel to that peer dials a new connection and works.
+    let out = round_trip(&client, &key(srv.addr), tls, b"later").await;
+    assert!(out.ends_with(b"later"));
+    assert_eq!(client.connections_opened(), 2);
 }
 
 /// A raw HTTP/2 request over mesh TLS, for requests our client would never send.
