@@ -136,6 +136,11 @@ impl Drop for RetrySlot {
 /// them again; larger or unsized (chunked) bodies are streamed and not retried.
 pub const RETRY_BUFFER_LIMIT: usize = 64 * 1024;
 
+/// How long a mirrored copy may take when its route sets no timeout (Envoy's default
+/// route timeout). Without a bound, a mirror that accepts and never answers would
+/// hold a task and a connection per copy, without limit.
+pub const MIRROR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub struct Router {
     table: ArcSwap<RouteTable>,
     upstream: Arc<dyn Upstream>,
@@ -601,9 +606,24 @@ impl Router {
             shadow_host(&mut copy);
             let sent = self.upstream.send(backend, copy);
             let backend = backend.to_owned();
+            let timeout = rule.timeout.unwrap_or(MIRROR_TIMEOUT);
             tokio::spawn(async move {
-                if let Err(e) = sent.await {
-                    debug!(%backend, error = %e, "mirrored request failed");
+                // The answer is read to its end (so its connection can be reused)
+                // and dropped; a mirror that stalls is given up on.
+                let answered = async {
+                    let mut body = sent.await?.into_body();
+                    while let Some(frame) = body.frame().await {
+                        frame.map_err(|source| UpstreamError::Reset {
+                            backend: backend.clone(),
+                            source,
+                        })?;
+                    }
+                    Ok::<_, UpstreamError>(())
+                };
+                match tokio::time::timeout(timeout, answered).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => debug!(%backend, error = %e, "mirrored request failed"),
+                    Err(_) => debug!(%backend, ?timeout, "mirrored request timed out; dropped"),
                 }
             });
         }

@@ -269,3 +269,79 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
         )
     );
 }
+
+/// Answers `primary` at once; copies to any other backend never answer, and each
+/// counts as pending until its future is dropped.
+#[derive(Default)]
+struct StalledMirror {
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts one pending copy for as long as it lives.
+struct PendingCopy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for PendingCopy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Upstream for StalledMirror {
+    fn send(&self, backend: &str, _req: Request<Body>) -> UpstreamFuture {
+        if backend == "primary" {
+            return Box::pin(async { Ok(Response::new(full("primary"))) });
+        }
+        self.pending
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let copy = PendingCopy(self.pending.clone());
+        Box::pin(async move {
+            let _copy = copy;
+            std::future::pending().await
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_mirror_is_given_up_on_after_the_route_timeout_or_the_default() {
+    use std::sync::atomic::Ordering;
+    for (route_timeout, expected) in [
+        (Some(Duration::from_secs(2)), Duration::from_secs(2)),
+        (None, cairn_waypoint::router::MIRROR_TIMEOUT),
+    ] {
+        let upstream = Arc::new(StalledMirror::default());
+        let mut mirrored = rule(vec![], "primary");
+        mirrored.timeout = route_timeout;
+        mirrored.mirrors = vec![Mirror {
+            backend: "shadow".into(),
+            percent: Percent(100.0),
+        }];
+        let router = Router::new(
+            RouteTable {
+                rules: vec![mirrored],
+                ..Default::default()
+            },
+            upstream.clone(),
+            Some(5),
+        );
+        for _ in 0..3 {
+            let resp = router
+                .handle(Request::get("/").body(full("")).expect("request"))
+                .await;
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(upstream.pending.load(Ordering::SeqCst), 3, "copies sent");
+        tokio::time::sleep(expected - Duration::from_millis(10)).await;
+        assert_eq!(
+            upstream.pending.load(Ordering::SeqCst),
+            3,
+            "still waiting just before {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            upstream.pending.load(Ordering::SeqCst),
+            0,
+            "given up on after {expected:?}"
+        );
+    }
+}
