@@ -369,8 +369,7 @@ pub fn l7(lab: &mut dyn Backend, m: &Mesh) {
 
     let flaky_vip = format!("{}:9080", cluster_ip(lab, "flaky"));
     // One request at a time: the pod fails every third attempt, so one retry always
-    // suffices. (Many in flight against a pod failing this often would also meet
-    // the waypoint's retry budget: 20% of requests in flight, at least 3.)
+    // suffices.
     let unretried = load_with(lab, (NS, "client"), &flaky_vip, "flaky", 150, 1);
     let failing = share(unretried.code("500"), unretried.requests());
     assert!(

@@ -97,10 +97,30 @@ pub struct TrafficPolicy {
     pub lb: LoadBalancer,
     pub pool: PoolLimits,
     pub outlier: Option<OutlierDetection>,
+    /// `retryBudget`: retries in flight bounded by a share of the requests in flight.
+    /// `None`: only `maxRetries` bounds them (Istio's default).
+    pub retry_budget: Option<RetryBudget>,
     /// `connectionPool.tcp.connectTimeout`: how long opening a connection (an HBONE
     /// tunnel: TCP, TLS and CONNECT) to an endpoint may take; `None`: the
     /// transport's default.
     pub connect_timeout: Option<std::time::Duration>,
+}
+
+/// Retries in flight to a cluster at most `percent` of its requests in flight, but
+/// always `min_concurrency` (Envoy's retry budget; Istio's `retryBudget`). A failing
+/// service then sees at most about `1 + percent/100` times its load from retries,
+/// instead of `attempts` times.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryBudget {
+    pub percent: f64,
+    pub min_concurrency: usize,
+}
+
+impl RetryBudget {
+    /// Retries allowed in flight while `requests` are.
+    pub fn allows(&self, requests: usize) -> usize {
+        ((requests as f64 * self.percent / 100.0) as usize).max(self.min_concurrency)
+    }
 }
 
 /// A request's connect timeout for the transport, from its cluster's policy (carried
@@ -462,9 +482,14 @@ impl Upstream for Clusters {
         let Some(cluster) = self.clusters.get(backend) else {
             return Some(RetrySlot::unlimited());
         };
-        match cluster.policy.pool.max_retries {
-            None => Some(RetrySlot::unlimited()),
-            Some(max) => RetrySlot::counted(&cluster.retrying, max),
+        let budget = cluster
+            .policy
+            .retry_budget
+            .map(|b| b.allows(cluster.in_flight.load(Ordering::Acquire)));
+        match (cluster.policy.pool.max_retries, budget) {
+            (None, None) => Some(RetrySlot::unlimited()),
+            (Some(max), None) | (None, Some(max)) => RetrySlot::counted(&cluster.retrying, max),
+            (Some(a), Some(b)) => RetrySlot::counted(&cluster.retrying, a.min(b)),
         }
     }
 

@@ -19,7 +19,9 @@ use crate::{
     authz::{
         Attribute, Condition, Effect, Operation, Policies, Policy, PolicyRule, Source, Values,
     },
-    cluster::{Cluster, HashKey, LoadBalancer, OutlierDetection, PoolLimits, TrafficPolicy},
+    cluster::{
+        Cluster, HashKey, LoadBalancer, OutlierDetection, PoolLimits, RetryBudget, TrafficPolicy,
+    },
     fault::{Abort, Fault, Percent},
     jwt::{JwtAuthn, JwtRule, TokenSource, parse_jwks},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
@@ -435,6 +437,14 @@ pub fn clusters(
             base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
             max_ejection_percent: o.max_ejection_percent.min(100),
         });
+        let retry_budget = b.retry_budget.as_ref().map(|r| RetryBudget {
+            percent: if r.percent.is_finite() {
+                r.percent.clamp(0.0, 100.0)
+            } else {
+                0.0
+            },
+            min_concurrency: r.min_retry_concurrency as usize,
+        });
         out.push(Cluster::new(
             b.name.clone(),
             endpoints,
@@ -442,6 +452,7 @@ pub fn clusters(
                 lb,
                 pool,
                 outlier,
+                retry_budget,
                 connect_timeout: (b.connect_timeout_ms > 0)
                     .then(|| Duration::from_millis(b.connect_timeout_ms)),
             },

@@ -1,6 +1,6 @@
-//! Retries (VirtualService `retries`): which outcomes of an attempt are retried, how
-//! long to wait before the next one, and the budget that stops retries from
-//! multiplying the load on a service that is already failing.
+//! Retries (VirtualService `retries`): which outcomes of an attempt are retried and
+//! how long to wait before the next one. What bounds retries in flight per backend
+//! (`maxRetries`, DestinationRule `retryBudget`) is the cluster's (`crate::cluster`).
 //!
 //! Semantics follow Envoy's, which Istio's users already know:
 //! - `attempts` counts retries, not the first try;
@@ -12,10 +12,7 @@
 //! - the wait before retry n (1-based) is uniformly random in
 //!   `[0, (2^n - 1) * 25 ms]`, capped at 250 ms (fully jittered exponential backoff).
 
-use std::{
-    sync::atomic::{AtomicUsize, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
 use http::{HeaderMap, StatusCode};
 use rand::Rng;
@@ -136,71 +133,6 @@ pub fn backoff(n: u32, rng: &mut impl Rng) -> Duration {
     ceiling.mul_f64(rng.random::<f64>())
 }
 
-/// Retries in flight may be at most `percent` of the requests in flight, but a
-/// floor of `min_concurrency` is always allowed (Envoy's retry budget defaults: 20%,
-/// 3). A failing service then sees at most ~1.2x its normal load from retries,
-/// instead of `attempts`x.
-#[derive(Debug)]
-pub struct RetryBudget {
-    percent: f64,
-    min_concurrency: usize,
-    active: AtomicUsize,
-    retrying: AtomicUsize,
-}
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        Self::new(20.0, 3)
-    }
-}
-
-/// Counts a request (or a retry) in flight until dropped.
-#[must_use]
-pub struct InFlight<'a>(&'a AtomicUsize);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl RetryBudget {
-    pub fn new(percent: f64, min_concurrency: usize) -> Self {
-        Self {
-            percent,
-            min_concurrency,
-            active: AtomicUsize::new(0),
-            retrying: AtomicUsize::new(0),
-        }
-    }
-
-    pub fn request(&self) -> InFlight<'_> {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        InFlight(&self.active)
-    }
-
-    /// A retry slot, or `None` when the budget is spent.
-    pub fn retry(&self) -> Option<InFlight<'_>> {
-        let active = self.active.load(Ordering::Acquire);
-        let allowed = ((active as f64 * self.percent / 100.0) as usize).max(self.min_concurrency);
-        let mut current = self.retrying.load(Ordering::Acquire);
-        loop {
-            if current >= allowed {
-                return None;
-            }
-            match self.retrying.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Some(InFlight(&self.retrying)),
-                Err(now) => current = now,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use rand::{SeedableRng, rngs::StdRng};
@@ -273,18 +205,5 @@ mod tests {
                 "retry {n} uses its range: {max:?}"
             );
         }
-    }
-
-    #[test]
-    fn the_budget_allows_a_floor_then_a_share_of_requests_in_flight() {
-        let budget = RetryBudget::new(20.0, 3);
-        let requests: Vec<_> = (0..5).map(|_| budget.request()).collect();
-        let retries: Vec<_> = (0..5).filter_map(|_| budget.retry()).collect();
-        assert_eq!(retries.len(), 3, "floor of 3 with 5 requests in flight");
-        drop(retries);
-        let more: Vec<_> = (0..45).map(|_| budget.request()).collect();
-        let retries: Vec<_> = (0..20).filter_map(|_| budget.retry()).collect();
-        assert_eq!(retries.len(), 10, "20% of 50 requests in flight");
-        drop((requests, more));
     }
 }

@@ -22,7 +22,7 @@ use crate::{
     fault::Abort,
     ingress::Downstream,
     jwt::Authn,
-    retry::{Outcome, RetryBudget, backoff},
+    retry::{Outcome, backoff},
     route::{Action, RouteTable, Rule, WeightedBackend},
     telemetry::{Counting, Metered, Record, ResponseFlag, Routed},
     trace,
@@ -85,8 +85,8 @@ pub trait Upstream: Send + Sync + 'static {
     fn send(&self, backend: &str, req: Request<Body>) -> UpstreamFuture;
 
     /// A slot for one more retry to `backend`, held while the retry runs; `None`
-    /// when the backend's `maxRetries` retries are already in flight. Unlimited
-    /// unless the upstream counts.
+    /// when the backend's `maxRetries` retries, or as many as its retry budget
+    /// allows, are already in flight. Unlimited unless the upstream counts.
     fn retry_slot(&self, _backend: &str) -> Option<RetrySlot> {
         Some(RetrySlot::unlimited())
     }
@@ -145,7 +145,6 @@ pub struct Router {
     table: ArcSwap<RouteTable>,
     upstream: Arc<dyn Upstream>,
     rng: Mutex<StdRng>,
-    budget: RetryBudget,
 }
 
 /// How one attempt ended.
@@ -375,7 +374,6 @@ impl Router {
             table: ArcSwap::from_pointee(table),
             upstream,
             rng: Mutex::new(rng),
-            budget: RetryBudget::default(),
         }
     }
 
@@ -629,8 +627,8 @@ impl Router {
         }
     }
 
-    /// Sends the request to `backend`, retrying as the rule says while the retry
-    /// budget allows.
+    /// Sends the request to `backend`, retrying as the rule says while the backend's
+    /// `maxRetries` and retry budget allow.
     async fn forward(
         &self,
         rule: &Rule,
@@ -638,7 +636,6 @@ impl Router {
         parts: http::request::Parts,
         body: Body,
     ) -> Response<Body> {
-        let _in_flight = self.budget.request();
         let policy = rule.retry.as_ref();
         let per_try = policy.and_then(|p| p.per_try_timeout);
         let copies = policy.is_some_and(|p| p.retries > 0) || !rule.mirrors.is_empty();
@@ -685,15 +682,11 @@ impl Router {
             if !again {
                 return attempt.into_response(backend, retries);
             }
-            let Some(slot) = self.budget.retry() else {
-                debug!(%backend, "retry budget spent; answering with the last attempt");
+            let Some(slot) = self.upstream.retry_slot(backend) else {
+                debug!(%backend, "the backend's maxRetries or retry budget is spent; answering with the last attempt");
                 return attempt.into_response(backend, retries);
             };
-            let Some(cluster_slot) = self.upstream.retry_slot(backend) else {
-                debug!(%backend, "the backend's maxRetries retries are in flight; answering with the last attempt");
-                return attempt.into_response(backend, retries);
-            };
-            _retrying = Some((slot, cluster_slot));
+            _retrying = Some(slot);
             retries += 1;
             let wait = {
                 let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());

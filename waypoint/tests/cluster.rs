@@ -11,8 +11,8 @@ use std::{
 
 use cairn_waypoint::{
     cluster::{
-        Cluster, Clusters, HashKey, LoadBalancer, OutlierDetection, PoolLimits, TrafficPolicy,
-        Transport,
+        Cluster, Clusters, HashKey, LoadBalancer, OutlierDetection, PoolLimits, RetryBudget,
+        TrafficPolicy, Transport,
     },
     ingress::Downstream,
     retry::{RetryOn, RetryPolicy},
@@ -28,6 +28,8 @@ enum Answer {
     Status(StatusCode),
     /// Answers once the gate opens.
     Wait(Arc<tokio::sync::Semaphore>),
+    /// Answers with this status once the gate opens.
+    WaitThen(Arc<tokio::sync::Semaphore>, StatusCode),
 }
 
 #[derive(Default)]
@@ -63,6 +65,10 @@ impl Transport for Scripted {
                 Answer::Status(s) => *resp.status_mut() = s,
                 Answer::Wait(gate) => {
                     let _permit = gate.acquire().await;
+                }
+                Answer::WaitThen(gate, s) => {
+                    let _permit = gate.acquire().await;
+                    *resp.status_mut() = s;
                 }
             }
             Ok(resp)
@@ -514,4 +520,62 @@ async fn requests_in_flight_under_the_old_config_count_against_the_new_one() {
     assert_eq!(held.await.expect("task"), StatusCode::OK);
     t.set(eps[0], Answer::Ok);
     assert_eq!(new.handle(get()).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_retry_budget_bounds_retries_by_the_requests_in_flight() {
+    // Every endpoint answers 503 after the gate opens; every request may retry twice.
+    let run = |retry_budget| async move {
+        let t = Arc::new(Scripted::default());
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let eps = addrs(1);
+        t.set(
+            eps[0],
+            Answer::WaitThen(gate.clone(), StatusCode::SERVICE_UNAVAILABLE),
+        );
+        let policy = TrafficPolicy {
+            retry_budget,
+            ..Default::default()
+        };
+        let r = Arc::new(retrying_router(policy, eps.clone(), t.clone()));
+        let held: Vec<_> = (0..10)
+            .map(|_| {
+                let r = r.clone();
+                tokio::spawn(async move { r.handle(get()).await.status() })
+            })
+            .collect();
+        while t.seen.lock().expect("lock").len() < 10 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(1000);
+        for h in held {
+            assert_eq!(h.await.expect("task"), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        t.take_seen().len() - 10
+    };
+    // No budget (Istio's default): every failure is retried, twice.
+    assert_eq!(run(None).await, 20);
+    // 10% of 10 in flight is 1, floor 2: at most two retries in flight at once.
+    // The ten first attempts fail together, so two of them get a retry; the others
+    // answer with their 503 (their requests leave the count as they do).
+    let budget = RetryBudget {
+        percent: 10.0,
+        min_concurrency: 2,
+    };
+    let retried = run(Some(budget)).await;
+    assert!(
+        (2..20).contains(&retried),
+        "{retried} retries under a budget of 2 in flight"
+    );
+}
+
+#[test]
+fn a_retry_budget_allows_a_floor_then_a_share_of_requests_in_flight() {
+    let budget = RetryBudget {
+        percent: 20.0,
+        min_concurrency: 3,
+    };
+    assert_eq!(budget.allows(0), 3);
+    assert_eq!(budget.allows(5), 3, "the floor");
+    assert_eq!(budget.allows(50), 10, "20% of 50");
 }

@@ -49,6 +49,7 @@ fn merged(
         load_balancer: sub.load_balancer.clone().or(top.load_balancer),
         connection_pool: sub.connection_pool.clone().or(top.connection_pool),
         outlier_detection: sub.outlier_detection.clone().or(top.outlier_detection),
+        retry_budget: sub.retry_budget.clone().or(top.retry_budget),
     }
 }
 
@@ -92,6 +93,13 @@ fn policy(p: &istio::TrafficPolicy, backend: &mut l7::Backend) {
             max_retries: n(pool.http.as_ref().and_then(|h| h.max_retries)),
         });
         backend.connect_timeout_ms = pool.tcp.as_ref().map_or(0, |t| millis(&t.connect_timeout));
+    }
+    if let Some(b) = &p.retry_budget {
+        // Istio's defaults for the fields left out.
+        backend.retry_budget = Some(l7::RetryBudget {
+            percent: b.percent.unwrap_or(20.0).clamp(0.0, 100.0),
+            min_retry_concurrency: b.min_retry_concurrency.unwrap_or(3),
+        });
     }
     if let Some(od) = &p.outlier_detection {
         // Istio's defaults for the fields left out.

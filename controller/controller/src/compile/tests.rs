@@ -571,6 +571,7 @@ spec:
       tcp: {maxConnections: 10, connectTimeout: 250ms}
       http: {http1MaxPendingRequests: 5, maxRequestsPerConnection: 3, maxRetries: 4}
     outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s, maxEjectionPercent: 50}
+    retryBudget: {percent: 25}
   subsets:
   - name: v1
     labels: {version: v1}
@@ -610,6 +611,12 @@ spec:
     );
     assert_eq!((pool.max_requests_per_connection, pool.max_retries), (3, 4));
     assert_eq!(v1.connect_timeout_ms, 250);
+    let budget = v1.retry_budget.as_ref().expect("retry budget");
+    assert_eq!(
+        (budget.percent, budget.min_retry_concurrency),
+        (25.0, 3),
+        "Istio's default floor of 3"
+    );
     let od = v1.outlier_detection.as_ref().expect("outlier detection");
     assert_eq!(
         (

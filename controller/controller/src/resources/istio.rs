@@ -420,6 +420,17 @@ pub struct TrafficPolicy {
     pub load_balancer: Option<LoadBalancerSettings>,
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Retries in flight to a destination at most `percent` of its requests in flight,
+/// never fewer than `minRetryConcurrency` (Istio's defaults: 20%, 3). Without it,
+/// retries are limited only by `maxRetries` (Istio's default).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    pub percent: Option<f64>,
+    pub min_retry_concurrency: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
