@@ -300,6 +300,12 @@ impl Cluster {
         Some(chosen.clone())
     }
 
+    /// The cluster's traffic policy (tests of the config conversion).
+    #[cfg(test)]
+    pub(crate) fn policy(&self) -> &TrafficPolicy {
+        &self.policy
+    }
+
     /// Takes over what `previous` (the same backend under the config before) knows:
     /// the endpoints both have keep their requests in flight and, unless the
     /// outlier detection settings changed, their health and ejections; the cluster

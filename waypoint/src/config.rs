@@ -682,12 +682,31 @@ mod tests {
                     simple: l7::load_balancer::Simple::Random as i32,
                     hash: None,
                 }),
+                retry_budget: Some(l7::RetryBudget {
+                    percent: 25.0,
+                    min_retry_concurrency: 3,
+                }),
                 ..Default::default()
             }],
             ..Default::default()
         };
         let (built, ids) = clusters(&config, Some(1)).expect("accepted");
         assert_eq!(built.len(), 1);
+        assert_eq!(
+            built[0].policy().retry_budget,
+            Some(RetryBudget {
+                percent: 25.0,
+                min_concurrency: 3
+            })
+        );
+        let mut unbudgeted = config.clone();
+        unbudgeted.backends[0].retry_budget = None;
+        let (built, _) = clusters(&unbudgeted, Some(1)).expect("accepted");
+        assert_eq!(
+            built[0].policy().retry_budget,
+            None,
+            "no budget: Istio's default"
+        );
         assert_eq!(ids.len(), 1, "only the mesh endpoint gets HBONE");
         assert!(ids.contains_key(&"10.244.1.12:9080".parse().expect("addr")));
         let mut bad = config.clone();
