@@ -110,17 +110,35 @@ fn router_with(
     endpoints: Vec<SocketAddr>,
     t: Arc<Scripted>,
 ) -> Router {
+    let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
+    router_over(retry, Arc::new(clusters))
+}
+
+/// A router over `clusters` with one rule to `reviews`, with `retry`.
+fn router_over(retry: Option<RetryPolicy>, clusters: Arc<Clusters>) -> Router {
     let mut rule = Rule::new("r", vec![], Action::to("reviews"));
     rule.retry = retry;
-    let clusters = Clusters::new(vec![Cluster::new("reviews", endpoints, policy, Some(4))], t);
     Router::new(
         RouteTable {
             rules: vec![rule],
             ..Default::default()
         },
-        Arc::new(clusters),
+        clusters,
         Some(4),
     )
+}
+
+/// Two 5xx in a row eject an endpoint for 30 s (and more each time).
+fn ejecting(max_ejection_percent: u32) -> TrafficPolicy {
+    TrafficPolicy {
+        outlier: Some(OutlierDetection {
+            consecutive_5xx: Some(2),
+            consecutive_gateway_errors: None,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent,
+        }),
+        ..Default::default()
+    }
 }
 
 fn lb(lb: LoadBalancer) -> TrafficPolicy {
@@ -298,16 +316,7 @@ async fn an_ejected_endpoint_gets_no_traffic_until_its_ejection_ends() {
     let eps = addrs(2);
     let (good, bad) = (eps[0], eps[1]);
     t.set(bad, Answer::Status(StatusCode::INTERNAL_SERVER_ERROR));
-    let policy = TrafficPolicy {
-        outlier: Some(OutlierDetection {
-            consecutive_5xx: Some(2),
-            consecutive_gateway_errors: None,
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_percent: 50,
-        }),
-        ..Default::default()
-    };
-    let r = router(policy, eps.clone(), t.clone());
+    let r = router(ejecting(50), eps.clone(), t.clone());
     // Round robin: the bad endpoint fails twice in the first four requests.
     for _ in 0..4 {
         r.handle(get()).await;
@@ -389,30 +398,6 @@ async fn max_retries_caps_the_retries_in_flight_to_a_cluster() {
     assert!(RetrySlot::counted(&count, 2).is_some(), "a slot freed");
 }
 
-/// A router over `clusters` with one rule to `reviews`.
-fn router_over(clusters: Arc<Clusters>) -> Router {
-    Router::new(
-        RouteTable {
-            rules: vec![Rule::new("r", vec![], Action::to("reviews"))],
-            ..Default::default()
-        },
-        clusters,
-        Some(4),
-    )
-}
-
-fn ejecting(max_ejection_percent: u32) -> TrafficPolicy {
-    TrafficPolicy {
-        outlier: Some(OutlierDetection {
-            consecutive_5xx: Some(2),
-            consecutive_gateway_errors: None,
-            base_ejection_time: Duration::from_secs(30),
-            max_ejection_percent,
-        }),
-        ..Default::default()
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_config_change_keeps_an_ejected_endpoint_out_until_its_ejection_ends() {
     let t = Arc::new(Scripted::default());
@@ -426,7 +411,7 @@ async fn a_config_change_keeps_an_ejected_endpoint_out_until_its_ejection_ends()
         cluster(vec![good, bad], ejecting(50)),
         t.clone(),
     ));
-    let r = router_over(before.clone());
+    let r = router_over(None, before.clone());
     for _ in 0..4 {
         r.handle(get()).await;
     }
@@ -438,7 +423,7 @@ async fn a_config_change_keeps_an_ejected_endpoint_out_until_its_ejection_ends()
         t.clone(),
         &before,
     ));
-    let r = router_over(after.clone());
+    let r = router_over(None, after.clone());
     for _ in 0..30 {
         assert_eq!(r.handle(get()).await.status(), StatusCode::OK);
     }
@@ -465,7 +450,7 @@ async fn a_config_change_keeps_an_ejected_endpoint_out_until_its_ejection_ends()
         t.clone(),
         &after,
     ));
-    let r = router_over(changed);
+    let r = router_over(None, changed);
     for _ in 0..3 {
         r.handle(get()).await;
     }
@@ -498,7 +483,7 @@ async fn requests_in_flight_under_the_old_config_count_against_the_new_one() {
         )]
     };
     let before = Arc::new(Clusters::new(cluster(), t.clone()));
-    let old = Arc::new(router_over(before.clone()));
+    let old = Arc::new(router_over(None, before.clone()));
     let held = tokio::spawn({
         let old = old.clone();
         async move { old.handle(get()).await.status() }
@@ -506,7 +491,10 @@ async fn requests_in_flight_under_the_old_config_count_against_the_new_one() {
     while t.seen.lock().expect("lock").is_empty() {
         tokio::task::yield_now().await;
     }
-    let new = router_over(Arc::new(Clusters::replacing(cluster(), t.clone(), &before)));
+    let new = router_over(
+        None,
+        Arc::new(Clusters::replacing(cluster(), t.clone(), &before)),
+    );
     // (Admitted, it would wait at the gate: the timeout makes that a failure.)
     let answered = tokio::time::timeout(Duration::from_secs(5), new.handle(get()))
         .await
