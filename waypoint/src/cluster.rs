@@ -492,10 +492,17 @@ impl Upstream for Clusters {
             .policy
             .retry_budget
             .map(|b| b.allows(cluster.in_flight.load(Ordering::Acquire)));
-        match (cluster.policy.pool.max_retries, budget) {
-            (None, None) => Some(RetrySlot::unlimited()),
-            (Some(max), None) | (None, Some(max)) => RetrySlot::counted(&cluster.retrying, max),
-            (Some(a), Some(b)) => RetrySlot::counted(&cluster.retrying, a.min(b)),
+        // The tighter of `maxRetries` and the budget, when either is set.
+        match cluster
+            .policy
+            .pool
+            .max_retries
+            .into_iter()
+            .chain(budget)
+            .min()
+        {
+            None => Some(RetrySlot::unlimited()),
+            Some(max) => RetrySlot::counted(&cluster.retrying, max),
         }
     }
 

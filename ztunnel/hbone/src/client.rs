@@ -274,16 +274,9 @@ impl Client {
     fn pooled(&self, key: &PoolKey) -> Option<Arc<Connection>> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let list = conns.get_mut(key)?;
-        let idle_timeout = self.pool.idle_timeout;
-        list.retain(|c| {
-            let idle = c.streams.load(Ordering::Acquire) == 0
-                && c.idle_since
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .elapsed()
-                    > idle_timeout;
-            !c.closed.load(Ordering::Acquire) && !idle
-        });
+        // Idleness is the connection task's to judge (`idle_out`): a connection it
+        // closes for that can take no stream from then on.
+        list.retain(|c| !c.closed.load(Ordering::Acquire));
         let max = self.pool.max_streams_per_connection;
         let found = list.iter().find(|c| {
             c.streams
