@@ -25,6 +25,7 @@ use crate::{
     fault::{Abort, Fault, Percent},
     jwt::{JwtAuthn, JwtRule, TokenSource, parse_jwks},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
+    redirect::{PathRedirect, Redirect},
     retry::{RetryOn, RetryPolicy},
     route::{
         Action, BackendHeaders, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend,
@@ -75,6 +76,7 @@ impl Rules<'_> {
         match &m.kind {
             Some(Kind::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
             Some(Kind::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+            Some(Kind::PathPrefix(s)) => Ok(StringMatch::path_prefix(s)),
             Some(Kind::Regex(r)) => StringMatch::regex(r).map_err(|source| ConfigError::Regex {
                 rule: self.rule.into(),
                 source,
@@ -126,6 +128,8 @@ impl Rules<'_> {
         };
         Ok(RequestMatch {
             path: opt("uri", &m.uri)?,
+            ignore_path_case: m.ignore_uri_case,
+            scheme: opt("scheme", &m.scheme)?,
             method: opt("method", &m.method)?,
             authority: opt("authority", &m.authority)?,
             headers: m
@@ -170,23 +174,78 @@ impl Rules<'_> {
         })
     }
 
-    fn rewrite(&self, rw: &l7::Rewrite) -> Result<Rewrite, ConfigError> {
-        let path = Some(rw.uri.clone()).filter(|u| !u.is_empty());
-        if let Some(p) = &path
-            && (!p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err())
-        {
-            return Err(self.invalid("rewrite.uri", format!("{p:?} is not a path")));
+    /// A path to put in a request or a `Location`; empty: none.
+    fn path(&self, field: &'static str, p: &str) -> Result<Option<String>, ConfigError> {
+        if p.is_empty() {
+            return Ok(None);
         }
-        let authority = Some(rw.authority.as_str())
-            .filter(|a| !a.is_empty())
+        if !p.starts_with('/') || p.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(self.invalid(field, format!("{p:?} is not a path")));
+        }
+        Ok(Some(p.to_owned()))
+    }
+
+    /// An authority (`host[:port]`); empty: none.
+    fn authority(
+        &self,
+        field: &'static str,
+        a: &str,
+    ) -> Result<Option<http::uri::Authority>, ConfigError> {
+        if a.is_empty() {
+            return Ok(None);
+        }
+        http::uri::Authority::try_from(a)
+            .map(Some)
+            .map_err(|e| self.invalid(field, format!("{a:?}: {e}")))
+    }
+
+    fn rewrite(&self, rw: &l7::Rewrite) -> Result<Rewrite, ConfigError> {
+        let authority = self
+            .authority("rewrite.authority", &rw.authority)?
             .map(|a| {
-                http::uri::Authority::try_from(a)
-                    .ok()
-                    .and_then(|_| HeaderValue::try_from(a).ok())
-                    .ok_or_else(|| self.invalid("rewrite.authority", format!("{a:?}")))
+                HeaderValue::try_from(a.as_str())
+                    .map_err(|e| self.invalid("rewrite.authority", format!("{a}: {e}")))
             })
             .transpose()?;
-        Ok(Rewrite { path, authority })
+        Ok(Rewrite {
+            path: self.path("rewrite.uri", &rw.uri)?,
+            full_path: rw.full_path,
+            authority,
+        })
+    }
+
+    fn redirect(&self, r: &l7::Redirect) -> Result<Redirect, ConfigError> {
+        let scheme = Some(r.scheme.to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .map(|s| match http::uri::Scheme::try_from(s.as_str()) {
+                Ok(_) => Ok(s),
+                Err(e) => Err(self.invalid("redirect.scheme", format!("{s:?}: {e}"))),
+            })
+            .transpose()?;
+        let port = match r.port {
+            0 => None,
+            p => Some(
+                u16::try_from(p)
+                    .map_err(|_| self.invalid("redirect.port", format!("{p} is not a TCP port")))?,
+            ),
+        };
+        let path = self.path("redirect.uri", &r.uri)?.map(|p| {
+            if r.replace_prefix {
+                PathRedirect::MatchedPrefix(p)
+            } else {
+                PathRedirect::Full(p)
+            }
+        });
+        Ok(Redirect {
+            scheme,
+            authority: self.authority("redirect.authority", &r.authority)?,
+            port,
+            path,
+            status: self.status(
+                "redirect.status",
+                if r.status == 0 { 301 } else { r.status },
+            )?,
+        })
     }
 
     fn retry(&self, r: &l7::Retry) -> Result<RetryPolicy, ConfigError> {
@@ -244,14 +303,7 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
                         })
                         .collect::<Result<_, ConfigError>>()?,
                 ),
-                Some(l7::rule::Action::Redirect(r)) => Action::Redirect {
-                    authority: Some(r.authority.clone()).filter(|a| !a.is_empty()),
-                    path: Some(r.uri.clone()).filter(|u| !u.is_empty()),
-                    status: cx.status(
-                        "redirect.status",
-                        if r.status == 0 { 301 } else { r.status },
-                    )?,
-                },
+                Some(l7::rule::Action::Redirect(r)) => Action::Redirect(cx.redirect(r)?),
                 Some(l7::rule::Action::DirectResponse(d)) => Action::Respond {
                     status: cx.status("direct_response.status", d.status)?,
                     body: Bytes::from(d.body.clone()),
@@ -596,7 +648,27 @@ mod tests {
             }),
             delay: None,
         });
+        let redirect = |r: l7::Redirect| {
+            let mut rule = forward_rule("bookinfo/reviews/6");
+            rule.action = Some(l7::rule::Action::Redirect(r));
+            rule
+        };
+        let bad_scheme = redirect(l7::Redirect {
+            scheme: "ht tp".into(),
+            ..Default::default()
+        });
+        let bad_port = redirect(l7::Redirect {
+            port: 70000,
+            ..Default::default()
+        });
+        let bad_path = redirect(l7::Redirect {
+            uri: "login".into(),
+            ..Default::default()
+        });
         for (rule, want) in [
+            (bad_scheme, "redirect.scheme"),
+            (bad_port, "70000 is not a TCP port"),
+            (bad_path, "\"login\" is not a path"),
             (bad_regex, "invalid regex"),
             (bad_status, "42 is not an HTTP status"),
             (bad_header, "bad header"),
@@ -624,6 +696,58 @@ mod tests {
             panic!("forward")
         };
         assert_eq!(b[0].backend, "reviews.bookinfo.svc.cluster.local|v1|9080");
+    }
+
+    #[test]
+    fn matches_redirects_and_rewrites_convert() {
+        let mut rule = forward_rule("bookinfo/reviews/0");
+        rule.matches.push(l7::Match {
+            uri: Some(l7::StringMatch {
+                kind: Some(l7::string_match::Kind::PathPrefix("/api/".into())),
+            }),
+            ignore_uri_case: true,
+            scheme: Some(l7::StringMatch {
+                kind: Some(l7::string_match::Kind::Exact("http".into())),
+            }),
+            ..Default::default()
+        });
+        rule.action = Some(l7::rule::Action::Redirect(l7::Redirect {
+            authority: "web:8080".into(),
+            uri: "/v2".into(),
+            status: 308,
+            scheme: "HTTPS".into(),
+            port: 8443,
+            replace_prefix: true,
+        }));
+        rule.rewrite = Some(l7::Rewrite {
+            uri: "/x".into(),
+            authority: String::new(),
+            full_path: true,
+        });
+        let config = l7::RouteConfig {
+            rules: vec![rule],
+            ..Default::default()
+        };
+        let table = RouteTable::try_from(&config).expect("accepted");
+        let r = &table.rules[0];
+        assert!(matches!(&r.matches[0].path, Some(StringMatch::PathPrefix(p)) if p == "/api"));
+        assert!(r.matches[0].ignore_path_case);
+        assert!(r.matches[0].scheme.is_some());
+        let Action::Redirect(redirect) = &r.action else {
+            panic!("redirect")
+        };
+        assert_eq!(
+            redirect,
+            &Redirect {
+                scheme: Some("https".into()),
+                authority: Some(http::uri::Authority::from_static("web:8080")),
+                port: Some(8443),
+                path: Some(PathRedirect::MatchedPrefix("/v2".into())),
+                status: StatusCode::PERMANENT_REDIRECT,
+            }
+        );
+        let rewrite = r.rewrite.as_ref().expect("rewrite");
+        assert!(rewrite.full_path);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod head_timer;
 pub mod ingress;
 pub mod jwt;
 pub mod matching;
+pub mod redirect;
 pub mod retry;
 pub mod route;
 pub mod router;

@@ -1,6 +1,7 @@
-//! Request matching: path, method, authority, headers and query parameters, with
-//! exact, prefix and regex string matches (regexes match the whole value, as Envoy's
-//! RE2 matches do).
+//! Request matching: path, scheme, method, authority, headers and query parameters,
+//! with exact, prefix, path-prefix (by segments) and regex string matches (regexes
+//! match the whole value, as Envoy's RE2 matches do), and the path edits that follow
+//! a match (rewrites and redirects replace the prefix a rule matched).
 
 use std::{collections::HashSet, net::IpAddr, sync::Arc};
 
@@ -12,7 +13,12 @@ use crate::ingress::Downstream;
 #[derive(Clone, Debug)]
 pub enum StringMatch {
     Exact(String),
+    /// A string prefix: `/foo` matches `/foobar` (Istio's, Envoy's `prefix`).
     Prefix(String),
+    /// A prefix by whole path segments, kept without a trailing `/` (Gateway API
+    /// `PathPrefix`): `/foo` matches `/foo`, `/foo/` and `/foo/bar`, not `/foobar`;
+    /// empty matches every path. Build it with [`StringMatch::path_prefix`].
+    PathPrefix(String),
     /// Anchored: the whole value must match.
     Regex(Regex),
 }
@@ -37,12 +43,72 @@ impl StringMatch {
             })
     }
 
+    /// A path-segment prefix; `/foo/` and `/foo` are the same prefix.
+    pub fn path_prefix(prefix: &str) -> Self {
+        StringMatch::PathPrefix(prefix.trim_end_matches('/').to_owned())
+    }
+
     pub fn matches(&self, value: &str) -> bool {
+        self.matches_case(value, false)
+    }
+
+    /// As [`StringMatch::matches`]; with `ignore_case` exact and prefix matches compare
+    /// ASCII letters case-insensitively (regexes are as written).
+    pub fn matches_case(&self, value: &str, ignore_case: bool) -> bool {
         match self {
+            StringMatch::Exact(s) if ignore_case => value.eq_ignore_ascii_case(s),
             StringMatch::Exact(s) => value == s,
-            StringMatch::Prefix(p) => value.starts_with(p.as_str()),
+            StringMatch::Prefix(_) | StringMatch::PathPrefix(_) => {
+                self.prefix_len(value, ignore_case).is_some()
+            }
             StringMatch::Regex(r) => r.is_match(value),
         }
+    }
+
+    /// How many leading bytes of `value` a prefix match covers; `None` for other
+    /// kinds and for values it does not match.
+    fn prefix_len(&self, value: &str, ignore_case: bool) -> Option<usize> {
+        let starts = |p: &str| {
+            value.len() >= p.len()
+                && if ignore_case {
+                    value.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+                } else {
+                    value.as_bytes().starts_with(p.as_bytes())
+                }
+        };
+        match self {
+            StringMatch::Prefix(p) => starts(p).then_some(p.len()),
+            StringMatch::PathPrefix(p) => (starts(p)
+                && matches!(value.as_bytes().get(p.len()), None | Some(b'/')))
+            .then_some(p.len()),
+            StringMatch::Exact(_) | StringMatch::Regex(_) => None,
+        }
+    }
+}
+
+/// `path` with the prefix its rule matched replaced by `new`, or all of it replaced
+/// when the rule did not match the path by prefix. A string prefix is replaced as a
+/// string (Envoy's `prefix_rewrite`); a path prefix by segments, as Gateway API's
+/// `ReplacePrefixMatch` (prefix `/foo`: `/xyz` or `/xyz/` turn `/foo/bar` into
+/// `/xyz/bar`, `/` turns it into `/bar`, and an empty result is `/`).
+pub fn replace_matched_prefix(path: &str, new: &str, matched: Option<&RequestMatch>) -> String {
+    let Some(m) = matched else {
+        return new.to_owned();
+    };
+    let Some(kind) = &m.path else {
+        return new.to_owned();
+    };
+    match (kind, kind.prefix_len(path, m.ignore_path_case)) {
+        (StringMatch::Prefix(_), Some(n)) => format!("{new}{}", &path[n..]),
+        (StringMatch::PathPrefix(_), Some(n)) => {
+            let joined = format!("{}{}", new.trim_end_matches('/'), &path[n..]);
+            if joined.is_empty() {
+                "/".to_owned()
+            } else {
+                joined
+            }
+        }
+        _ => new.to_owned(),
     }
 }
 
@@ -56,6 +122,10 @@ pub enum HeaderRule {
 #[derive(Clone, Debug, Default)]
 pub struct RequestMatch {
     pub path: Option<StringMatch>,
+    /// Exact and prefix `path` matches ignore ASCII case (`ignoreUriCase`).
+    pub ignore_path_case: bool,
+    /// `http` unless the request says otherwise (HTTP/2's `:scheme`).
+    pub scheme: Option<StringMatch>,
     pub method: Option<StringMatch>,
     pub authority: Option<StringMatch>,
     pub headers: Vec<(HeaderName, HeaderRule)>,
@@ -93,7 +163,18 @@ impl RequestMatch {
             return false;
         }
         let path = req.uri.path();
-        if self.path.as_ref().is_some_and(|m| !m.matches(path)) {
+        if self
+            .path
+            .as_ref()
+            .is_some_and(|m| !m.matches_case(path, self.ignore_path_case))
+        {
+            return false;
+        }
+        if self
+            .scheme
+            .as_ref()
+            .is_some_and(|m| !m.matches(req.uri.scheme_str().unwrap_or("http")))
+        {
             return false;
         }
         if self
@@ -168,6 +249,97 @@ mod tests {
             "regexes match the whole value"
         );
         assert!(StringMatch::regex("(").is_err());
+    }
+
+    #[test]
+    fn path_prefixes_match_whole_segments() {
+        let m = StringMatch::path_prefix("/foo/");
+        for path in ["/foo", "/foo/", "/foo/bar"] {
+            assert!(m.matches(path), "{path}");
+        }
+        for path in ["/foobar", "/fo", "/", "/bar/foo"] {
+            assert!(!m.matches(path), "{path}");
+        }
+        assert!(StringMatch::path_prefix("/").matches("/anything"));
+        assert!(
+            StringMatch::Prefix("/foo".into()).matches("/foobar"),
+            "a string prefix is not by segments"
+        );
+    }
+
+    #[test]
+    fn ignoring_case_covers_exact_and_prefix_matches_not_regexes() {
+        assert!(StringMatch::Exact("/Api".into()).matches_case("/aPI", true));
+        assert!(!StringMatch::Exact("/Api".into()).matches_case("/aPI", false));
+        assert!(StringMatch::Prefix("/API/".into()).matches_case("/api/v1", true));
+        assert!(StringMatch::path_prefix("/API").matches_case("/api/v1", true));
+        assert!(!StringMatch::path_prefix("/API").matches_case("/apiv1", true));
+        let r = StringMatch::regex("/api").expect("regex");
+        assert!(!r.matches_case("/API", true));
+        let m = RequestMatch {
+            path: Some(StringMatch::Prefix("/Reviews".into())),
+            ignore_path_case: true,
+            ..Default::default()
+        };
+        assert!(m.matches(&parts("GET", "/REVIEWS/1", &[])));
+    }
+
+    #[test]
+    fn the_matched_prefix_is_replaced_as_string_or_by_segments() {
+        let by = |path: StringMatch| RequestMatch {
+            path: Some(path),
+            ..Default::default()
+        };
+        // Envoy's prefix_rewrite: a string replaced by a string.
+        let string = by(StringMatch::Prefix("/foo/".into()));
+        assert_eq!(
+            replace_matched_prefix("/foo/bar", "/xyz", Some(&string)),
+            "/xyzbar"
+        );
+        // Gateway API's ReplacePrefixMatch table.
+        for (path, prefix, new, want) in [
+            ("/foo/bar", "/foo", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo", "/xyz/", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz", "/xyz/bar"),
+            ("/foo/bar", "/foo/", "/xyz/", "/xyz/bar"),
+            ("/foo", "/foo", "/xyz", "/xyz"),
+            ("/foo/", "/foo", "/xyz", "/xyz/"),
+            ("/foo/bar", "/foo", "/", "/bar"),
+            ("/foo/", "/foo", "/", "/"),
+            ("/foo", "/foo", "/", "/"),
+            ("/foo/bar", "/", "/xyz", "/xyz/foo/bar"),
+        ] {
+            let m = by(StringMatch::path_prefix(prefix));
+            assert_eq!(
+                replace_matched_prefix(path, new, Some(&m)),
+                want,
+                "{path} with prefix {prefix} -> {new}"
+            );
+        }
+        let exact = by(StringMatch::Exact("/foo".into()));
+        assert_eq!(
+            replace_matched_prefix("/foo", "/xyz/", Some(&exact)),
+            "/xyz/"
+        );
+        assert_eq!(replace_matched_prefix("/foo/bar", "/xyz", None), "/xyz");
+        let any_case = RequestMatch {
+            ignore_path_case: true,
+            ..by(StringMatch::Prefix("/old".into()))
+        };
+        assert_eq!(
+            replace_matched_prefix("/OLD/x", "/new", Some(&any_case)),
+            "/new/x"
+        );
+    }
+
+    #[test]
+    fn scheme_is_http_unless_the_request_names_one() {
+        let m = RequestMatch {
+            scheme: Some(StringMatch::Exact("http".into())),
+            ..Default::default()
+        };
+        assert!(m.matches(&parts("GET", "/", &[])));
+        assert!(!m.matches(&parts("GET", "https://reviews/", &[])));
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, StatusCode};
 
-use crate::{authz::Policies, fault::Fault, matching::RequestMatch, retry::RetryPolicy};
+use crate::{
+    authz::Policies,
+    fault::Fault,
+    matching::{RequestMatch, replace_matched_prefix},
+    retry::RetryPolicy,
+};
 
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
@@ -63,13 +68,7 @@ impl Rule {
 pub enum Action {
     /// Send to one of these, chosen by weight.
     Forward(Vec<WeightedBackend>),
-    Redirect {
-        /// Replaces the authority when set.
-        authority: Option<String>,
-        /// Replaces the path (and query) when set.
-        path: Option<String>,
-        status: StatusCode,
-    },
+    Redirect(crate::redirect::Redirect),
     Respond {
         status: StatusCode,
         body: Bytes,
@@ -78,8 +77,12 @@ pub enum Action {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rewrite {
-    /// Replaces the matched prefix (rules matched by prefix) or the whole path.
+    /// Replaces the matched prefix (rules matched by prefix, see
+    /// [`replace_matched_prefix`]) or the whole path.
     pub path: Option<String>,
+    /// `path` replaces the whole path even after a prefix match (Gateway API
+    /// `ReplaceFullPath`).
+    pub full_path: bool,
     pub authority: Option<HeaderValue>,
 }
 
@@ -170,12 +173,10 @@ impl Rewrite {
             parts.headers.insert(http::header::HOST, authority.clone());
         }
         let path = self.path.as_ref().map(|new| {
-            let old = parts.uri.path();
-            match matched.and_then(|m| m.path.as_ref()) {
-                Some(crate::matching::StringMatch::Prefix(p)) if old.starts_with(p.as_str()) => {
-                    format!("{new}{}", &old[p.len()..])
-                }
-                _ => new.clone(),
+            if self.full_path {
+                new.clone()
+            } else {
+                replace_matched_prefix(parts.uri.path(), new, matched)
             }
         });
         if path.is_none() && self.authority.is_none() {

@@ -498,37 +498,17 @@ impl Router {
                 *resp.status_mut() = *status;
                 resp
             }
-            Action::Redirect {
-                authority,
-                path,
-                status,
-            } => {
-                let host = authority
-                    .clone()
-                    .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-                    .or_else(|| {
-                        parts
-                            .headers
-                            .get(header::HOST)
-                            .and_then(|h| h.to_str().ok())
-                            .map(str::to_owned)
-                    })
-                    .unwrap_or_default();
-                let path = path.clone().unwrap_or_else(|| {
-                    parts
-                        .uri
-                        .path_and_query()
-                        .map_or("/".into(), |p| p.to_string())
-                });
-                let mut resp = respond(*status, "");
-                match header::HeaderValue::try_from(format!("http://{host}{path}")) {
-                    Ok(location) => {
-                        resp.headers_mut().insert(header::LOCATION, location);
-                    }
-                    Err(_) => return respond(StatusCode::BAD_REQUEST, "invalid redirect target"),
+            Action::Redirect(redirect) => match redirect.location(&parts, matched) {
+                Ok(location) => {
+                    let mut resp = respond(redirect.status, "");
+                    resp.headers_mut().insert(header::LOCATION, location);
+                    resp
                 }
-                resp
-            }
+                Err(e) => {
+                    debug!(error = %e, "redirect");
+                    return respond(StatusCode::BAD_REQUEST, "invalid redirect target");
+                }
+            },
             Action::Forward(_) => {
                 let Some(backend) = backend.as_deref() else {
                     return respond_flagged(

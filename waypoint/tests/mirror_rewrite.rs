@@ -222,16 +222,43 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
     let mut by_prefix = rule(vec![prefix], "v1");
     by_prefix.rewrite = Some(Rewrite {
         path: Some("/new/".into()),
+        full_path: false,
         authority: Some(HeaderValue::from_static("reviews-v2:9080")),
     });
     let mut whole = rule(vec![exact], "v1");
     whole.rewrite = Some(Rewrite {
         path: Some("/auth/login".into()),
+        full_path: false,
+        authority: None,
+    });
+    // Gateway API: ReplacePrefixMatch by segments, ReplaceFullPath after a prefix.
+    let mut by_segments = rule(
+        vec![RequestMatch {
+            path: Some(StringMatch::path_prefix("/api/")),
+            ..Default::default()
+        }],
+        "v1",
+    );
+    by_segments.rewrite = Some(Rewrite {
+        path: Some("/".into()),
+        full_path: false,
+        authority: None,
+    });
+    let mut full_after_prefix = rule(
+        vec![RequestMatch {
+            path: Some(StringMatch::path_prefix("/legacy")),
+            ..Default::default()
+        }],
+        "v1",
+    );
+    full_after_prefix.rewrite = Some(Rewrite {
+        path: Some("/current".into()),
+        full_path: true,
         authority: None,
     });
     let router = Router::new(
         RouteTable {
-            rules: vec![by_prefix, whole],
+            rules: vec![by_prefix, whole, by_segments, full_after_prefix],
             ..Default::default()
         },
         Arc::new(Clusters::plain_http(HashMap::from([(
@@ -240,7 +267,12 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
         )]))),
         Some(1),
     );
-    for path in ["/old/a/b?x=1", "/login?next=/"] {
+    for path in [
+        "/old/a/b?x=1",
+        "/login?next=/",
+        "/api/v1/users?id=7",
+        "/legacy/x/y",
+    ] {
         let resp = router
             .handle(
                 Request::get(path)
@@ -268,6 +300,11 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
             String::new()
         )
     );
+    assert_eq!(
+        seen[2].1, "/v1/users?id=7",
+        "the /api segment replaced by /"
+    );
+    assert_eq!(seen[3].1, "/current", "the whole path replaced");
 }
 
 /// Answers `primary` at once; copies to any other backend never answer, and each

@@ -14,6 +14,7 @@ use cairn_waypoint::{
     cluster::Clusters,
     fault::{Abort, Fault, Percent},
     matching::{HeaderRule, RequestMatch, StringMatch},
+    redirect::{PathRedirect, Redirect},
     route::{Action, BackendHeaders, RouteTable, Rule, WeightedBackend},
     router::{Body, Router, Upstream, UpstreamFuture, full, serve},
 };
@@ -271,11 +272,13 @@ fn table() -> RouteTable {
             rule(
                 "moved",
                 vec![path("/old")],
-                Action::Redirect {
+                Action::Redirect(Redirect {
+                    scheme: None,
                     authority: None,
-                    path: Some("/new".into()),
+                    port: None,
+                    path: Some(PathRedirect::Full("/new".into())),
                     status: StatusCode::MOVED_PERMANENTLY,
-                },
+                }),
             ),
             aborted,
             slow,

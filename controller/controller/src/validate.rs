@@ -283,6 +283,41 @@ fn string_match(path: String, m: &istio::StringMatch) -> Result<(), FieldError> 
     Ok(())
 }
 
+/// What a waypoint needs to build a `Location` from an Istio `HTTPRedirect`.
+fn redirect(base: &str, r: &istio::HttpRedirect) -> Result<(), FieldError> {
+    if r.port.is_some_and(|p| p == 0 || p > 65535) {
+        return fail(format!("{base}.port"), "port must be 1-65535");
+    }
+    if let Some(s) = &r.scheme {
+        let mut chars = s.chars();
+        let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+        if !valid {
+            return fail(
+                format!("{base}.scheme"),
+                format!("{s:?} is not a URI scheme"),
+            );
+        }
+    }
+    if let Some(u) = &r.uri
+        && !u.starts_with('/')
+    {
+        return fail(
+            format!("{base}.uri"),
+            format!("{u:?} is not a path (starts with /)"),
+        );
+    }
+    if let Some(code) = r.redirect_code
+        && !(300..=399).contains(&code)
+    {
+        return fail(
+            format!("{base}.redirectCode"),
+            format!("{code} is not a redirect status (3xx)"),
+        );
+    }
+    Ok(())
+}
+
 fn virtual_service(
     spec: &istio::VirtualServiceSpec,
     warnings: &mut Vec<Warning>,
@@ -294,6 +329,9 @@ fn virtual_service(
         let base = format!("spec.http[{i}]");
         for (j, m) in route.matches.iter().enumerate() {
             let mbase = format!("{base}.match[{j}]");
+            if m.port.is_some_and(|p| p == 0 || p > 65535) {
+                return fail(format!("{mbase}.port"), "port must be 1-65535");
+            }
             for (name, sm) in [
                 ("uri", &m.uri),
                 ("scheme", &m.scheme),
@@ -322,6 +360,9 @@ fn virtual_service(
             + usize::from(route.direct_response.is_some());
         if actions != 1 {
             return fail(base, "set exactly one of route, redirect, directResponse");
+        }
+        if let Some(r) = &route.redirect {
+            redirect(&format!("{base}.redirect"), r)?;
         }
         let mut total = 0i64;
         for (j, dst) in route.route.iter().enumerate() {
@@ -592,6 +633,67 @@ mod tests {
         }
         for bad in ["a*b", "**", "*a*", ""] {
             assert!(pattern("p".into(), bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn virtual_service_match_ports_and_redirects_are_checked() {
+        let with = |m: istio::HttpMatchRequest, r: istio::HttpRedirect| istio::VirtualServiceSpec {
+            hosts: vec!["reviews".into()],
+            http: vec![istio::HttpRoute {
+                matches: vec![m],
+                redirect: Some(r),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let check = |spec: &istio::VirtualServiceSpec| virtual_service(spec, &mut Vec::new());
+        let good = istio::HttpRedirect {
+            scheme: Some("https".into()),
+            port: Some(8443),
+            uri: Some("/login".into()),
+            redirect_code: Some(308),
+            ..Default::default()
+        };
+        assert!(check(&with(Default::default(), good.clone())).is_ok());
+        let port = istio::HttpMatchRequest {
+            port: Some(70000),
+            ..Default::default()
+        };
+        let e = check(&with(port, good.clone())).expect_err("match port");
+        assert_eq!(e.path, "spec.http[0].match[0].port");
+        for (bad, field) in [
+            (
+                istio::HttpRedirect {
+                    scheme: Some("ht tp".into()),
+                    ..good.clone()
+                },
+                "scheme",
+            ),
+            (
+                istio::HttpRedirect {
+                    uri: Some("login".into()),
+                    ..good.clone()
+                },
+                "uri",
+            ),
+            (
+                istio::HttpRedirect {
+                    redirect_code: Some(200),
+                    ..good.clone()
+                },
+                "redirectCode",
+            ),
+            (
+                istio::HttpRedirect {
+                    port: Some(0),
+                    ..good.clone()
+                },
+                "port",
+            ),
+        ] {
+            let e = check(&with(Default::default(), bad)).expect_err(field);
+            assert_eq!(e.path, format!("spec.http[0].redirect.{field}"));
         }
     }
 

@@ -209,11 +209,18 @@ impl Context<'_> {
         Some(out)
     }
 
-    fn rule(&mut self, index: usize, route: &istio::HttpRoute, port: u32) -> l7::Rule {
+    /// The compiled rule for one service port; `None` when every match of the route
+    /// names another port (a match's `port` selects the service port it applies to).
+    fn rule(&mut self, index: usize, route: &istio::HttpRoute, port: u32) -> Option<l7::Rule> {
         let label = route.name.clone().unwrap_or_else(|| index.to_string());
+        let on_port = |m: &&istio::HttpMatchRequest| m.port.is_none_or(|p| p == port);
+        if !route.matches.is_empty() && !route.matches.iter().any(|m| on_port(&m)) {
+            return None;
+        }
         let matches = route
             .matches
             .iter()
+            .filter(on_port)
             .map(|m| {
                 let mut headers: Vec<l7::HeaderMatch> = m
                     .headers
@@ -232,6 +239,8 @@ impl Context<'_> {
                 }));
                 l7::Match {
                     uri: m.uri.as_ref().and_then(string_match),
+                    ignore_uri_case: m.ignore_uri_case,
+                    scheme: m.scheme.as_ref().and_then(string_match),
                     method: m.method.as_ref().and_then(string_match),
                     authority: m.authority.as_ref().and_then(string_match),
                     headers,
@@ -267,6 +276,9 @@ impl Context<'_> {
                 authority: r.authority.clone().unwrap_or_default(),
                 uri: r.uri.clone().unwrap_or_default(),
                 status: r.redirect_code.unwrap_or(301),
+                scheme: r.scheme.clone().unwrap_or_default(),
+                port: r.port.unwrap_or(0),
+                replace_prefix: false,
             })
         } else {
             let n = route.route.len();
@@ -317,7 +329,7 @@ impl Context<'_> {
                 })
             }),
         });
-        l7::Rule {
+        Some(l7::Rule {
             name: format!("{}/{}/{label}", self.vs_namespace, self.vs_name),
             matches,
             action: Some(action),
@@ -327,11 +339,12 @@ impl Context<'_> {
             rewrite: route.rewrite.as_ref().map(|r| l7::Rewrite {
                 uri: r.uri.clone().unwrap_or_default(),
                 authority: r.authority.clone().unwrap_or_default(),
+                full_path: false,
             }),
             mirrors: self.mirrors(route, port),
             request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             response_headers: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
-        }
+        })
     }
 }
 
@@ -419,7 +432,7 @@ pub fn route_configs(
                     .http
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| cx.rule(i, r, port))
+                    .filter_map(|(i, r)| cx.rule(i, r, port))
                     .collect();
                 out.insert(
                     key,
@@ -738,6 +751,45 @@ mod tests {
             mirrors,
             [("v3".into(), 9080, 25.0), ("v4".into(), 9443, 100.0)]
         );
+    }
+
+    /// A match's `port` picks the service port it applies to; `ignoreUriCase`, `scheme`
+    /// and a redirect's scheme and port reach the waypoint.
+    #[test]
+    fn match_ports_case_scheme_and_redirect_scheme_compile() {
+        let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  clusterIP: 10.96.0.12\n  ports: [{name: http, port: 9080}, {name: admin, port: 9090}]\n";
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - name: admin-only\n    match: [{port: 9090, uri: {prefix: /Admin}, ignoreUriCase: true}]\n    redirect: {scheme: https, port: 8443, uri: /console}\n  - name: either\n    match: [{port: 9080, uri: {exact: /a}}, {port: 9090, scheme: {exact: http}}]\n    route: [{destination: {host: reviews}}]\n  - route: [{destination: {host: reviews}}]\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{svc}{vs}")), &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let names = |port: u32| -> Vec<String> {
+            configs[&format!("bookinfo/reviews.bookinfo.svc.cluster.local:{port}")]
+                .rules
+                .iter()
+                .map(|r| r.name.clone())
+                .collect()
+        };
+        assert_eq!(
+            names(9080),
+            ["bookinfo/reviews/either", "bookinfo/reviews/2"],
+            "a route whose matches all name another port is not on this one"
+        );
+        assert_eq!(names(9090).len(), 3);
+        let on_9090 = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9090"].rules;
+        let admin = &on_9090[0];
+        assert!(admin.matches[0].ignore_uri_case);
+        match &admin.action {
+            Some(l7::rule::Action::Redirect(r)) => assert_eq!(
+                (r.scheme.as_str(), r.port, r.uri.as_str(), r.replace_prefix),
+                ("https", 8443, "/console", false)
+            ),
+            other => panic!("redirect: {other:?}"),
+        }
+        // Only the match for this port is kept.
+        let either = &on_9090[1];
+        assert_eq!(either.matches.len(), 1);
+        assert!(either.matches[0].uri.is_none());
+        assert!(either.matches[0].scheme.is_some());
     }
 
     #[test]

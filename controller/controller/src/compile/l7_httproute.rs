@@ -9,9 +9,7 @@
 //! routes' age), one compiled rule per match, so the waypoint's first-match-wins
 //! order is the API's.
 //! A service port a VirtualService already routes keeps the VirtualService's routes
-//! (reported). Differences from the API are reported as notices: `PathPrefix` matches
-//! as a string prefix (`/foo` also matches `/foobar`), redirect `scheme` and
-//! per-backend filters are not applied.
+//! (reported). Per-backend filters are not applied (reported as a notice).
 
 use std::collections::BTreeMap;
 
@@ -26,7 +24,7 @@ use crate::{
         Kind, Object,
         gateway::{
             GRPCRouteSpec, GrpcRouteMatch, HttpHeaderMatch, HttpPathMatch, HttpRouteFilter,
-            HttpRouteMatch, HttpRouteRule, ParentReference,
+            HttpRouteMatch, HttpRouteRule, ParentReference, PathModifier,
         },
     },
     store::Store,
@@ -86,9 +84,8 @@ fn compile_match(m: &HttpRouteMatch) -> l7::Match {
         let kind = match p.type_.as_deref() {
             Some("Exact") => K::Exact(value),
             Some("RegularExpression") => K::Regex(value),
-            // `/foo/` and `/foo` are the same prefix in the API.
-            _ if value.len() > 1 => K::Prefix(value.trim_end_matches('/').to_owned()),
-            _ => K::Prefix(value),
+            // By whole segments; `/foo/` and `/foo` are the same prefix in the API.
+            _ => K::PathPrefix(value),
         };
         l7::StringMatch { kind: Some(kind) }
     });
@@ -107,8 +104,21 @@ fn compile_match(m: &HttpRouteMatch) -> l7::Match {
                 value: Some(exact_or_regex(q.type_.as_deref(), &q.value)),
             })
             .collect(),
-        source_namespace: String::new(),
-        source_addresses: None,
+        ..Default::default()
+    }
+}
+
+/// A redirect's or rewrite's path as (the new path, whether it replaces only the
+/// matched prefix). An empty `ReplacePrefixMatch` drops the prefix, which the
+/// waypoint's segment rules spell `/` (an empty path there means "unchanged").
+fn path_modifier(p: Option<&PathModifier>) -> (String, bool) {
+    match p {
+        Some(p) if p.type_ == "ReplacePrefixMatch" => {
+            let new = p.replace_prefix_match.as_deref().unwrap_or_default();
+            (if new.is_empty() { "/" } else { new }.to_owned(), true)
+        }
+        Some(p) => (p.replace_full_path.clone().unwrap_or_default(), false),
+        None => (String::new(), false),
     }
 }
 
@@ -249,58 +259,34 @@ impl Route<'_> {
             }
             "RequestRedirect" => {
                 let Some(r) = &f.request_redirect else { return };
-                if r.scheme.is_some() {
-                    self.notice(format!("rule {label}: redirect scheme is not applied yet"));
-                }
-                let authority = match (&r.hostname, r.port) {
-                    (Some(h), Some(p)) => format!("{h}:{p}"),
-                    (Some(h), None) => h.clone(),
-                    (None, _) => String::new(),
-                };
-                let uri = match &r.path {
-                    Some(p) if p.type_ == "ReplaceFullPath" => {
-                        p.replace_full_path.clone().unwrap_or_default()
-                    }
-                    Some(_) => {
-                        self.notice(format!(
-                            "rule {label}: redirect ReplacePrefixMatch is not applied yet; the path is kept"
-                        ));
-                        String::new()
-                    }
-                    None => String::new(),
-                };
+                let (uri, replace_prefix) = path_modifier(r.path.as_ref());
+                let scheme = r.scheme.clone().unwrap_or_default();
                 *redirect = Some(l7::Redirect {
-                    authority,
+                    authority: r.hostname.clone().unwrap_or_default(),
                     uri,
                     // The API's default is 302 (Istio's VirtualService: 301).
                     status: r.status_code.unwrap_or(302),
+                    // The API: without a port, a new scheme's well-known port, else
+                    // the listener's (for the mesh: the service port); the waypoint
+                    // leaves default ports out of the Location.
+                    port: r
+                        .port
+                        .unwrap_or(match scheme.to_ascii_lowercase().as_str() {
+                            "" => port,
+                            "https" => 443,
+                            _ => 80,
+                        }),
+                    scheme,
+                    replace_prefix,
                 });
             }
             "URLRewrite" => {
                 let Some(r) = &f.url_rewrite else { return };
-                let uri = match &r.path {
-                    Some(p) if p.type_ == "ReplacePrefixMatch" => {
-                        p.replace_prefix_match.clone().unwrap_or_default()
-                    }
-                    Some(p) => {
-                        let prefix_matched = out.matches.iter().any(|m| {
-                            matches!(
-                                m.uri.as_ref().and_then(|u| u.kind.as_ref()),
-                                Some(l7::string_match::Kind::Prefix(_))
-                            )
-                        });
-                        if prefix_matched {
-                            self.notice(format!(
-                                "rule {label}: ReplaceFullPath on a PathPrefix match replaces only the prefix"
-                            ));
-                        }
-                        p.replace_full_path.clone().unwrap_or_default()
-                    }
-                    None => String::new(),
-                };
+                let (uri, replace_prefix) = path_modifier(r.path.as_ref());
                 out.rewrite = Some(l7::Rewrite {
                     uri,
                     authority: r.hostname.clone().unwrap_or_default(),
+                    full_path: !replace_prefix,
                 });
             }
             "RequestMirror" => {
@@ -554,15 +540,20 @@ mod tests {
         let old = &c.rules[1];
         assert_eq!(
             old.matches[0].uri.as_ref().and_then(|u| u.kind.clone()),
-            Some(l7::string_match::Kind::Prefix("/old".into()))
+            Some(l7::string_match::Kind::PathPrefix("/old/".into())),
+            "a PathPrefix matches by segments"
         );
-        assert_eq!(old.rewrite.as_ref().map(|r| r.uri.as_str()), Some("/new"));
+        let rewrite = old.rewrite.as_ref().expect("rewrite");
+        assert_eq!((rewrite.uri.as_str(), rewrite.full_path), ("/new", false));
         assert_eq!(old.mirrors[0].percent, 5.0);
         assert_eq!(old.timeout_ms, 2000);
         assert_eq!(old.retry.as_ref().map(|r| r.per_try_timeout_ms), Some(500));
         match &c.rules[0].action {
             Some(l7::rule::Action::Redirect(r)) => {
-                assert_eq!((r.authority.as_str(), r.status), ("ratings:9080", 302))
+                assert_eq!(
+                    (r.authority.as_str(), r.port, r.status),
+                    ("ratings", 9080, 302)
+                )
             }
             other => panic!("redirect: {other:?}"),
         }
@@ -574,5 +565,42 @@ mod tests {
             configs.contains_key("bookinfo/reviews.bookinfo.svc.cluster.local:9090"),
             "a parentRef without a port attaches to every port"
         );
+    }
+
+    /// Redirect scheme, port and path modifiers as the API defines them.
+    #[test]
+    fn redirects_and_rewrites_carry_scheme_port_and_path_modifiers() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 8080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /secure}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, path: {type: ReplacePrefixMatch, replacePrefixMatch: ''}}}]\n  - matches: [{path: {type: PathPrefix, value: /a}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /b}}}]\n  - matches: [{path: {type: Exact, value: /c}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /d}}}]\n    backendRefs: [{name: web, port: 8080}]\n";
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("x.yaml"), text).expect("write");
+        let mut store = Store::default();
+        LocalSource::new(dir.path()).scan(&mut store);
+        let (configs, notices) = super::super::l7::route_configs(&store, &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let c = &configs["shop/web.shop.svc.cluster.local:8080"];
+        let redirect = |i: usize| match &c.rules[i].action {
+            Some(l7::rule::Action::Redirect(r)) => r.clone(),
+            other => panic!("rule {i}: {other:?}"),
+        };
+        let secure = redirect(1);
+        assert_eq!(
+            (secure.scheme.as_str(), secure.port, secure.uri.as_str()),
+            ("https", 443, "/"),
+            "a new scheme's well-known port; an empty prefix replacement is /"
+        );
+        assert!(secure.replace_prefix);
+        let full = redirect(2);
+        assert_eq!(
+            (
+                full.scheme.as_str(),
+                full.port,
+                full.uri.as_str(),
+                full.replace_prefix
+            ),
+            ("", 8080, "/b", false),
+            "no scheme: the listener's (service's) port"
+        );
+        let rewrite = c.rules[0].rewrite.as_ref().expect("rewrite");
+        assert_eq!((rewrite.uri.as_str(), rewrite.full_path), ("/d", true));
     }
 }
