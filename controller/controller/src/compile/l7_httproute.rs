@@ -9,7 +9,8 @@
 //! routes' age), one compiled rule per match, so the waypoint's first-match-wins
 //! order is the API's.
 //! A service port a VirtualService already routes keeps the VirtualService's routes
-//! (reported). Per-backend filters are not applied (reported as a notice).
+//! (reported). A backendRef's own filters may edit headers (applied only to requests
+//! sent to that backend and their responses); others are reported and ignored.
 
 use std::collections::BTreeMap;
 
@@ -23,8 +24,8 @@ use crate::{
     resources::{
         Kind, Object,
         gateway::{
-            GRPCRouteSpec, GrpcRouteMatch, HttpHeaderMatch, HttpPathMatch, HttpRouteFilter,
-            HttpRouteMatch, HttpRouteRule, ParentReference, PathModifier,
+            GRPCRouteSpec, GrpcRouteMatch, HeaderModifier, HttpHeaderMatch, HttpPathMatch,
+            HttpRouteFilter, HttpRouteMatch, HttpRouteRule, ParentReference, PathModifier,
         },
     },
     store::Store,
@@ -105,6 +106,19 @@ fn compile_match(m: &HttpRouteMatch) -> l7::Match {
             })
             .collect(),
         ..Default::default()
+    }
+}
+
+fn header_ops(m: &HeaderModifier) -> l7::HeaderOps {
+    let pairs = |hs: &[crate::resources::gateway::HttpHeader]| {
+        hs.iter()
+            .map(|h| (h.name.clone(), h.value.clone()))
+            .collect()
+    };
+    l7::HeaderOps {
+        set: pairs(&m.set),
+        add: pairs(&m.add),
+        remove: m.remove.clone(),
     }
 }
 
@@ -195,11 +209,6 @@ impl Route<'_> {
                 retry.per_try_timeout_ms = millis(&t.backend_request);
             }
         }
-        if rule.backend_refs.iter().any(|b| !b.filters.is_empty()) {
-            self.notice(format!(
-                "rule {label}: per-backend filters are not applied yet by waypoints"
-            ));
-        }
         let action = if let Some(r) = redirect {
             l7::rule::Action::Redirect(r)
         } else if rule.backend_refs.is_empty() {
@@ -221,6 +230,20 @@ impl Route<'_> {
                 }
                 let mut w = self.backend(b.namespace.as_deref(), &b.name, b.port, port);
                 w.weight = b.weight.unwrap_or(1);
+                for f in &b.filters {
+                    match f.type_.as_str() {
+                        "RequestHeaderModifier" => {
+                            w.request_headers = f.request_header_modifier.as_ref().map(header_ops)
+                        }
+                        "ResponseHeaderModifier" => {
+                            w.response_headers = f.response_header_modifier.as_ref().map(header_ops)
+                        }
+                        other => self.notice(format!(
+                            "rule {label}: backendRef {} filter {other} is not supported; ignored",
+                            b.name
+                        )),
+                    }
+                }
                 backends.push(w);
             }
             l7::rule::Action::Forward(l7::Forward { backends })
@@ -237,25 +260,12 @@ impl Route<'_> {
         out: &mut l7::Rule,
         redirect: &mut Option<l7::Redirect>,
     ) {
-        let ops = |m: &crate::resources::gateway::HeaderModifier| l7::HeaderOps {
-            set: m
-                .set
-                .iter()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect(),
-            add: m
-                .add
-                .iter()
-                .map(|h| (h.name.clone(), h.value.clone()))
-                .collect(),
-            remove: m.remove.clone(),
-        };
         match f.type_.as_str() {
             "RequestHeaderModifier" => {
-                out.request_headers = f.request_header_modifier.as_ref().map(ops)
+                out.request_headers = f.request_header_modifier.as_ref().map(header_ops)
             }
             "ResponseHeaderModifier" => {
-                out.response_headers = f.response_header_modifier.as_ref().map(ops)
+                out.response_headers = f.response_header_modifier.as_ref().map(header_ops)
             }
             "RequestRedirect" => {
                 let Some(r) = &f.request_redirect else { return };
@@ -564,6 +574,37 @@ mod tests {
         assert!(
             configs.contains_key("bookinfo/reviews.bookinfo.svc.cluster.local:9090"),
             "a parentRef without a port attaches to every port"
+        );
+    }
+
+    #[test]
+    fn a_backend_refs_header_filters_apply_to_that_backend_only() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web-v2, namespace: shop}\nspec:\n  clusterIP: 10.96.0.21\n  ports: [{name: http, port: 8080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - backendRefs:\n    - {name: web, port: 8080, weight: 90}\n    - name: web-v2\n      port: 8080\n      weight: 10\n      filters:\n      - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: 'true'}]}}\n      - {type: ResponseHeaderModifier, responseHeaderModifier: {remove: [server]}}\n      - {type: RequestMirror, requestMirror: {backendRef: {name: web, port: 8080}}}\n";
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("x.yaml"), text).expect("write");
+        let mut store = Store::default();
+        LocalSource::new(dir.path()).scan(&mut store);
+        let (configs, notices) = super::super::l7::route_configs(&store, &MeshConfig::default());
+        let Some(l7::rule::Action::Forward(f)) =
+            &configs["shop/web.shop.svc.cluster.local:8080"].rules[0].action
+        else {
+            panic!("forward")
+        };
+        assert!(f.backends[0].request_headers.is_none());
+        let canary = &f.backends[1];
+        assert_eq!(
+            canary.request_headers.as_ref().map(|h| h.set.clone()),
+            Some([("x-canary".to_string(), "true".to_string())].into())
+        );
+        assert_eq!(
+            canary.response_headers.as_ref().map(|h| h.remove.clone()),
+            Some(vec!["server".to_string()])
+        );
+        assert!(
+            notices
+                .iter()
+                .any(|n| n.message.contains("backendRef web-v2 filter RequestMirror")),
+            "{notices:?}"
         );
     }
 
