@@ -192,6 +192,14 @@ spec:
     matches:
     - path: {type: Exact, value: /api/health}
     backendRefs: [{name: reviews-v1, port: 9080}]
+  - name: moved
+    matches:
+    - path: {type: PathPrefix, value: /old}
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        scheme: https
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}
   - name: canary
     filters:
     - type: ResponseHeaderModifier
@@ -236,6 +244,26 @@ async fn an_http_route_routes_the_waypoint_in_gateway_api_precedence() {
         Some(&b"canary"[..]),
         "the catch-all rule's response header filter"
     );
+
+    // A path prefix by segments; the redirect by the API's rules for scheme and port.
+    let mut moved = get("/old/reviews/1?page=2", None);
+    moved.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_static("reviews:9080"),
+    );
+    let resp = router.handle(moved).await;
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(
+        resp.headers().get("location").map(|v| v.as_bytes()),
+        Some(&b"https://reviews/new/reviews/1?page=2"[..])
+    );
+    let resp = router.handle(get("/oldies", None)).await;
+    assert_eq!(
+        resp.headers().get("x-route").map(|v| v.as_bytes()),
+        Some(&b"canary"[..]),
+        "/oldies is not under the path prefix /old"
+    );
+    only(&recorder);
     for _ in 1..2_000 {
         router.handle(get("/reviews/1", None)).await;
     }
