@@ -326,7 +326,9 @@ mod tests {
         let policy = || unsafe { libc::sched_getscheduler(0) };
         let (own, child) = std::thread::spawn(move || {
             assert_eq!(policy(), libc::SCHED_OTHER);
-            SchedPolicy::Batch.apply().expect("lowering the policy needs no privilege");
+            SchedPolicy::Batch
+                .apply()
+                .expect("lowering the policy needs no privilege");
             let child = std::thread::spawn(policy).join().expect("child");
             (policy(), child)
         })

@@ -36,6 +36,8 @@ pub enum ServerError {
     Identity { peer: SocketAddr, reason: String },
     #[error("HTTP/2 with {peer}: {source}")]
     H2 { peer: SocketAddr, source: h2::Error },
+    #[error("{peer} sent no HTTP/2 preface within {timeout:?} of the TLS handshake")]
+    PrefaceTimeout { peer: SocketAddr, timeout: Duration },
 }
 
 /// One accepted CONNECT, before it is answered.
@@ -179,7 +181,8 @@ impl Server {
         self
     }
 
-    /// How long a client may take to finish the TLS handshake (default 10 s).
+    /// How long a client may take to finish the TLS handshake, and then to send its
+    /// HTTP/2 preface (default 10 s each).
     pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
         self.handshake_timeout = timeout;
         self
@@ -217,6 +220,10 @@ impl Server {
     }
 
     /// Serves CONNECT streams on an established connection until the peer closes it.
+    /// The client's HTTP/2 preface and SETTINGS must arrive within the handshake
+    /// timeout: a peer with a valid certificate that goes silent after TLS would
+    /// otherwise hold its socket and TLS session for good (keepalive starts only once
+    /// HTTP/2 is up, and the bound on pending handshakes covers TLS alone).
     pub async fn serve<IO>(
         &self,
         io: IO,
@@ -228,14 +235,20 @@ impl Server {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let s = self.settings;
-        let mut conn = h2::server::Builder::new()
+        let handshake = h2::server::Builder::new()
             .initial_window_size(s.stream_window)
             .initial_connection_window_size(s.connection_window)
             .max_frame_size(s.max_frame_size)
             .max_header_list_size(s.max_header_list_size)
             .max_concurrent_streams(s.max_concurrent_streams)
-            .handshake::<_, Bytes>(io)
+            .handshake::<_, Bytes>(io);
+        let timeout = self.handshake_timeout;
+        let mut conn = tokio::time::timeout(timeout, handshake)
             .await
+            .map_err(|_| ServerError::PrefaceTimeout {
+                peer: peer_addr,
+                timeout,
+            })?
             .map_err(|source| ServerError::H2 {
                 peer: peer_addr,
                 source,

@@ -462,6 +462,43 @@ async fn a_peer_that_stalls_the_handshake_is_dropped() {
     assert!(err.to_string().contains("did not finish within"), "{err}");
 }
 
+#[tokio::test]
+async fn a_peer_silent_after_tls_is_dropped_after_the_handshake_timeout() {
+    let mesh = ca("mesh");
+    let roots = MeshRoots::from_pem(mesh.root_pem().as_bytes()).expect("roots");
+    let server = Server::new(
+        server_config(&workload(&mesh, SERVER), &roots).expect("config"),
+        H2Settings::default(),
+    )
+    .with_handshake_timeout(Duration::from_millis(200));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let served = tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let (tls, id) = server.handshake(tcp, peer).await.expect("tls");
+        let handler: Arc<dyn Handler> = Arc::new(Echo);
+        server.serve(tls, peer, id, handler).await
+    });
+    // A valid mesh client that finishes TLS and then says nothing.
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut tls = tokio_rustls::TlsConnector::from(tls_for(&mesh, &mesh, CLIENT, SERVER))
+        .connect(rustls_pki_types::ServerName::from(addr.ip()), tcp)
+        .await
+        .expect("tls");
+    let err = tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("the server gives up on its own")
+        .expect("task")
+        .expect_err("no preface");
+    assert!(err.to_string().contains("no HTTP/2 preface"), "{err}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the connection is closed, not left open: {closed:?}"
+    );
+}
+
 /// A connected loopback pair: (the application's end, the proxy's end).
 async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
