@@ -432,7 +432,35 @@ fn percent(path: String, p: &Option<istio::Percent>) -> Result<(), FieldError> {
 
 fn traffic_policy(base: &str, tp: &Option<istio::TrafficPolicy>) -> Result<(), FieldError> {
     let Some(tp) = tp else { return Ok(()) };
-    if let Some(cp) = &tp.connection_pool
+    pool_and_outliers(base, &tp.connection_pool, &tp.outlier_detection)?;
+    let mut ports = std::collections::BTreeSet::new();
+    for (i, p) in tp.port_level_settings.iter().enumerate() {
+        let at = format!("{base}.portLevelSettings[{i}]");
+        match p.port.as_ref().map(|p| p.number) {
+            None => return fail(format!("{at}.port"), "required"),
+            Some(n) if n == 0 || n > 65535 => {
+                return fail(format!("{at}.port.number"), "port must be 1-65535");
+            }
+            Some(n) if !ports.insert(n) => {
+                return fail(
+                    format!("{at}.port.number"),
+                    format!("port {n} is listed twice"),
+                );
+            }
+            Some(_) => {}
+        }
+        pool_and_outliers(&at, &p.connection_pool, &p.outlier_detection)?;
+    }
+    Ok(())
+}
+
+/// The durations of a connection pool and an outlier detection.
+fn pool_and_outliers(
+    base: &str,
+    pool: &Option<istio::ConnectionPoolSettings>,
+    outliers: &Option<istio::OutlierDetection>,
+) -> Result<(), FieldError> {
+    if let Some(cp) = pool
         && let Some(tcp) = &cp.tcp
     {
         duration(
@@ -440,7 +468,7 @@ fn traffic_policy(base: &str, tp: &Option<istio::TrafficPolicy>) -> Result<(), F
             &tcp.connect_timeout,
         )?;
     }
-    if let Some(cp) = &tp.connection_pool
+    if let Some(cp) = pool
         && let Some(http) = &cp.http
     {
         duration(
@@ -448,7 +476,7 @@ fn traffic_policy(base: &str, tp: &Option<istio::TrafficPolicy>) -> Result<(), F
             &http.idle_timeout,
         )?;
     }
-    if let Some(od) = &tp.outlier_detection {
+    if let Some(od) = outliers {
         duration(format!("{base}.outlierDetection.interval"), &od.interval)?;
         duration(
             format!("{base}.outlierDetection.baseEjectionTime"),
@@ -694,6 +722,49 @@ mod tests {
         ] {
             let e = check(&with(Default::default(), bad)).expect_err(field);
             assert_eq!(e.path, format!("spec.http[0].redirect.{field}"));
+        }
+    }
+
+    #[test]
+    fn port_level_settings_need_distinct_ports_and_valid_durations() {
+        let with = |ports: &[Option<u32>], timeout: &str| istio::DestinationRuleSpec {
+            host: "reviews".into(),
+            traffic_policy: Some(istio::TrafficPolicy {
+                port_level_settings: ports
+                    .iter()
+                    .map(|p| istio::PortTrafficPolicy {
+                        port: p.map(|number| istio::PortSelector { number }),
+                        outlier_detection: Some(istio::OutlierDetection {
+                            base_ejection_time: Some(timeout.into()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(destination_rule(&with(&[Some(9080), Some(9090)], "30s")).is_ok());
+        for (spec, path) in [
+            (
+                with(&[None], "30s"),
+                "spec.trafficPolicy.portLevelSettings[0].port",
+            ),
+            (
+                with(&[Some(9080), Some(9080)], "30s"),
+                "spec.trafficPolicy.portLevelSettings[1].port.number",
+            ),
+            (
+                with(&[Some(70000)], "30s"),
+                "spec.trafficPolicy.portLevelSettings[0].port.number",
+            ),
+            (
+                with(&[Some(9080)], "soon"),
+                "spec.trafficPolicy.portLevelSettings[0].outlierDetection.baseEjectionTime",
+            ),
+        ] {
+            assert_eq!(destination_rule(&spec).expect_err(path).path, path);
         }
     }
 

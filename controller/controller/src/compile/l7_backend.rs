@@ -1,8 +1,8 @@
 //! The backends a RouteConfig's rules name -> `cairn.l7.v1.Backend`: the service's
 //! ready endpoints (narrowed to a DestinationRule subset's labels), each with the
 //! identity it proves when it is in the mesh, and the DestinationRule traffic policy
-//! (the subset's policy overriding the rule's, field group by field group, as Istio
-//! merges them).
+//! (the subset's policy overriding the rule's, field group by field group, and
+//! port-level settings overriding both for their port, as Istio merges them).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,19 +38,42 @@ fn destination_rule<'a>(
         .find(|d| names_it(d))
 }
 
-/// Istio's merge: a subset's policy replaces the top-level one per field group.
+/// A policy's `portLevelSettings` for `port` replace its load balancer, connection
+/// pool and outlier detection (all three; one left out falls back to the defaults).
+fn at_port(mut p: istio::TrafficPolicy, port: u32) -> istio::TrafficPolicy {
+    let own = p
+        .port_level_settings
+        .iter()
+        .find(|s| s.port.as_ref().map(|x| x.number) == Some(port))
+        .cloned();
+    if let Some(s) = own {
+        p.load_balancer = s.load_balancer;
+        p.connection_pool = s.connection_pool;
+        p.outlier_detection = s.outlier_detection;
+    }
+    p
+}
+
+/// Istio's merge for a service port: the top-level policy with its port-level
+/// settings for the port, then the subset's policy replacing it per field group,
+/// then the subset's port-level settings for the port.
 fn merged(
     top: Option<&istio::TrafficPolicy>,
     subset: Option<&istio::TrafficPolicy>,
+    port: u32,
 ) -> istio::TrafficPolicy {
-    let top = top.cloned().unwrap_or_default();
+    let top = at_port(top.cloned().unwrap_or_default(), port);
     let Some(sub) = subset else { return top };
-    istio::TrafficPolicy {
-        load_balancer: sub.load_balancer.clone().or(top.load_balancer),
-        connection_pool: sub.connection_pool.clone().or(top.connection_pool),
-        outlier_detection: sub.outlier_detection.clone().or(top.outlier_detection),
-        retry_budget: sub.retry_budget.clone().or(top.retry_budget),
-    }
+    at_port(
+        istio::TrafficPolicy {
+            load_balancer: sub.load_balancer.clone().or(top.load_balancer),
+            connection_pool: sub.connection_pool.clone().or(top.connection_pool),
+            outlier_detection: sub.outlier_detection.clone().or(top.outlier_detection),
+            retry_budget: sub.retry_budget.clone().or(top.retry_budget),
+            port_level_settings: sub.port_level_settings.clone(),
+        },
+        port,
+    )
 }
 
 fn policy(p: &istio::TrafficPolicy, backend: &mut l7::Backend) {
@@ -185,6 +208,7 @@ pub fn backends(
             &merged(
                 dr.and_then(|d| d.spec.traffic_policy.as_ref()),
                 subset_def.and_then(|s| s.traffic_policy.as_ref()),
+                port,
             ),
             &mut backend,
         );

@@ -544,6 +544,85 @@ fn check_same(published: &BTreeMap<(ResourceType, String), Vec<u8>>, full: &Comp
     assert_eq!(published, &want);
 }
 
+/// Istio's port-level merge: the port's settings replace load balancer, pool and
+/// outlier detection wholesale (what they leave out is the default, not the
+/// destination level's); a subset's own port-level settings replace them again.
+#[test]
+fn port_level_settings_replace_the_policy_for_their_port() {
+    let routing = r#"
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 50
+    - destination: {host: reviews, subset: v2}
+      weight: 50
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool:
+      tcp: {maxConnections: 10}
+    retryBudget: {percent: 30}
+    portLevelSettings:
+    - port: {number: 9080}
+      loadBalancer: {simple: RANDOM}
+    - port: {number: 7777}
+      connectionPool:
+        tcp: {maxConnections: 1}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      outlierDetection: {consecutive5xxErrors: 2}
+      portLevelSettings:
+      - port: {number: 9080}
+        connectionPool:
+          http: {maxRetries: 7}
+"#;
+    use cairn_api::proto::cairn::l7::v1::load_balancer::Simple;
+    let store = store_of(&[BOOKINFO, routing]);
+    let (configs, _) = super::l7::route_configs(&store, &MeshConfig::default());
+    let c = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
+    let by_name: BTreeMap<&str, &cairn_api::proto::cairn::l7::v1::Backend> =
+        c.backends.iter().map(|b| (b.name.as_str(), b)).collect();
+    let v1 = by_name["reviews.bookinfo.svc.cluster.local|v1|9080"];
+    assert_eq!(
+        v1.load_balancer.as_ref().map(|l| l.simple),
+        Some(Simple::Random as i32),
+        "the port's load balancer"
+    );
+    assert!(
+        v1.pool.is_none(),
+        "the port's settings name no pool: the default, not the destination's"
+    );
+    assert_eq!(
+        v1.retry_budget.as_ref().map(|b| b.percent),
+        Some(30.0),
+        "the retry budget is not port-level"
+    );
+    let v2 = by_name["reviews.bookinfo.svc.cluster.local|v2|9080"];
+    assert_eq!(
+        v2.pool.as_ref().map(|p| (p.max_retries, p.max_connections)),
+        Some((7, 0)),
+        "the subset's port-level pool"
+    );
+    assert!(
+        v2.load_balancer.is_none() && v2.outlier_detection.is_none(),
+        "the subset's port-level settings replace all three groups"
+    );
+}
+
 #[test]
 fn route_backends_carry_subset_endpoints_identities_and_destination_rule_policy() {
     let routing = r#"

@@ -421,6 +421,20 @@ pub struct TrafficPolicy {
     pub connection_pool: Option<ConnectionPoolSettings>,
     pub outlier_detection: Option<OutlierDetection>,
     pub retry_budget: Option<RetryBudget>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// The policy for one service port: it replaces the destination-level load balancer,
+/// connection pool and outlier detection for that port, each one it leaves out
+/// falling back to the defaults, not to the destination level (Istio's semantics).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    pub port: Option<PortSelector>,
+    pub load_balancer: Option<LoadBalancerSettings>,
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    pub outlier_detection: Option<OutlierDetection>,
 }
 
 /// Retries in flight to a destination at most `percent` of its requests in flight,
