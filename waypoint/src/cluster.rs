@@ -15,8 +15,8 @@
 //!   endpoint for `baseEjectionTime` times the number of its ejections; at most
 //!   `maxEjectionPercent` of the endpoints are ejected at once, but at least one may
 //!   be. An ejected endpoint gets no traffic until its ejection ends. When every
-//!   endpoint is ejected, all are used (Envoy's panic mode: better than failing
-//!   everything).
+//!   endpoint is ejected, or fewer than `minHealthPercent` of them are not, all are
+//!   used (Envoy's panic mode: better than failing everything).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -78,6 +78,10 @@ pub struct OutlierDetection {
     pub consecutive_gateway_errors: Option<u32>,
     pub base_ejection_time: Duration,
     pub max_ejection_percent: u32,
+    /// Below this share (percent) of endpoints not ejected, every endpoint takes
+    /// traffic (Istio's `minHealthPercent`, Envoy's panic threshold); 0: only when
+    /// all are ejected.
+    pub min_health_percent: u32,
 }
 
 impl Default for OutlierDetection {
@@ -88,6 +92,7 @@ impl Default for OutlierDetection {
             consecutive_gateway_errors: None,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 10,
+            min_health_percent: 0,
         }
     }
 }
@@ -179,6 +184,9 @@ pub struct Cluster {
     retrying: Arc<AtomicUsize>,
     cursor: AtomicUsize,
     rng: Mutex<StdRng>,
+    /// Consistent hashing's ring over every endpoint, sorted: (point, endpoint index).
+    /// Built once per cluster (a config), empty for the other load balancers.
+    ring: Vec<(u64, usize)>,
 }
 
 fn hash_of(value: &impl Hash) -> u64 {
@@ -209,8 +217,23 @@ impl Cluster {
         policy: TrafficPolicy,
         seed: Option<u64>,
     ) -> Self {
+        let ring = match policy.lb {
+            LoadBalancer::ConsistentHash(_) => {
+                let mut ring: Vec<(u64, usize)> = endpoints
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, addr)| {
+                        (0..RING_POINTS_PER_ENDPOINT).map(move |p| (hash_of(&(*addr, p)), i))
+                    })
+                    .collect();
+                ring.sort_unstable();
+                ring
+            }
+            _ => Vec::new(),
+        };
         Self {
             name: name.into(),
+            ring,
             endpoints: endpoints
                 .into_iter()
                 .map(|addr| {
@@ -232,10 +255,16 @@ impl Cluster {
         }
     }
 
-    /// Endpoints not ejected now (all of them when every one is: panic mode).
+    /// Endpoints not ejected now; all of them when fewer than `minHealthPercent` are
+    /// (or none is): panic mode.
     fn available(&self, now: Instant) -> Vec<&Arc<Endpoint>> {
         let up: Vec<_> = self.endpoints.iter().filter(|e| !e.ejected(now)).collect();
-        if up.is_empty() {
+        let threshold = self
+            .policy
+            .outlier
+            .as_ref()
+            .map_or(0, |o| o.min_health_percent as usize);
+        if up.is_empty() || up.len() * 100 < threshold * self.endpoints.len() {
             self.endpoints.iter().collect()
         } else {
             up
@@ -283,21 +312,22 @@ impl Cluster {
             LoadBalancer::ConsistentHash(key) => match Self::hash_input(key, req) {
                 // Without the key (header absent), any endpoint will do.
                 None => up[rng.random_range(0..up.len())],
-                Some(h) => {
-                    let mut ring: Vec<(u64, usize)> = up
-                        .iter()
-                        .enumerate()
-                        .flat_map(|(i, e)| {
-                            (0..RING_POINTS_PER_ENDPOINT).map(move |p| (hash_of(&(e.addr, p)), i))
-                        })
-                        .collect();
-                    ring.sort_unstable();
-                    let at = ring.partition_point(|(point, _)| *point < h) % ring.len();
-                    up[ring[at].1]
-                }
+                Some(h) => self.on_ring(h, &up),
             },
         };
         Some(chosen.clone())
+    }
+
+    /// The endpoint that owns `h` on the ring among those `up`: the first point at or
+    /// after `h` (wrapping) whose endpoint is up. Skipping the points of endpoints not
+    /// up gives what a ring of only those up would, without building one per request.
+    fn on_ring<'a>(&'a self, h: u64, up: &[&'a Arc<Endpoint>]) -> &'a Arc<Endpoint> {
+        let all_up = up.len() == self.endpoints.len();
+        let start = self.ring.partition_point(|(point, _)| *point < h);
+        (0..self.ring.len())
+            .map(|k| &self.endpoints[self.ring[(start + k) % self.ring.len()].1])
+            .find(|e| all_up || up.iter().any(|u| Arc::ptr_eq(u, e)))
+            .unwrap_or(up[0])
     }
 
     /// The cluster's traffic policy (tests of the config conversion).
@@ -555,5 +585,90 @@ impl Upstream for Clusters {
             Some(addr) => self.transport.open(addr),
             None => Box::pin(async move { Err(UpstreamError::NoEndpoint(backend)) }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(user: &str) -> Request<Body> {
+        Request::get("/")
+            .header("x-user", user)
+            .body(crate::router::full(""))
+            .expect("request")
+    }
+
+    /// The ring is built once over every endpoint; with one ejected, each key goes
+    /// where a ring of the others alone would send it, and keys of the endpoints
+    /// still up stay where they were.
+    #[test]
+    fn an_ejected_endpoint_leaves_the_ring_and_only_its_keys_move() {
+        let addrs: Vec<SocketAddr> = (1..=5)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 8080)))
+            .collect();
+        let policy = TrafficPolicy {
+            lb: LoadBalancer::ConsistentHash(HashKey::Header(http::HeaderName::from_static(
+                "x-user",
+            ))),
+            ..Default::default()
+        };
+        let all = Cluster::new("c", addrs.clone(), policy.clone(), Some(1));
+        let before: Vec<SocketAddr> = (0..500)
+            .map(|k| all.pick(&request(&k.to_string())).expect("pick").addr)
+            .collect();
+        let gone = addrs[2];
+        all.endpoints[2].health.lock().expect("lock").ejected_until =
+            Some(Instant::now() + Duration::from_secs(3600));
+        let others: Vec<SocketAddr> = addrs.iter().copied().filter(|a| *a != gone).collect();
+        let without = Cluster::new("c", others, policy, Some(1));
+        let mut moved = 0;
+        for (k, was) in before.iter().enumerate() {
+            let now = all.pick(&request(&k.to_string())).expect("pick").addr;
+            let fresh = without.pick(&request(&k.to_string())).expect("pick").addr;
+            assert_eq!(now, fresh, "key {k}");
+            assert_ne!(now, gone, "key {k} went to the ejected endpoint");
+            if now != *was {
+                assert_eq!(*was, gone, "key {k} moved though its endpoint is up");
+                moved += 1;
+            }
+        }
+        assert!(moved > 0, "some keys were on the ejected endpoint");
+    }
+
+    #[test]
+    fn below_min_health_percent_every_endpoint_takes_traffic() {
+        let addrs: Vec<SocketAddr> = (1..=4)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 8080)))
+            .collect();
+        let policy = TrafficPolicy {
+            outlier: Some(OutlierDetection {
+                min_health_percent: 75,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let c = Cluster::new("c", addrs.clone(), policy, Some(1));
+        let eject = |i: usize| {
+            c.endpoints[i].health.lock().expect("lock").ejected_until =
+                Some(Instant::now() + Duration::from_secs(3600));
+        };
+        let picked = || {
+            (0..40)
+                .map(|_| c.pick(&request("a")).expect("pick").addr)
+                .collect::<std::collections::HashSet<_>>()
+        };
+        eject(0);
+        let seen = picked();
+        assert!(
+            !seen.contains(&addrs[0]) && seen.len() == 3,
+            "3 of 4 up (75%): ejection holds: {seen:?}"
+        );
+        eject(1);
+        assert_eq!(
+            picked().len(),
+            4,
+            "2 of 4 up (50% < 75%): every endpoint takes traffic"
+        );
     }
 }

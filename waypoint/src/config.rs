@@ -488,6 +488,7 @@ pub fn clusters(
                 .then_some(o.consecutive_gateway_errors),
             base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
             max_ejection_percent: o.max_ejection_percent.min(100),
+            min_health_percent: o.min_health_percent.min(100),
         });
         let retry_budget = b.retry_budget.as_ref().map(|r| RetryBudget {
             percent: if r.percent.is_finite() {

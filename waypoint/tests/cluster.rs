@@ -136,6 +136,7 @@ fn ejecting(max_ejection_percent: u32) -> TrafficPolicy {
             consecutive_gateway_errors: None,
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent,
+            min_health_percent: 0,
         }),
         ..Default::default()
     }

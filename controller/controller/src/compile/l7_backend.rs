@@ -136,6 +136,7 @@ fn policy(p: &istio::TrafficPolicy, backend: &mut l7::Backend) {
             max_ejection_percent: od
                 .max_ejection_percent
                 .map_or(10, |p| p.clamp(0, 100) as u32),
+            min_health_percent: od.min_health_percent.map_or(0, |p| p.clamp(0, 100) as u32),
         });
     }
 }
