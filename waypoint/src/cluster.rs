@@ -258,6 +258,11 @@ impl Cluster {
     /// Endpoints not ejected now; all of them when fewer than `minHealthPercent` are
     /// (or none is): panic mode.
     fn available(&self, now: Instant) -> Vec<&Arc<Endpoint>> {
+        // Without outlier detection nothing ejects (a config change that turns it
+        // off resets the health it carries over), so no endpoint's lock is taken.
+        if self.policy.outlier.is_none() {
+            return self.endpoints.iter().collect();
+        }
         let up: Vec<_> = self.endpoints.iter().filter(|e| !e.ejected(now)).collect();
         let threshold = self
             .policy
@@ -388,11 +393,6 @@ impl Cluster {
             Ok(s) => (s.is_server_error(), matches!(s.as_u16(), 502..=504)),
             Err(_) => (true, true),
         };
-        let ejected_now = self
-            .endpoints
-            .iter()
-            .filter(|e| !std::ptr::eq(e.as_ref(), endpoint) && e.ejected(now))
-            .count();
         let mut h = endpoint.health.lock().unwrap_or_else(|e| e.into_inner());
         if h.ejected_until.is_some() {
             return;
@@ -412,9 +412,22 @@ impl Cluster {
         if !tripped {
             return;
         }
+        // The others' health only when this one trips (not on every answer), and not
+        // under this endpoint's lock: two endpoints tripping at once on two threads
+        // would each hold one lock and wait for the other's.
+        drop(h);
+        let ejected_now = self
+            .endpoints
+            .iter()
+            .filter(|e| !std::ptr::eq(e.as_ref(), endpoint) && e.ejected(now))
+            .count();
         let cap = (self.endpoints.len() * od.max_ejection_percent as usize / 100).max(1);
         if ejected_now + 1 > cap {
             warn!(cluster = %self.name, endpoint = %endpoint.addr, ejected = ejected_now, "outlier not ejected: maxEjectionPercent reached");
+            return;
+        }
+        let mut h = endpoint.health.lock().unwrap_or_else(|e| e.into_inner());
+        if h.ejected_until.is_some() {
             return;
         }
         h.ejections += 1;
@@ -611,6 +624,7 @@ mod tests {
             lb: LoadBalancer::ConsistentHash(HashKey::Header(http::HeaderName::from_static(
                 "x-user",
             ))),
+            outlier: Some(OutlierDetection::default()),
             ..Default::default()
         };
         let all = Cluster::new("c", addrs.clone(), policy.clone(), Some(1));

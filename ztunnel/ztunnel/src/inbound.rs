@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::{
-    SPLICE_BUFFER, SharedState,
+    SharedState,
     certs::Certificates,
     metrics::{ConnLabels, Reporter, ResponseFlags, SecurityPolicy},
     policy::{ConnInfo, Decision, authorize},
@@ -147,6 +147,8 @@ impl Handler for HboneInbound {
                 );
                 return;
             }
+            // Decided: the connection keeps its workload and labels, not the snapshot.
+            drop(state);
             let app =
                 match tokio::time::timeout(APP_CONNECT_TIMEOUT, dialer.connect(None, c.authority))
                     .await
@@ -277,15 +279,11 @@ pub async fn plaintext(
         refused(ResponseFlags::Denied, &format!("denied: {reason}"));
         return;
     }
+    drop(state);
     match tokio::time::timeout(APP_CONNECT_TIMEOUT, dialer.connect(None, dst_addr)).await {
         Ok(Ok(mut app)) => {
             let _ = app.set_nodelay(true);
-            let copy = tokio::io::copy_bidirectional_with_sizes(
-                &mut downstream,
-                &mut app,
-                SPLICE_BUFFER,
-                SPLICE_BUFFER,
-            );
+            let copy = crate::relay::relay(&mut downstream, &mut app);
             splice(
                 copy,
                 "inbound_plaintext",

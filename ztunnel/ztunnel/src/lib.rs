@@ -18,12 +18,9 @@ pub mod metrics;
 pub mod node;
 pub mod outbound;
 pub mod policy;
+pub mod relay;
 pub mod state;
 pub mod xds;
-
-/// Buffer per direction when copying plain TCP to plain TCP (passthrough, inbound
-/// plaintext); tokio's default is 8 KiB. Tunnels use `cairn_hbone::splice` instead.
-pub const SPLICE_BUFFER: usize = 128 * 1024;
 
 /// The shared, atomically swapped config snapshot.
 pub type SharedState = std::sync::Arc<arc_swap::ArcSwap<state::ProxyState>>;

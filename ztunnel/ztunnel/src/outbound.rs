@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use crate::{
-    SPLICE_BUFFER, SharedState, balance,
+    SharedState, balance,
     certs::Certificates,
     metrics::{ConnLabels, Reporter, ResponseFlags, SecurityPolicy},
     state::ProxyState,
@@ -272,6 +272,9 @@ impl Outbound {
             .then(|| source.addresses.first().copied())
             .flatten();
         let labels = source_labels(&state, source, original, &route);
+        // The connection may outlive many config changes: it keeps what it needs
+        // (route, labels), not the whole snapshot.
+        drop(state);
         labels.opened();
         let result = self
             .carry(&route, source, source_ip, dialer, &mut downstream)
@@ -336,14 +339,9 @@ impl Outbound {
                             source,
                         })?;
                 let _ = upstream.set_nodelay(true);
-                tokio::io::copy_bidirectional_with_sizes(
-                    downstream,
-                    &mut upstream,
-                    SPLICE_BUFFER,
-                    SPLICE_BUFFER,
-                )
-                .await
-                .map_err(OutboundError::Copy)
+                crate::relay::relay(downstream, &mut upstream)
+                    .await
+                    .map_err(OutboundError::Copy)
             }
         }
     }
