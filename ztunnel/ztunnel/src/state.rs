@@ -20,6 +20,11 @@ pub struct ProxyState {
     /// Service key (`namespace/hostname`) -> uids of the workloads backing it.
     endpoints: HashMap<String, Vec<String>>,
     policies: HashMap<String, Arc<Authorization>>,
+    /// Mesh-wide policies, in name order.
+    global_policies: Vec<Arc<Authorization>>,
+    /// Namespace -> its namespace-wide policies, in name order: a connection's
+    /// lookup costs its namespace's policies, not every policy in the mesh.
+    namespace_policies: HashMap<String, Vec<Arc<Authorization>>>,
 }
 
 impl ProxyState {
@@ -58,7 +63,17 @@ impl ProxyState {
             list.sort();
         }
         for (name, p) in authorizations {
-            s.policies.insert(name.clone(), Arc::new(p.clone()));
+            let p = Arc::new(p.clone());
+            match p.scope {
+                PolicyScope::Global => s.global_policies.push(p.clone()),
+                PolicyScope::Namespace => s
+                    .namespace_policies
+                    .entry(p.namespace.clone())
+                    .or_default()
+                    .push(p.clone()),
+                PolicyScope::WorkloadSelector => {}
+            }
+            s.policies.insert(name.clone(), p);
         }
         s
     }
@@ -97,11 +112,12 @@ impl ProxyState {
         &'a self,
         w: &'a Workload,
     ) -> impl Iterator<Item = &'a Arc<Authorization>> + 'a {
-        let scoped = self.policies.values().filter(move |p| match p.scope {
-            PolicyScope::Global => true,
-            PolicyScope::Namespace => p.namespace == w.namespace,
-            PolicyScope::WorkloadSelector => false,
-        });
+        let scoped = self.global_policies.iter().chain(
+            self.namespace_policies
+                .get(&w.namespace)
+                .into_iter()
+                .flatten(),
+        );
         let selected = w
             .authorization_policies
             .iter()

@@ -267,3 +267,41 @@ fn dst_ns(dst: &str) -> &str {
         other => other,
     }
 }
+
+/// The policies a workload is subject to: mesh-wide ones, its namespace's, and the
+/// selector-scoped ones it lists; never another namespace's.
+#[test]
+fn policies_for_a_workload_come_from_its_scopes_only() {
+    let st = state();
+    let names = |uid: &str| {
+        let w = st.workload(uid).expect("workload");
+        let mut n: Vec<String> = st
+            .policies_for(w)
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names("Kubernetes//Pod/other/db"),
+        [
+            "istio-system/deny-bad-network",
+            "other/allow-nothing",
+            "other/dry",
+            "other/from-bookinfo"
+        ]
+    );
+    assert_eq!(
+        names("Kubernetes//Pod/bookinfo/reviews"),
+        [
+            "bookinfo/reviews-viewer",
+            "istio-system/deny-bad-network",
+            "istio-system/static-strict"
+        ],
+        "not other's namespace-wide policy"
+    );
+    assert_eq!(
+        names("Kubernetes//Pod/open/open"),
+        ["istio-system/deny-bad-network"]
+    );
+}
