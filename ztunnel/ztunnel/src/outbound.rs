@@ -133,9 +133,10 @@ fn workload_route(w: &Workload, port: u16) -> Option<Route> {
 /// How closely `endpoint` matches `source` along the service's routing preference:
 /// the number of leading scopes that match (region, then zone, ...).
 fn locality_rank(source: &Workload, endpoint: &Workload, prefs: &[LocalityScope]) -> usize {
+    let none = Default::default();
     let (sl, el) = (
-        source.locality.clone().unwrap_or_default(),
-        endpoint.locality.clone().unwrap_or_default(),
+        source.locality.as_ref().unwrap_or(&none),
+        endpoint.locality.as_ref().unwrap_or(&none),
     );
     prefs
         .iter()

@@ -17,8 +17,8 @@ pub struct ProxyState {
     workload_by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<String, Arc<Service>>,
     service_by_vip: HashMap<IpAddr, Arc<Service>>,
-    /// Service key (`namespace/hostname`) -> uids of the workloads backing it.
-    endpoints: HashMap<String, Vec<String>>,
+    /// Service key (`namespace/hostname`) -> the workloads backing it, by uid.
+    endpoints: HashMap<String, Vec<Arc<Workload>>>,
     policies: HashMap<String, Arc<Authorization>>,
     /// Mesh-wide policies, in name order.
     global_policies: Vec<Arc<Authorization>>,
@@ -42,10 +42,7 @@ impl ProxyState {
                         s.workload_by_ip.insert(*ip, w.clone());
                     }
                     for svc in w.services.keys() {
-                        s.endpoints
-                            .entry(svc.clone())
-                            .or_default()
-                            .push(w.uid.clone());
+                        s.endpoints.entry(svc.clone()).or_default().push(w.clone());
                     }
                     s.workloads.insert(w.uid.clone(), w);
                 }
@@ -60,7 +57,7 @@ impl ProxyState {
             }
         }
         for list in s.endpoints.values_mut() {
-            list.sort();
+            list.sort_by(|a, b| a.uid.cmp(&b.uid));
         }
         for (name, p) in authorizations {
             let p = Arc::new(p.clone());
@@ -99,11 +96,7 @@ impl ProxyState {
         &'a self,
         service_key: &str,
     ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
-        self.endpoints
-            .get(service_key)
-            .into_iter()
-            .flatten()
-            .filter_map(|uid| self.workloads.get(uid))
+        self.endpoints.get(service_key).into_iter().flatten()
     }
 
     /// The policies that apply to `w`: mesh-wide, its namespace's, and the
