@@ -32,6 +32,11 @@ pub async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64
 async fn one_way(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
+        // A read that came back `None` because the task's cooperative budget ran out
+        // (tokio's `poll_read` then says Pending without touching the socket) must
+        // yield here: `readable()` takes no budget and would answer at once, and the
+        // loop would spin without ever giving the runtime back.
+        tokio::task::consume_budget().await;
         // No buffer while waiting: an idle connection holds none.
         from.as_ref().readable().await?;
         let mut buf = Vec::with_capacity(READ_CHUNK);
@@ -53,10 +58,10 @@ async fn one_way(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>) -> io::Result<u6
     }
 }
 
-/// One read of what the socket holds now; `None` when it would block. tokio then
-/// clears the socket's readiness (as it does after a short read), so the next wait
+/// One read of what the socket holds now; `None` when it would block (tokio then
+/// clears the socket's readiness, as it does after a short read, so the next wait
 /// sleeps instead of paying a `recv` that sees EAGAIN, and no buffer is held while
-/// waiting.
+/// waiting) or when the task has used up its cooperative budget.
 async fn read_now(from: &mut ReadHalf<'_>, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
     let mut read = std::pin::pin!(from.read_buf(buf));
     std::future::poll_fn(|cx| match read.as_mut().poll(cx) {
@@ -83,6 +88,45 @@ mod tests {
             .expect("connect");
         let (b, _) = l.accept().await.expect("accept");
         (a, b)
+    }
+
+    /// A relay whose task runs out of its cooperative budget with bytes waiting must
+    /// yield and carry on, not spin. The task spends its whole budget (128 units)
+    /// before the relay starts, so the first read is refused by the budget while the
+    /// socket is readable. Run on a thread of its own so that a spin fails the test
+    /// instead of hanging it.
+    #[test]
+    fn a_relay_out_of_budget_yields_instead_of_spinning() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let moved = rt.block_on(async {
+                let (mut client, mut client_side) = pair().await;
+                let (mut server_side, mut server) = pair().await;
+                client.write_all(&[7u8; 256 * 1024]).await.expect("preload");
+                client.shutdown().await.expect("half-close");
+                let reader = tokio::spawn(async move {
+                    let mut all = Vec::new();
+                    server.read_to_end(&mut all).await.expect("read");
+                    all.len()
+                });
+                tokio::spawn(async move {
+                    for _ in 0..128 {
+                        tokio::task::consume_budget().await;
+                    }
+                    let _ = relay(&mut client_side, &mut server_side).await;
+                });
+                reader.await.expect("reader")
+            });
+            let _ = done.send(moved);
+        });
+        let moved = finished
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the relay yields and finishes (a spin never does)");
+        assert_eq!(moved, 256 * 1024);
     }
 
     #[tokio::test]
