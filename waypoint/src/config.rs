@@ -28,7 +28,8 @@ use crate::{
     redirect::{PathRedirect, Redirect},
     retry::{RetryOn, RetryPolicy},
     route::{
-        Action, BackendHeaders, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend,
+        Action, BackendHeaders, HeaderOps, Mirror, PathRegex, Rewrite, RouteTable, Rule,
+        WeightedBackend,
     },
 };
 
@@ -207,9 +208,22 @@ impl Rules<'_> {
                     .map_err(|e| self.invalid("rewrite.authority", format!("{a}: {e}")))
             })
             .transpose()?;
+        let regex = if rw.regex.is_empty() {
+            None
+        } else {
+            Some(
+                PathRegex::new(&rw.regex, &rw.substitution).map_err(|source| {
+                    ConfigError::Regex {
+                        rule: self.rule.into(),
+                        source,
+                    }
+                })?,
+            )
+        };
         Ok(Rewrite {
             path: self.path("rewrite.uri", &rw.uri)?,
             full_path: rw.full_path,
+            regex,
             authority,
         })
     }
@@ -666,7 +680,13 @@ mod tests {
             uri: "login".into(),
             ..Default::default()
         });
+        let mut bad_rewrite = forward_rule("bookinfo/reviews/7");
+        bad_rewrite.rewrite = Some(l7::Rewrite {
+            regex: "([".into(),
+            ..Default::default()
+        });
         for (rule, want) in [
+            (bad_rewrite, "invalid regex"),
             (bad_scheme, "redirect.scheme"),
             (bad_port, "70000 is not a TCP port"),
             (bad_path, "\"login\" is not a path"),
@@ -724,6 +744,8 @@ mod tests {
             uri: "/x".into(),
             authority: String::new(),
             full_path: true,
+            regex: "^/a/(.*)$".into(),
+            substitution: "/b/\\1".into(),
         });
         let config = l7::RouteConfig {
             rules: vec![rule],
@@ -749,6 +771,10 @@ mod tests {
         );
         let rewrite = r.rewrite.as_ref().expect("rewrite");
         assert!(rewrite.full_path);
+        assert_eq!(
+            rewrite.regex.as_ref().map(|x| x.apply("/a/c")),
+            Some("/b/c".to_string())
+        );
     }
 
     #[test]

@@ -83,7 +83,68 @@ pub struct Rewrite {
     /// `path` replaces the whole path even after a prefix match (Gateway API
     /// `ReplaceFullPath`).
     pub full_path: bool,
+    /// Instead of `path`: the path rewritten by a regex (`uriRegexRewrite`).
+    pub regex: Option<PathRegex>,
     pub authority: Option<HeaderValue>,
+}
+
+/// A path rewritten by a regex: every match replaced by `substitution`.
+#[derive(Clone, Debug)]
+pub struct PathRegex {
+    regex: regex::Regex,
+    /// In the regex crate's syntax (`${1}`).
+    substitution: String,
+}
+
+impl PartialEq for PathRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.regex.as_str() == other.regex.as_str() && self.substitution == other.substitution
+    }
+}
+
+impl Eq for PathRegex {}
+
+impl PathRegex {
+    /// From RE2 syntax and Envoy's substitution syntax, where `\1` is the first group
+    /// and `\\` a backslash (the regex crate writes `${1}`, and `$$` for `$`).
+    pub fn new(pattern: &str, substitution: &str) -> Result<Self, crate::matching::BadRegex> {
+        let regex = regex::RegexBuilder::new(pattern)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|source| crate::matching::BadRegex {
+                pattern: pattern.into(),
+                source,
+            })?;
+        let mut out = String::with_capacity(substitution.len());
+        let mut chars = substitution.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.peek() {
+                    Some(d) if d.is_ascii_digit() => {
+                        out.push_str(&format!("${{{d}}}"));
+                        chars.next();
+                    }
+                    Some('\\') => {
+                        out.push('\\');
+                        chars.next();
+                    }
+                    _ => out.push('\\'),
+                },
+                '$' => out.push_str("$$"),
+                c => out.push(c),
+            }
+        }
+        Ok(Self {
+            regex,
+            substitution: out,
+        })
+    }
+
+    pub fn apply(&self, path: &str) -> String {
+        self.regex
+            .replace_all(path, self.substitution.as_str())
+            .into_owned()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -172,13 +233,12 @@ impl Rewrite {
         if let Some(authority) = &self.authority {
             parts.headers.insert(http::header::HOST, authority.clone());
         }
-        let path = self.path.as_ref().map(|new| {
-            if self.full_path {
-                new.clone()
-            } else {
-                replace_matched_prefix(parts.uri.path(), new, matched)
-            }
-        });
+        let path = match (&self.regex, &self.path) {
+            (Some(r), _) => Some(r.apply(parts.uri.path())),
+            (None, Some(new)) if self.full_path => Some(new.clone()),
+            (None, Some(new)) => Some(replace_matched_prefix(parts.uri.path(), new, matched)),
+            (None, None) => None,
+        };
         if path.is_none() && self.authority.is_none() {
             return;
         }
@@ -200,5 +260,25 @@ impl Rewrite {
             uri.authority = Some(a);
         }
         parts.uri = http::Uri::from_parts(uri).unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PathRegex;
+
+    #[test]
+    fn regex_rewrites_take_envoys_substitution_syntax() {
+        let r = PathRegex::new("^/service/([^/]+)(/.*)$", "\\2/instance/\\1").expect("regex");
+        assert_eq!(r.apply("/service/foo/v1/api"), "/v1/api/instance/foo");
+        let every = PathRegex::new("a", "b").expect("regex");
+        assert_eq!(every.apply("/aaa/a"), "/bbb/b", "every match is replaced");
+        let literal = PathRegex::new("^/x$", "/$1/\\\\").expect("regex");
+        assert_eq!(
+            literal.apply("/x"),
+            "/$1/\\",
+            "a dollar and an escaped backslash"
+        );
+        assert!(PathRegex::new("(", "/").is_err());
     }
 }

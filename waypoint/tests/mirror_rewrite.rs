@@ -15,7 +15,7 @@ use cairn_waypoint::{
     cluster::Clusters,
     fault::Percent,
     matching::{RequestMatch, StringMatch},
-    route::{Action, HeaderOps, Mirror, Rewrite, RouteTable, Rule, WeightedBackend},
+    route::{Action, HeaderOps, Mirror, PathRegex, Rewrite, RouteTable, Rule, WeightedBackend},
     router::{Body, Router, Upstream, UpstreamFuture, full, serve},
 };
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -223,12 +223,14 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
     by_prefix.rewrite = Some(Rewrite {
         path: Some("/new/".into()),
         full_path: false,
+        regex: None,
         authority: Some(HeaderValue::from_static("reviews-v2:9080")),
     });
     let mut whole = rule(vec![exact], "v1");
     whole.rewrite = Some(Rewrite {
         path: Some("/auth/login".into()),
         full_path: false,
+        regex: None,
         authority: None,
     });
     // Gateway API: ReplacePrefixMatch by segments, ReplaceFullPath after a prefix.
@@ -242,6 +244,7 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
     by_segments.rewrite = Some(Rewrite {
         path: Some("/".into()),
         full_path: false,
+        regex: None,
         authority: None,
     });
     let mut full_after_prefix = rule(
@@ -254,11 +257,26 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
     full_after_prefix.rewrite = Some(Rewrite {
         path: Some("/current".into()),
         full_path: true,
+        regex: None,
+        authority: None,
+    });
+    // VirtualService uriRegexRewrite: Envoy's `\1` for the first group.
+    let mut by_regex = rule(
+        vec![RequestMatch {
+            path: Some(StringMatch::Prefix("/users/".into())),
+            ..Default::default()
+        }],
+        "v1",
+    );
+    by_regex.rewrite = Some(Rewrite {
+        path: None,
+        full_path: false,
+        regex: Some(PathRegex::new("^/users/([0-9]+)/profile$", "/profiles/\\1").expect("regex")),
         authority: None,
     });
     let router = Router::new(
         RouteTable {
-            rules: vec![by_prefix, whole, by_segments, full_after_prefix],
+            rules: vec![by_prefix, whole, by_segments, full_after_prefix, by_regex],
             ..Default::default()
         },
         Arc::new(Clusters::plain_http(HashMap::from([(
@@ -272,6 +290,7 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
         "/login?next=/",
         "/api/v1/users?id=7",
         "/legacy/x/y",
+        "/users/42/profile?tab=2",
     ] {
         let resp = router
             .handle(
@@ -305,6 +324,10 @@ async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
         "the /api segment replaced by /"
     );
     assert_eq!(seen[3].1, "/current", "the whole path replaced");
+    assert_eq!(
+        seen[4].1, "/profiles/42?tab=2",
+        "the regex's group, query kept"
+    );
 }
 
 /// Answers `primary` at once; copies to any other backend never answer, and each

@@ -364,6 +364,22 @@ fn virtual_service(
         if let Some(r) = &route.redirect {
             redirect(&format!("{base}.redirect"), r)?;
         }
+        if let Some(rw) = &route.rewrite
+            && let Some(re) = &rw.uri_regex_rewrite
+        {
+            if rw.uri.is_some() {
+                return fail(
+                    format!("{base}.rewrite"),
+                    "set at most one of uri, uriRegexRewrite",
+                );
+            }
+            regex::Regex::new(&re.match_).or_else(|e| {
+                fail(
+                    format!("{base}.rewrite.uriRegexRewrite.match"),
+                    e.to_string(),
+                )
+            })?;
+        }
         let mut total = 0i64;
         for (j, dst) in route.route.iter().enumerate() {
             if dst.destination.host.is_empty() {
@@ -766,6 +782,44 @@ mod tests {
         ] {
             assert_eq!(destination_rule(&spec).expect_err(path).path, path);
         }
+    }
+
+    #[test]
+    fn a_regex_rewrite_needs_a_valid_regex_and_no_uri() {
+        let with = |uri: Option<&str>, re: &str| istio::VirtualServiceSpec {
+            hosts: vec!["reviews".into()],
+            http: vec![istio::HttpRoute {
+                route: vec![istio::HttpRouteDestination {
+                    destination: istio::Destination {
+                        host: "reviews".into(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }],
+                rewrite: Some(istio::HttpRewrite {
+                    uri: uri.map(Into::into),
+                    uri_regex_rewrite: Some(istio::RegexRewrite {
+                        match_: re.into(),
+                        rewrite: "/\\1".into(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let check = |spec: &istio::VirtualServiceSpec| virtual_service(spec, &mut Vec::new());
+        assert!(check(&with(None, "^/v1/(.*)$")).is_ok());
+        assert_eq!(
+            check(&with(None, "([")).expect_err("regex").path,
+            "spec.http[0].rewrite.uriRegexRewrite.match"
+        );
+        assert_eq!(
+            check(&with(Some("/x"), "^/v1/(.*)$"))
+                .expect_err("both")
+                .path,
+            "spec.http[0].rewrite"
+        );
     }
 
     #[test]

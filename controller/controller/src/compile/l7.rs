@@ -340,6 +340,16 @@ impl Context<'_> {
                 uri: r.uri.clone().unwrap_or_default(),
                 authority: r.authority.clone().unwrap_or_default(),
                 full_path: false,
+                regex: r
+                    .uri_regex_rewrite
+                    .as_ref()
+                    .map(|x| x.match_.clone())
+                    .unwrap_or_default(),
+                substitution: r
+                    .uri_regex_rewrite
+                    .as_ref()
+                    .map(|x| x.rewrite.clone())
+                    .unwrap_or_default(),
             }),
             mirrors: self.mirrors(route, port),
             request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
@@ -790,6 +800,22 @@ mod tests {
         assert_eq!(either.matches.len(), 1);
         assert!(either.matches[0].uri.is_none());
         assert!(either.matches[0].scheme.is_some());
+    }
+
+    #[test]
+    fn a_regex_rewrite_compiles() {
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - rewrite:\n      uriRegexRewrite: {match: '^/v1/(.*)$', rewrite: '/v2/\\1'}\n    route: [{destination: {host: reviews}}]\n";
+        let (configs, notices) =
+            route_configs(&store_of(&format!("{SERVICE}{vs}")), &MeshConfig::default());
+        assert!(notices.is_empty(), "{notices:?}");
+        let rw = configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"].rules[0]
+            .rewrite
+            .clone()
+            .expect("rewrite");
+        assert_eq!(
+            (rw.regex.as_str(), rw.substitution.as_str(), rw.uri.as_str()),
+            ("^/v1/(.*)$", "/v2/\\1", "")
+        );
     }
 
     #[test]

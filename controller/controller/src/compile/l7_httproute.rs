@@ -297,6 +297,7 @@ impl Route<'_> {
                     uri,
                     authority: r.hostname.clone().unwrap_or_default(),
                     full_path: !replace_prefix,
+                    ..Default::default()
                 });
             }
             "RequestMirror" => {

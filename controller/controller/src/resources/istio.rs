@@ -350,9 +350,20 @@ pub struct HttpBody {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct HttpRewrite {
     pub uri: Option<String>,
     pub authority: Option<String>,
+    pub uri_regex_rewrite: Option<RegexRewrite>,
+}
+
+/// The path rewritten by a regex (RE2): every match replaced by `rewrite`, where
+/// `\1` names the first group (Envoy's `regex_rewrite`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RegexRewrite {
+    #[serde(rename = "match")]
+    pub match_: String,
+    pub rewrite: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
