@@ -277,7 +277,21 @@ impl Context<'_> {
                 uri: r.uri.clone().unwrap_or_default(),
                 status: r.redirect_code.unwrap_or(301),
                 scheme: r.scheme.clone().unwrap_or_default(),
-                port: r.port.unwrap_or(0),
+                port: r.port.unwrap_or(match r.derive_port {
+                    // The scheme's own port, which the waypoint leaves out of the
+                    // Location (mesh requests are http unless the redirect says).
+                    Some(istio::DerivePort::FromProtocolDefault) => {
+                        if r.scheme
+                            .as_deref()
+                            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
+                        {
+                            443
+                        } else {
+                            80
+                        }
+                    }
+                    _ => 0,
+                }),
                 replace_prefix: false,
             })
         } else {
@@ -768,7 +782,7 @@ mod tests {
     #[test]
     fn match_ports_case_scheme_and_redirect_scheme_compile() {
         let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  clusterIP: 10.96.0.12\n  ports: [{name: http, port: 9080}, {name: admin, port: 9090}]\n";
-        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - name: admin-only\n    match: [{port: 9090, uri: {prefix: /Admin}, ignoreUriCase: true}]\n    redirect: {scheme: https, port: 8443, uri: /console}\n  - name: either\n    match: [{port: 9080, uri: {exact: /a}}, {port: 9090, scheme: {exact: http}}]\n    route: [{destination: {host: reviews}}]\n  - route: [{destination: {host: reviews}}]\n";
+        let vs = "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - name: admin-only\n    match: [{port: 9090, uri: {prefix: /Admin}, ignoreUriCase: true}]\n    redirect: {scheme: https, port: 8443, uri: /console}\n  - name: either\n    match: [{port: 9080, uri: {exact: /a}}, {port: 9090, scheme: {exact: http}}]\n    route: [{destination: {host: reviews}}]\n  - name: to-default\n    match: [{port: 9090, uri: {exact: /old}}]\n    redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}\n  - route: [{destination: {host: reviews}}]\n";
         let (configs, notices) =
             route_configs(&store_of(&format!("{svc}{vs}")), &MeshConfig::default());
         assert!(notices.is_empty(), "{notices:?}");
@@ -781,10 +795,10 @@ mod tests {
         };
         assert_eq!(
             names(9080),
-            ["bookinfo/reviews/either", "bookinfo/reviews/2"],
+            ["bookinfo/reviews/either", "bookinfo/reviews/3"],
             "a route whose matches all name another port is not on this one"
         );
-        assert_eq!(names(9090).len(), 3);
+        assert_eq!(names(9090).len(), 4);
         let on_9090 = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9090"].rules;
         let admin = &on_9090[0];
         assert!(admin.matches[0].ignore_uri_case);
@@ -792,6 +806,14 @@ mod tests {
             Some(l7::rule::Action::Redirect(r)) => assert_eq!(
                 (r.scheme.as_str(), r.port, r.uri.as_str(), r.replace_prefix),
                 ("https", 8443, "/console", false)
+            ),
+            other => panic!("redirect: {other:?}"),
+        }
+        match &on_9090[2].action {
+            Some(l7::rule::Action::Redirect(r)) => assert_eq!(
+                (r.scheme.as_str(), r.port),
+                ("https", 443),
+                "derivePort FROM_PROTOCOL_DEFAULT: the scheme's port"
             ),
             other => panic!("redirect: {other:?}"),
         }

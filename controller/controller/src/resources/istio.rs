@@ -333,8 +333,18 @@ pub struct HttpRedirect {
     pub uri: Option<String>,
     pub authority: Option<String>,
     pub port: Option<u32>,
+    /// `FROM_PROTOCOL_DEFAULT` (80 for http, 443 for https) or `FROM_REQUEST_PORT`
+    /// (the default: the request's port), when `port` is not set.
+    pub derive_port: Option<DerivePort>,
     pub scheme: Option<String>,
     pub redirect_code: Option<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DerivePort {
+    FromProtocolDefault,
+    FromRequestPort,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
