@@ -612,14 +612,25 @@ mod tests {
             .expect("request")
     }
 
+    /// `n` endpoint addresses, 10.0.0.1:8080 on.
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 8080)))
+            .collect()
+    }
+
+    /// Ejects endpoint `i` of `c` for an hour.
+    fn eject(c: &Cluster, i: usize) {
+        c.endpoints[i].health.lock().expect("lock").ejected_until =
+            Some(Instant::now() + Duration::from_secs(3600));
+    }
+
     /// The ring is built once over every endpoint; with one ejected, each key goes
     /// where a ring of the others alone would send it, and keys of the endpoints
     /// still up stay where they were.
     #[test]
     fn an_ejected_endpoint_leaves_the_ring_and_only_its_keys_move() {
-        let addrs: Vec<SocketAddr> = (1..=5)
-            .map(|i| SocketAddr::from(([10, 0, 0, i], 8080)))
-            .collect();
+        let addrs = addrs(5);
         let policy = TrafficPolicy {
             lb: LoadBalancer::ConsistentHash(HashKey::Header(http::HeaderName::from_static(
                 "x-user",
@@ -632,8 +643,7 @@ mod tests {
             .map(|k| all.pick(&request(&k.to_string())).expect("pick").addr)
             .collect();
         let gone = addrs[2];
-        all.endpoints[2].health.lock().expect("lock").ejected_until =
-            Some(Instant::now() + Duration::from_secs(3600));
+        eject(&all, 2);
         let others: Vec<SocketAddr> = addrs.iter().copied().filter(|a| *a != gone).collect();
         let without = Cluster::new("c", others, policy, Some(1));
         let mut moved = 0;
@@ -652,9 +662,7 @@ mod tests {
 
     #[test]
     fn below_min_health_percent_every_endpoint_takes_traffic() {
-        let addrs: Vec<SocketAddr> = (1..=4)
-            .map(|i| SocketAddr::from(([10, 0, 0, i], 8080)))
-            .collect();
+        let addrs = addrs(4);
         let policy = TrafficPolicy {
             outlier: Some(OutlierDetection {
                 min_health_percent: 75,
@@ -663,22 +671,18 @@ mod tests {
             ..Default::default()
         };
         let c = Cluster::new("c", addrs.clone(), policy, Some(1));
-        let eject = |i: usize| {
-            c.endpoints[i].health.lock().expect("lock").ejected_until =
-                Some(Instant::now() + Duration::from_secs(3600));
-        };
         let picked = || {
             (0..40)
                 .map(|_| c.pick(&request("a")).expect("pick").addr)
                 .collect::<std::collections::HashSet<_>>()
         };
-        eject(0);
+        eject(&c, 0);
         let seen = picked();
         assert!(
             !seen.contains(&addrs[0]) && seen.len() == 3,
             "3 of 4 up (75%): ejection holds: {seen:?}"
         );
-        eject(1);
+        eject(&c, 1);
         assert_eq!(
             picked().len(),
             4,

@@ -211,69 +211,59 @@ async fn a_mirror_percentage_holds_over_many_requests() {
 #[tokio::test]
 async fn prefix_and_whole_path_rewrites_and_authority_rewrite() {
     let (addr, seen) = backend("v1", false).await;
-    let prefix = RequestMatch {
-        path: Some(StringMatch::Prefix("/old/".into())),
-        ..Default::default()
+    // A rule for paths matching `path`, rewritten by `rewrite`.
+    let on = |path: StringMatch, rewrite: Rewrite| {
+        let mut r = rule(
+            vec![RequestMatch {
+                path: Some(path),
+                ..Default::default()
+            }],
+            "v1",
+        );
+        r.rewrite = Some(rewrite);
+        r
     };
-    let exact = RequestMatch {
-        path: Some(StringMatch::Exact("/login".into())),
-        ..Default::default()
-    };
-    let mut by_prefix = rule(vec![prefix], "v1");
-    by_prefix.rewrite = Some(Rewrite {
-        path: Some("/new/".into()),
-        full_path: false,
-        regex: None,
-        authority: Some(HeaderValue::from_static("reviews-v2:9080")),
-    });
-    let mut whole = rule(vec![exact], "v1");
-    whole.rewrite = Some(Rewrite {
-        path: Some("/auth/login".into()),
-        full_path: false,
-        regex: None,
-        authority: None,
-    });
+    let by_prefix = on(
+        StringMatch::Prefix("/old/".into()),
+        Rewrite {
+            path: Some("/new/".into()),
+            authority: Some(HeaderValue::from_static("reviews-v2:9080")),
+            ..Default::default()
+        },
+    );
+    let whole = on(
+        StringMatch::Exact("/login".into()),
+        Rewrite {
+            path: Some("/auth/login".into()),
+            ..Default::default()
+        },
+    );
     // Gateway API: ReplacePrefixMatch by segments, ReplaceFullPath after a prefix.
-    let mut by_segments = rule(
-        vec![RequestMatch {
-            path: Some(StringMatch::path_prefix("/api/")),
+    let by_segments = on(
+        StringMatch::path_prefix("/api/"),
+        Rewrite {
+            path: Some("/".into()),
             ..Default::default()
-        }],
-        "v1",
+        },
     );
-    by_segments.rewrite = Some(Rewrite {
-        path: Some("/".into()),
-        full_path: false,
-        regex: None,
-        authority: None,
-    });
-    let mut full_after_prefix = rule(
-        vec![RequestMatch {
-            path: Some(StringMatch::path_prefix("/legacy")),
+    let full_after_prefix = on(
+        StringMatch::path_prefix("/legacy"),
+        Rewrite {
+            path: Some("/current".into()),
+            full_path: true,
             ..Default::default()
-        }],
-        "v1",
+        },
     );
-    full_after_prefix.rewrite = Some(Rewrite {
-        path: Some("/current".into()),
-        full_path: true,
-        regex: None,
-        authority: None,
-    });
     // VirtualService uriRegexRewrite: Envoy's `\1` for the first group.
-    let mut by_regex = rule(
-        vec![RequestMatch {
-            path: Some(StringMatch::Prefix("/users/".into())),
+    let by_regex = on(
+        StringMatch::Prefix("/users/".into()),
+        Rewrite {
+            regex: Some(
+                PathRegex::new("^/users/([0-9]+)/profile$", "/profiles/\\1").expect("regex"),
+            ),
             ..Default::default()
-        }],
-        "v1",
+        },
     );
-    by_regex.rewrite = Some(Rewrite {
-        path: None,
-        full_path: false,
-        regex: Some(PathRegex::new("^/users/([0-9]+)/profile$", "/profiles/\\1").expect("regex")),
-        authority: None,
-    });
     let router = Router::new(
         RouteTable {
             rules: vec![by_prefix, whole, by_segments, full_after_prefix, by_regex],

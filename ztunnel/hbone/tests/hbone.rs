@@ -86,17 +86,21 @@ async fn start_server(ca: &Ca) -> TestServer {
     start_server_with(ca, None).await
 }
 
+/// An HBONE server with `ca`'s certificate for [`SERVER`], trusting `ca`.
+fn mesh_server(ca: &Ca) -> Server {
+    let roots = MeshRoots::from_pem(ca.root_pem().as_bytes()).expect("roots");
+    Server::new(
+        server_config(&workload(ca, SERVER), &roots).expect("server config"),
+        H2Settings::default(),
+    )
+}
+
 /// [`start_server`] whose connections drain once `drain` turns true.
 async fn start_server_with(
     ca: &Ca,
     drain: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> TestServer {
-    let roots = MeshRoots::from_pem(ca.root_pem().as_bytes()).expect("roots");
-    let cert = workload(ca, SERVER);
-    let mut server = Server::new(
-        server_config(&cert, &roots).expect("server config"),
-        H2Settings::default(),
-    );
+    let mut server = mesh_server(ca);
     if let Some(drain) = drain {
         server = server.with_drain(drain);
     }
@@ -434,15 +438,15 @@ async fn malformed_requests_are_answered_without_reaching_the_handler() {
     );
 }
 
+/// A server of `mesh`'s that gives clients 200 ms for each handshake step.
+fn impatient_server(mesh: &Ca) -> Server {
+    mesh_server(mesh).with_handshake_timeout(Duration::from_millis(200))
+}
+
 #[tokio::test]
 async fn a_peer_that_stalls_the_handshake_is_dropped() {
     let mesh = ca("mesh");
-    let roots = MeshRoots::from_pem(mesh.root_pem().as_bytes()).expect("roots");
-    let server = Server::new(
-        server_config(&workload(&mesh, SERVER), &roots).expect("config"),
-        H2Settings::default(),
-    )
-    .with_handshake_timeout(Duration::from_millis(200));
+    let server = impatient_server(&mesh);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let result = tokio::spawn(async move {
@@ -465,12 +469,7 @@ async fn a_peer_that_stalls_the_handshake_is_dropped() {
 #[tokio::test]
 async fn a_peer_silent_after_tls_is_dropped_after_the_handshake_timeout() {
     let mesh = ca("mesh");
-    let roots = MeshRoots::from_pem(mesh.root_pem().as_bytes()).expect("roots");
-    let server = Server::new(
-        server_config(&workload(&mesh, SERVER), &roots).expect("config"),
-        H2Settings::default(),
-    )
-    .with_handshake_timeout(Duration::from_millis(200));
+    let server = impatient_server(&mesh);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let served = tokio::spawn(async move {

@@ -98,6 +98,16 @@ const RETRY_CONDITIONS: &[&str] = &[
     "unavailable",
 ];
 
+/// A redirect scheme's well-known port: 443 for https, else 80 (the only schemes
+/// both APIs redirect to).
+pub(crate) fn scheme_port(scheme: &str) -> u32 {
+    if scheme.eq_ignore_ascii_case("https") {
+        443
+    } else {
+        80
+    }
+}
+
 /// A duration field in milliseconds; absent or unparsable (already reported by
 /// validation): 0.
 pub(crate) fn millis(s: &Option<String>) -> u64 {
@@ -281,14 +291,7 @@ impl Context<'_> {
                     // The scheme's own port, which the waypoint leaves out of the
                     // Location (mesh requests are http unless the redirect says).
                     Some(istio::DerivePort::FromProtocolDefault) => {
-                        if r.scheme
-                            .as_deref()
-                            .is_some_and(|s| s.eq_ignore_ascii_case("https"))
-                        {
-                            443
-                        } else {
-                            80
-                        }
+                        scheme_port(r.scheme.as_deref().unwrap_or("http"))
                     }
                     _ => 0,
                 }),

@@ -279,13 +279,11 @@ impl Route<'_> {
                     // The API: without a port, a new scheme's well-known port, else
                     // the listener's (for the mesh: the service port); the waypoint
                     // leaves default ports out of the Location.
-                    port: r
-                        .port
-                        .unwrap_or(match scheme.to_ascii_lowercase().as_str() {
-                            "" => port,
-                            "https" => 443,
-                            _ => 80,
-                        }),
+                    port: r.port.unwrap_or(if scheme.is_empty() {
+                        port
+                    } else {
+                        super::l7::scheme_port(&scheme)
+                    }),
                     scheme,
                     replace_prefix,
                 });
@@ -497,9 +495,10 @@ mod tests {
 
     const MANIFESTS: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  clusterIP: 10.96.0.12\n  ports: [{name: http, port: 9080}, {name: grpc, port: 9090}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-gateway, namespace: bookinfo}\nspec:\n  parentRefs: [{name: ingress}]\n  rules: [{backendRefs: [{name: reviews, port: 9080}]}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  parentRefs: [{kind: Service, name: reviews}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /old/}}]\n    filters:\n    - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}}\n    - {type: RequestMirror, requestMirror: {backendRef: {name: reviews, port: 9080}, percent: 5}}\n    backendRefs: [{name: reviews, port: 9080}]\n    timeouts: {request: 2s, backendRequest: 500ms}\n  - matches: [{path: {type: PathPrefix, value: /moved}}]\n    filters: [{type: RequestRedirect, requestRedirect: {hostname: ratings, port: 9080}}]\n  - matches: [{method: DELETE}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews, port: {number: 9090}}}]\n";
 
-    fn compiled() -> (BTreeMap<String, l7::RouteConfig>, Vec<Notice>) {
+    /// The route configs (and notices) compiled from `text`, which must load cleanly.
+    fn compiled(text: &str) -> (BTreeMap<String, l7::RouteConfig>, Vec<Notice>) {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("x.yaml"), MANIFESTS).expect("write");
+        std::fs::write(dir.path().join("x.yaml"), text).expect("write");
         let mut store = Store::default();
         let scan = LocalSource::new(dir.path()).scan(&mut store);
         assert!(scan.errors.is_empty(), "{:?}", scan.errors);
@@ -508,7 +507,7 @@ mod tests {
 
     #[test]
     fn service_parents_get_routes_filters_and_timeouts_and_a_virtual_service_wins() {
-        let (configs, notices) = compiled();
+        let (configs, notices) = compiled(MANIFESTS);
         // The VirtualService routes both ports; the HTTPRoute is reported, not merged.
         let vs = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9090"];
         assert_eq!(vs.rules.len(), 1);
@@ -531,11 +530,7 @@ mod tests {
             .split("---\napiVersion: networking.istio.io/v1")
             .next()
             .expect("split");
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("x.yaml"), text).expect("write");
-        let mut store = Store::default();
-        LocalSource::new(dir.path()).scan(&mut store);
-        let (configs, notices) = super::super::l7::route_configs(&store, &MeshConfig::default());
+        let (configs, notices) = compiled(text);
         assert!(notices.is_empty(), "{notices:?}");
         let c = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
         let names: Vec<&str> = c.rules.iter().map(|r| r.name.as_str()).collect();
@@ -581,11 +576,7 @@ mod tests {
     #[test]
     fn a_backend_refs_header_filters_apply_to_that_backend_only() {
         let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 8080}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web-v2, namespace: shop}\nspec:\n  clusterIP: 10.96.0.21\n  ports: [{name: http, port: 8080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - backendRefs:\n    - {name: web, port: 8080, weight: 90}\n    - name: web-v2\n      port: 8080\n      weight: 10\n      filters:\n      - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: 'true'}]}}\n      - {type: ResponseHeaderModifier, responseHeaderModifier: {remove: [server]}}\n      - {type: RequestMirror, requestMirror: {backendRef: {name: web, port: 8080}}}\n";
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("x.yaml"), text).expect("write");
-        let mut store = Store::default();
-        LocalSource::new(dir.path()).scan(&mut store);
-        let (configs, notices) = super::super::l7::route_configs(&store, &MeshConfig::default());
+        let (configs, notices) = compiled(text);
         let Some(l7::rule::Action::Forward(f)) =
             &configs["shop/web.shop.svc.cluster.local:8080"].rules[0].action
         else {
@@ -613,11 +604,7 @@ mod tests {
     #[test]
     fn redirects_and_rewrites_carry_scheme_port_and_path_modifiers() {
         let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 8080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /secure}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, path: {type: ReplacePrefixMatch, replacePrefixMatch: ''}}}]\n  - matches: [{path: {type: PathPrefix, value: /a}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /b}}}]\n  - matches: [{path: {type: Exact, value: /c}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /d}}}]\n    backendRefs: [{name: web, port: 8080}]\n";
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("x.yaml"), text).expect("write");
-        let mut store = Store::default();
-        LocalSource::new(dir.path()).scan(&mut store);
-        let (configs, notices) = super::super::l7::route_configs(&store, &MeshConfig::default());
+        let (configs, notices) = compiled(text);
         assert!(notices.is_empty(), "{notices:?}");
         let c = &configs["shop/web.shop.svc.cluster.local:8080"];
         let redirect = |i: usize| match &c.rules[i].action {
