@@ -349,10 +349,19 @@ async fn controller_on_a_real_api_server() {
         refused.load().workloads().next().is_none(),
         "a token for another audience gets nothing"
     );
+    // The refused stream races the accepted one: wait for its log line.
+    let logged = within_time(Duration::from_secs(30), || {
+        controller.log().contains("refused xDS stream")
+    })
+    .await;
     assert!(
-        controller.log().contains("refused xDS stream"),
+        logged.is_some(),
         "the refusal is logged:\n{}",
         controller.log()
+    );
+    assert!(
+        refused.load().workloads().next().is_none(),
+        "a refused token still gets nothing"
     );
 
     // An Istio object through its CRD.
