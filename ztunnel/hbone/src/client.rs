@@ -9,6 +9,12 @@
 //! ends for any reason leaves the pool at once: a peer the proxy stopped talking to
 //! (a node gone, a workload moved) keeps no connection, no keepalive pings and no
 //! pool entry. A dropped [`Client`]'s connections close once idle.
+//!
+//! Callers that find no connection with room for their key while one is being
+//! dialed wait for that dial instead of starting their own: a burst of connections
+//! to a new peer makes one TLS handshake, not one per connection, and a dial that
+//! fails fails them all at once. A dial abandoned by its caller hands the job to
+//! the next waiter.
 
 use std::{
     collections::HashMap,
@@ -29,6 +35,7 @@ use h2::{
 use http::{Method, Request, StatusCode};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
@@ -52,6 +59,9 @@ pub enum ClientError {
     },
     #[error("HTTP/2 with {addr}: {source}")]
     H2 { addr: SocketAddr, source: h2::Error },
+    /// Another caller's dial to the same peer, which this one waited for, failed.
+    #[error("connecting to {addr} failed (a concurrent dial to the same peer): {reason}")]
+    SharedDial { addr: SocketAddr, reason: Arc<str> },
     #[error("{addr} refused CONNECT {authority} with status {status}")]
     Refused {
         addr: SocketAddr,
@@ -103,7 +113,63 @@ struct Connection {
 /// A stream count no connection reaches: the connection is closing.
 const CLOSING: usize = usize::MAX / 2;
 
-type Pool = Mutex<HashMap<PoolKey, Vec<Arc<Connection>>>>;
+#[derive(Default)]
+struct PoolState {
+    conns: HashMap<PoolKey, Vec<Arc<Connection>>>,
+    /// Dials in flight, one per key at most: later callers wait for it.
+    dialing: HashMap<PoolKey, watch::Receiver<Dialed>>,
+}
+
+type Pool = Mutex<PoolState>;
+
+/// How a dial in flight ended, for the callers waiting on it.
+#[derive(Clone, Debug)]
+enum Dialed {
+    Pending,
+    /// The connection is in the pool (with room for the waiters, or not).
+    Ready,
+    Failed(Arc<str>),
+}
+
+/// The right (and duty) to dial for a key. Dropped without [`DialTicket::finish`]
+/// (its caller went away), it lets the waiters try again.
+struct DialTicket {
+    pool: Weak<Pool>,
+    key: PoolKey,
+    tx: watch::Sender<Dialed>,
+}
+
+impl DialTicket {
+    fn finish(self, outcome: Dialed) {
+        self.tx.send_replace(outcome);
+    }
+}
+
+impl Drop for DialTicket {
+    fn drop(&mut self) {
+        let Some(pool) = self.pool.upgrade() else {
+            return;
+        };
+        let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+        let ours = pool
+            .dialing
+            .get(&self.key)
+            .is_some_and(|rx| rx.same_channel(&self.tx.subscribe()));
+        if ours {
+            pool.dialing.remove(&self.key);
+        }
+    }
+}
+
+/// What a caller does next for its key.
+enum Next {
+    /// A connection with a stream slot reserved for the caller.
+    Pooled(Arc<Connection>),
+    /// Wait for another caller's dial.
+    Wait(watch::Receiver<Dialed>),
+    /// Dial (boxed: the key is large, and dialing is the rare case).
+    Dial(Box<DialTicket>),
+}
 
 /// Resolves once `conn` has had no stream for `timeout` (and then no stream can be
 /// reserved on it any more), or once the pool let go of it.
@@ -136,11 +202,11 @@ fn forget(pool: &Weak<Pool>, key: &PoolKey, conn: &Weak<Connection>) {
     let Some(pool) = pool.upgrade() else {
         return;
     };
-    let mut conns = pool.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(list) = conns.get_mut(key) {
+    let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(list) = pool.conns.get_mut(key) {
         list.retain(|c| !std::ptr::eq(Arc::as_ptr(c), conn.as_ptr()));
         if list.is_empty() {
-            conns.remove(key);
+            pool.conns.remove(key);
         }
     }
 }
@@ -189,8 +255,8 @@ impl Client {
 
     /// How many connections the pool holds now (open, or ended a moment ago).
     pub fn connections_pooled(&self) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.values().map(Vec::len).sum()
+        let pool = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        pool.conns.values().map(Vec::len).sum()
     }
 
     /// Opens a CONNECT to `authority` through the HBONE endpoint in `key` and waits
@@ -217,20 +283,34 @@ impl Client {
         tls: Arc<ClientConfig>,
         authority: SocketAddr,
     ) -> Result<EarlyTunnel, ClientError> {
-        if let Some(conn) = self.pooled(key) {
+        // Each turn takes a slot, waits for a dial to end, or dials: a turn that
+        // does not return retires a connection or follows an ended dial.
+        loop {
+            let conn = match self.next(key) {
+                Next::Pooled(conn) => conn,
+                Next::Wait(rx) => {
+                    wait_for_dial(rx, key.address).await?;
+                    continue;
+                }
+                Next::Dial(ticket) => {
+                    let dialed = self.dial(key, tls.clone()).await;
+                    ticket.finish(match &dialed {
+                        Ok(_) => Dialed::Ready,
+                        Err(e) => Dialed::Failed(e.to_string().into()),
+                    });
+                    return self.open_stream(dialed?, key.address, authority).await;
+                }
+            };
             match self.open_stream(conn.clone(), key.address, authority).await {
-                Ok(t) => return Ok(t),
                 // A pooled connection the peer is closing (GOAWAY while draining) or
-                // that died since its last use: retire it and dial a fresh one.
+                // that died since its last use: retire it and go on.
                 Err(ClientError::H2 { source, .. }) => {
                     debug!(addr = %key.address, error = %source, "pooled HBONE connection unusable; dialing anew");
                     conn.closed.store(true, Ordering::Release);
                 }
-                Err(e) => return Err(e),
+                done => return done,
             }
         }
-        let conn = self.dial(key, tls).await?;
-        self.open_stream(conn, key.address, authority).await
     }
 
     /// Sends the CONNECT on `conn`, whose stream slot is already reserved.
@@ -270,22 +350,38 @@ impl Client {
         })
     }
 
-    /// A live connection with room for one more stream (reserved on return).
-    fn pooled(&self, key: &PoolKey) -> Option<Arc<Connection>> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let list = conns.get_mut(key)?;
-        // Idleness is the connection task's to judge (`idle_out`): a connection it
-        // closes for that can take no stream from then on.
-        list.retain(|c| !c.closed.load(Ordering::Acquire));
-        let max = self.pool.max_streams_per_connection;
-        let found = list.iter().find(|c| {
-            c.streams
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < max).then_some(n + 1)
-                })
-                .is_ok()
-        })?;
-        Some(found.clone())
+    /// A live connection with room for one more stream (reserved on return), else
+    /// the dial in flight for `key`, else a ticket to dial (the pool's lock makes
+    /// the three one decision).
+    fn next(&self, key: &PoolKey) -> Next {
+        let mut pool = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = pool.conns.get_mut(key) {
+            // Idleness is the connection task's to judge (`idle_out`): a connection it
+            // closes for that can take no stream from then on.
+            list.retain(|c| !c.closed.load(Ordering::Acquire));
+            let max = self.pool.max_streams_per_connection;
+            let found = list.iter().find(|c| {
+                c.streams
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    })
+                    .is_ok()
+            });
+            if let Some(conn) = found {
+                return Next::Pooled(conn.clone());
+            }
+        }
+        // (A dial whose ticket is gone, sender and all, has nothing to wait for.)
+        if let Some(rx) = pool.dialing.get(key).filter(|rx| rx.has_changed().is_ok()) {
+            return Next::Wait(rx.clone());
+        }
+        let (tx, rx) = watch::channel(Dialed::Pending);
+        pool.dialing.insert(key.clone(), rx);
+        Next::Dial(Box::new(DialTicket {
+            pool: Arc::downgrade(&self.conns),
+            key: key.clone(),
+            tx,
+        }))
     }
 
     async fn dial(
@@ -332,6 +428,7 @@ impl Client {
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .conns
             .entry(key.clone())
             .or_default()
             .push(conn.clone());
@@ -360,6 +457,22 @@ impl Client {
             forget(&pool, &key, &me);
         });
         Ok(conn)
+    }
+}
+
+/// Waits for another caller's dial: `Ok` when it is worth looking at the pool again
+/// (the dial succeeded, or its caller gave up and someone must dial anew).
+async fn wait_for_dial(
+    mut rx: watch::Receiver<Dialed>,
+    addr: SocketAddr,
+) -> Result<(), ClientError> {
+    let outcome = match rx.wait_for(|d| !matches!(d, Dialed::Pending)).await {
+        Ok(d) => d.clone(),
+        Err(_) => return Ok(()),
+    };
+    match outcome {
+        Dialed::Failed(reason) => Err(ClientError::SharedDial { addr, reason }),
+        Dialed::Pending | Dialed::Ready => Ok(()),
     }
 }
 

@@ -357,6 +357,132 @@ async fn streams_share_connections_up_to_the_limit() {
 }
 
 #[tokio::test]
+async fn a_burst_of_first_connections_to_a_peer_shares_one_dial() {
+    let mesh = ca("mesh");
+    let srv = start_server(&mesh).await;
+    let client = Client::new(H2Settings::default(), PoolSettings::default());
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let burst: Vec<_> = (0..20)
+        .map(|i| {
+            let (client, tls, k) = (client.clone(), tls.clone(), key(srv.addr));
+            tokio::spawn(
+                async move { round_trip(&client, &k, tls, format!("m{i}").as_bytes()).await },
+            )
+        })
+        .collect();
+    for (i, t) in burst.into_iter().enumerate() {
+        let out = t.await.expect("task");
+        assert!(out.ends_with(format!("m{i}").as_bytes()), "tunnel {i}");
+    }
+    assert_eq!(
+        client.connections_opened(),
+        1,
+        "one dial for the whole burst"
+    );
+    assert_eq!(srv.accepted.load(Ordering::SeqCst), 1);
+}
+
+/// Accepts TCP connections and never answers on them (a peer stuck before TLS);
+/// counts them.
+async fn silent_listener() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    (addr, accepted)
+}
+
+fn client_with_connect_timeout(timeout: Duration) -> Client {
+    Client::new(
+        H2Settings::default(),
+        PoolSettings {
+            connect_timeout: timeout,
+            ..PoolSettings::default()
+        },
+    )
+}
+
+#[tokio::test]
+async fn a_failed_dial_fails_its_waiters_without_dialing_again() {
+    let mesh = ca("mesh");
+    let (addr, accepted) = silent_listener().await;
+    let client = client_with_connect_timeout(Duration::from_millis(300));
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let (client, tls, k) = (client.clone(), tls.clone(), key(addr));
+            tokio::spawn(async move {
+                client
+                    .connect(&k, tls, "10.0.0.7:8080".parse().expect("addr"))
+                    .await
+            })
+        })
+        .collect();
+    let mut timeouts = 0;
+    for t in burst {
+        let err = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("no caller hangs")
+            .expect("task")
+            .expect_err("the peer never speaks TLS");
+        match err {
+            ClientError::ConnectTimeout { .. } => timeouts += 1,
+            ClientError::SharedDial { ref reason, .. } => {
+                assert!(reason.contains("timed out"), "{err}")
+            }
+            other => panic!("unexpected error: {other}"),
+        }
+    }
+    assert_eq!(
+        timeouts, 1,
+        "one caller dialed, the others shared its failure"
+    );
+    assert_eq!(accepted.load(Ordering::SeqCst), 1, "one TCP connection");
+}
+
+#[tokio::test]
+async fn an_abandoned_dial_hands_over_to_a_waiting_caller() {
+    let mesh = ca("mesh");
+    let (addr, accepted) = silent_listener().await;
+    let client = client_with_connect_timeout(Duration::from_millis(500));
+    let tls = tls_for(&mesh, &mesh, CLIENT, SERVER);
+    let start = |client: &Client| {
+        let (client, tls, k) = (client.clone(), tls.clone(), key(addr));
+        tokio::spawn(async move {
+            client
+                .connect(&k, tls, "10.0.0.7:8080".parse().expect("addr"))
+                .await
+        })
+    };
+    let first = start(&client);
+    while accepted.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The second caller finds the first one's dial in flight and waits for it.
+    let second = start(&client);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    first.abort();
+    let err = tokio::time::timeout(Duration::from_secs(10), second)
+        .await
+        .expect("the waiter does not hang on an abandoned dial")
+        .expect("task")
+        .expect_err("the peer never speaks TLS");
+    assert!(matches!(err, ClientError::ConnectTimeout { .. }), "{err}");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the waiter dialed itself once the first caller went away"
+    );
+}
+
+#[tokio::test]
 async fn idle_connections_close_and_leave_the_pool() {
     let mesh = ca("mesh");
     let srv = start_server(&mesh).await;
