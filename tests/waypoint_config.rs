@@ -345,3 +345,111 @@ async fn a_grpc_route_routes_methods_at_the_waypoint() {
     );
     assert!(last(&recorder).is_empty());
 }
+
+const CORS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  hosts: [reviews]
+  http:
+  - corsPolicy:
+      allowOrigins:
+      - regex: "https://.*\\.shop\\.example"
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token, content-type]
+      exposeHeaders: [x-trace]
+      maxAge: 24h
+      allowCredentials: true
+      unmatchedPreflights: IGNORE
+    route:
+    - destination: {host: reviews}
+"#;
+
+#[tokio::test]
+async fn a_virtual_service_cors_policy_is_applied_by_the_waypoint() {
+    let configs = compiled(CORS);
+    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
+    let table =
+        RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
+    let recorder = Arc::new(Recorder::default());
+    let router = Router::new(table, recorder.clone(), Some(2026));
+    let request = |method: &str, origin: &str, preflight: bool| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri("/reviews/1")
+            .header("origin", origin);
+        if preflight {
+            b = b.header("access-control-request-method", "POST");
+        }
+        b.body(full("")).expect("request")
+    };
+    let forwarded = || recorder.seen.lock().expect("lock").values().sum::<usize>();
+    let cors_headers = |resp: &Response<Body>| -> Vec<(String, String)> {
+        resp.headers()
+            .iter()
+            .filter(|(k, _)| k.as_str().starts_with("access-control-"))
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("?").to_owned()))
+            .collect()
+    };
+    let pairs = |p: &[(&str, &str)]| -> Vec<(String, String)> {
+        p.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+
+    let resp = router
+        .handle(request("OPTIONS", "https://eu.shop.example", true))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        cors_headers(&resp),
+        pairs(&[
+            ("access-control-allow-origin", "https://eu.shop.example"),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-allow-methods", "GET,POST"),
+            ("access-control-allow-headers", "x-token,content-type"),
+            ("access-control-max-age", "86400"),
+            ("access-control-expose-headers", "x-trace"),
+        ])
+    );
+    assert_eq!(forwarded(), 0, "the waypoint answers the preflight itself");
+
+    // unmatchedPreflights: IGNORE answers another origin's preflight, without an
+    // allowed origin.
+    let resp = router
+        .handle(request("OPTIONS", "https://evil.example", true))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers().get("access-control-allow-origin"),
+        None,
+        "{:?}",
+        cors_headers(&resp)
+    );
+    assert_eq!(forwarded(), 0);
+
+    let resp = router
+        .handle(request("GET", "https://eu.shop.example", false))
+        .await;
+    assert_eq!(
+        cors_headers(&resp),
+        pairs(&[
+            ("access-control-allow-origin", "https://eu.shop.example"),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-expose-headers", "x-trace"),
+        ])
+    );
+    let resp = router
+        .handle(request("GET", "https://evil.example", false))
+        .await;
+    assert_eq!(cors_headers(&resp), pairs(&[]));
+    assert_eq!(forwarded(), 2, "both requests reach the backend");
+}

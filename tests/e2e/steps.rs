@@ -168,7 +168,7 @@ pub fn policy_status(lab: &mut dyn Backend, m: &Mesh) {
     // What Cairn cannot apply is said on the object: L7 rules ztunnel cannot enforce
     // (no waypoint yet), and a policy the decoder rejects.
     lab.apply(&format!(
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: l7-at-l4, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  action: ALLOW\n  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: with-cors, namespace: {NS}}}\nspec:\n  hosts: [reviews]\n  http:\n  - corsPolicy: {{allowOrigins: [{{exact: \"https://example.com\"}}]}}\n    route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: two-stars, namespace: {NS}}}\nspec:\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [\"*a*\"]}}}}]}}]\n"
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: l7-at-l4, namespace: {NS}}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  action: ALLOW\n  rules: [{{to: [{{operation: {{methods: [GET]}}}}]}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: with-delegate, namespace: {NS}}}\nspec:\n  hosts: [reviews]\n  http:\n  - delegate: {{name: reviews-routes}}\n    route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: two-stars, namespace: {NS}}}\nspec:\n  action: DENY\n  rules: [{{from: [{{source: {{principals: [\"*a*\"]}}}}]}}]\n"
     ))
     .expect("policies with problems");
     let took = eventually(
@@ -192,12 +192,12 @@ pub fn policy_status(lab: &mut dyn Backend, m: &Mesh) {
         "the ignored field reported",
         Duration::from_secs(20),
         || {
-            condition(lab, "virtualservice", "with-cors")
+            condition(lab, "virtualservice", "with-delegate")
                 .2
-                .contains("corsPolicy")
+                .contains("delegate")
         },
     );
-    lab.kubectl(&["-n", NS, "delete", "virtualservice", "with-cors"])
+    lab.kubectl(&["-n", NS, "delete", "virtualservice", "with-delegate"])
         .expect("delete");
     println!(
         "E2E policy status: L7 rules at L4 and an ignored field -> Accepted/PartiallyApplied, a rejected policy -> Accepted=False/Invalid, within {:.2} s",

@@ -70,6 +70,7 @@ fn waypoint_role() {
                 mirrors: vec![],
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
+                cors: None,
             }],
             ..Default::default()
         };

@@ -22,6 +22,7 @@ use crate::{
     cluster::{
         Cluster, HashKey, LoadBalancer, OutlierDetection, PoolLimits, RetryBudget, TrafficPolicy,
     },
+    cors::CorsPolicy,
     fault::{Abort, Fault, Percent},
     jwt::{JwtAuthn, JwtRule, TokenSource, parse_jwks},
     matching::{BadRegex, HeaderRule, RequestMatch, StringMatch},
@@ -262,6 +263,38 @@ impl Rules<'_> {
         })
     }
 
+    fn cors(&self, c: &l7::CorsPolicy) -> Result<CorsPolicy, ConfigError> {
+        let joined = |field: &'static str, items: &[String]| {
+            if items.is_empty() {
+                return Ok(None);
+            }
+            HeaderValue::try_from(items.join(","))
+                .map(Some)
+                .map_err(|e| self.invalid(field, format!("{items:?}: {e}")))
+        };
+        let max_age = match c.max_age.as_str() {
+            "" => None,
+            s if s.bytes().all(|b| b.is_ascii_digit()) => Some(
+                HeaderValue::try_from(s)
+                    .map_err(|e| self.invalid("cors.max_age", format!("{s:?}: {e}")))?,
+            ),
+            s => return Err(self.invalid("cors.max_age", format!("{s:?} is not seconds"))),
+        };
+        Ok(CorsPolicy {
+            allow_origins: c
+                .allow_origins
+                .iter()
+                .map(|m| self.string("cors.allow_origins", m))
+                .collect::<Result<_, _>>()?,
+            allow_methods: joined("cors.allow_methods", &c.allow_methods)?,
+            allow_headers: joined("cors.allow_headers", &c.allow_headers)?,
+            expose_headers: joined("cors.expose_headers", &c.expose_headers)?,
+            max_age,
+            allow_credentials: c.allow_credentials,
+            forward_unmatched_preflights: !c.ignore_unmatched_preflights,
+        })
+    }
+
     fn retry(&self, r: &l7::Retry) -> Result<RetryPolicy, ConfigError> {
         let mut on = RetryOn::default();
         for name in &r.retry_on {
@@ -389,6 +422,11 @@ impl TryFrom<&l7::RouteConfig> for RouteTable {
                     .collect::<Result<_, ConfigError>>()?,
                 request_headers: cx.header_ops(r.request_headers.as_ref())?,
                 response_headers: cx.header_ops(r.response_headers.as_ref())?,
+                cors: r
+                    .cors
+                    .as_ref()
+                    .map(|c| cx.cors(c).map(Arc::new))
+                    .transpose()?,
             });
         }
         Ok(RouteTable {

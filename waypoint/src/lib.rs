@@ -14,6 +14,7 @@ pub mod admin;
 pub mod authz;
 pub mod cluster;
 pub mod config;
+pub mod cors;
 pub mod detect;
 pub mod fault;
 pub mod h1_pool;

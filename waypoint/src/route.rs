@@ -11,6 +11,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::{
     authz::Policies,
+    cors::CorsPolicy,
     fault::Fault,
     matching::{RequestMatch, replace_matched_prefix},
     retry::RetryPolicy,
@@ -44,10 +45,12 @@ pub struct Rule {
     pub mirrors: Vec<Mirror>,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// Cross-origin requests: preflights answered, responses decorated.
+    pub cors: Option<Arc<CorsPolicy>>,
 }
 
 impl Rule {
-    /// A rule with no fault, timeout, retries, rewrite, mirrors or header edits.
+    /// A rule with no fault, timeout, retries, rewrite, mirrors, header edits or CORS.
     pub fn new(name: impl Into<String>, matches: Vec<RequestMatch>, action: Action) -> Self {
         Rule {
             name: name.into(),
@@ -60,6 +63,7 @@ impl Rule {
             mirrors: Vec::new(),
             request_headers: HeaderOps::default(),
             response_headers: HeaderOps::default(),
+            cors: None,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! One service port's request path: select the rule, inject its faults, then answer
-//! directly, redirect, or forward to a backend chosen by weight.
+//! One service port's request path: select the rule, answer or note its CORS, inject
+//! its faults, then answer directly, redirect, or forward to a backend chosen by
+//! weight.
 
 use std::{
     future::Future,
@@ -19,11 +20,13 @@ use tracing::{debug, info, warn};
 
 use crate::{
     authz::{Attributes, Policies, Verdict},
+    cors::Cors,
     fault::Abort,
     ingress::Downstream,
     jwt::Authn,
+    matching::RequestMatch,
     retry::{Outcome, backoff},
-    route::{Action, RouteTable, Rule, WeightedBackend},
+    route::{Action, BackendHeaders, RouteTable, Rule, WeightedBackend},
     telemetry::{Counting, Metered, Record, ResponseFlag, Routed},
     trace,
 };
@@ -492,6 +495,25 @@ impl Router {
         let delayed = fault.delay.is_some();
         let (backend, backend_headers) = backend.unzip();
         let backend_headers = backend_headers.flatten();
+        // CORS, as Envoy's filter runs behind Istio: after faults, on routes that
+        // forward (not on redirects or direct responses).
+        let cors = match (&rule.action, rule.cors.as_deref()) {
+            (Action::Forward(_), Some(policy)) => {
+                match policy.decide(&parts.method, &parts.headers) {
+                    Cors::Pass => None,
+                    Cors::Answer(headers) => {
+                        let mut resp = Response::new(full(Bytes::new()));
+                        *resp.headers_mut() = headers;
+                        if delayed {
+                            resp.extensions_mut().insert(ResponseFlag::FAULT_DELAY);
+                        }
+                        return resp;
+                    }
+                    Cors::Allowed(origin) => Some((policy, origin)),
+                }
+            }
+            _ => None,
+        };
         let mut resp = match &rule.action {
             Action::Respond { status, body } => {
                 let mut resp = Response::new(full(body.clone()));
@@ -510,34 +532,23 @@ impl Router {
                 }
             },
             Action::Forward(_) => {
-                let Some(backend) = backend.as_deref() else {
-                    return respond_flagged(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no healthy upstream",
-                        ResponseFlag::NO_HEALTHY_UPSTREAM,
-                    );
-                };
-                rule.request_headers.apply(&mut parts.headers);
-                if let Some(h) = &backend_headers {
-                    h.request.apply(&mut parts.headers);
-                }
-                if let Some(rewrite) = &rule.rewrite {
-                    rewrite.apply(&mut parts, matched);
-                }
-                let forward = self.forward(rule, backend, parts, body);
-                match rule.timeout {
-                    Some(t) => match tokio::time::timeout(t, forward).await {
-                        Ok(resp) => resp,
-                        Err(_) => {
-                            warn!(%backend, timeout = ?t, "upstream request timeout");
-                            return respond_flagged(
-                                StatusCode::GATEWAY_TIMEOUT,
-                                "upstream request timeout",
-                                ResponseFlag::UPSTREAM_TIMEOUT,
-                            );
+                let sent = self.send_for_rule(
+                    rule,
+                    matched,
+                    backend.as_deref(),
+                    backend_headers.as_deref(),
+                    parts,
+                    body,
+                );
+                match sent.await {
+                    Ok(resp) => resp,
+                    // The waypoint's own answer (503, 504): as it is, plus CORS.
+                    Err(mut resp) => {
+                        if let Some((policy, origin)) = cors {
+                            policy.decorate(origin, resp.headers_mut());
                         }
-                    },
-                    None => forward.await,
+                        return resp;
+                    }
                 }
             }
         };
@@ -554,7 +565,50 @@ impl Router {
                 route: rule.name.clone(),
             });
         }
+        // Last, as Envoy's CORS filter sees the response after the router's edits.
+        if let Some((policy, origin)) = cors {
+            policy.decorate(origin, resp.headers_mut());
+        }
         resp
+    }
+
+    /// A forwarding rule's request to the picked `backend` (none: no healthy
+    /// endpoint) within the rule's timeout; `Err` is the waypoint's own answer.
+    async fn send_for_rule(
+        &self,
+        rule: &Rule,
+        matched: Option<&RequestMatch>,
+        backend: Option<&str>,
+        backend_headers: Option<&BackendHeaders>,
+        mut parts: http::request::Parts,
+        body: Body,
+    ) -> Result<Response<Body>, Response<Body>> {
+        let Some(backend) = backend else {
+            return Err(respond_flagged(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream",
+                ResponseFlag::NO_HEALTHY_UPSTREAM,
+            ));
+        };
+        rule.request_headers.apply(&mut parts.headers);
+        if let Some(h) = backend_headers {
+            h.request.apply(&mut parts.headers);
+        }
+        if let Some(rewrite) = &rule.rewrite {
+            rewrite.apply(&mut parts, matched);
+        }
+        let forward = self.forward(rule, backend, parts, body);
+        match rule.timeout {
+            Some(t) => tokio::time::timeout(t, forward).await.map_err(|_| {
+                warn!(%backend, timeout = ?t, "upstream request timeout");
+                respond_flagged(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    ResponseFlag::UPSTREAM_TIMEOUT,
+                )
+            }),
+            None => Ok(forward.await),
+        }
     }
 
     /// Sends copies to the rule's mirrors that this request is picked for, with

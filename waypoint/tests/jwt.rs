@@ -124,6 +124,7 @@ async fn tokens_are_validated_and_feed_request_principals() {
                 mirrors: vec![],
                 request_headers: HeaderOps::default(),
                 response_headers: HeaderOps::default(),
+                cors: None,
             }],
             policies: Policies {
                 policies: vec![require_jwt, only_alice],

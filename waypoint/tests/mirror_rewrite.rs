@@ -86,6 +86,7 @@ fn rule(matches: Vec<RequestMatch>, backend: &str) -> Rule {
         mirrors: vec![],
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
+        cors: None,
     }
 }
 

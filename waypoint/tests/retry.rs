@@ -98,6 +98,7 @@ fn router_to(addr: SocketAddr, retry: Option<RetryPolicy>, timeout: Option<Durat
         mirrors: vec![],
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
+        cors: None,
     };
     Router::new(
         RouteTable {

@@ -12,6 +12,7 @@ use std::{
 use bytes::Bytes;
 use cairn_waypoint::{
     cluster::Clusters,
+    cors::CorsPolicy,
     fault::{Abort, Fault, Percent},
     matching::{HeaderRule, RequestMatch, StringMatch},
     redirect::{PathRedirect, Redirect},
@@ -408,4 +409,193 @@ async fn routes_real_http_requests_over_http1_and_http2() {
     let resp = h1.request(req).await.expect("response");
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     assert_eq!(&body[..], b"v2:-:/reviews/9");
+}
+
+/// The `api` route allows `https://shop.example` (credentials, an exposed header);
+/// `/cors-abort` is the same policy on a route whose fault answers 503, `/cors-slow`
+/// on one that times out.
+fn cors_table() -> RouteTable {
+    let policy = Arc::new(CorsPolicy {
+        allow_origins: vec![StringMatch::Exact("https://shop.example".into())],
+        allow_methods: Some(HeaderValue::from_static("GET,PUT")),
+        allow_headers: Some(HeaderValue::from_static("x-token")),
+        expose_headers: Some(HeaderValue::from_static("x-trace")),
+        max_age: Some(HeaderValue::from_static("600")),
+        allow_credentials: true,
+        forward_unmatched_preflights: true,
+    });
+    let mut api = rule("api", vec![path("/api")], split(1, 0));
+    api.cors = Some(policy.clone());
+    let mut aborted = rule("cors-abort", vec![path("/cors-abort")], split(1, 0));
+    aborted.fault = Some(Fault {
+        delay: None,
+        abort: Some((StatusCode::SERVICE_UNAVAILABLE.into(), Percent(100.0))),
+    });
+    aborted.cors = Some(policy.clone());
+    let mut slow = rule(
+        "cors-slow",
+        vec![path("/cors-slow")],
+        Action::Forward(vec![WeightedBackend {
+            backend: "slow".into(),
+            weight: 1,
+            headers: None,
+        }]),
+    );
+    slow.timeout = Some(Duration::from_millis(100));
+    slow.cors = Some(policy);
+    RouteTable {
+        rules: vec![api, aborted, slow],
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_and_allowed_origins_get_their_headers() {
+    let endpoints = HashMap::from([
+        (
+            "reviews|v1".to_string(),
+            backend("v1", Duration::ZERO).await,
+        ),
+        (
+            "slow".to_string(),
+            backend("slow", Duration::from_secs(5)).await,
+        ),
+    ]);
+    let router = Arc::new(Router::new(
+        cors_table(),
+        Arc::new(Clusters::plain_http(endpoints)),
+        Some(7),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(listener, router));
+    let h1 = Client::builder(TokioExecutor::new()).build_http::<Body>();
+    let h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Body>();
+    let header = |resp: &Response<hyper::body::Incoming>, name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    for (proto, client) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+        let send = |method: http::Method, path: &str, origin: Option<&str>, preflight: bool| {
+            let mut b = Request::builder()
+                .method(method)
+                .uri(format!("http://{addr}{path}"))
+                .header("host", "reviews:9080");
+            if let Some(o) = origin {
+                b = b.header("origin", o);
+            }
+            if preflight {
+                b = b.header("access-control-request-method", "PUT");
+            }
+            client.request(b.body(full("")).expect("request"))
+        };
+        let body = |resp: Response<hyper::body::Incoming>| async {
+            let b = resp.into_body().collect().await.expect("body").to_bytes();
+            String::from_utf8_lossy(&b).into_owned()
+        };
+
+        // A preflight from the allowed origin: answered here, never forwarded.
+        let resp = send(
+            http::Method::OPTIONS,
+            "/api",
+            Some("https://shop.example"),
+            true,
+        )
+        .await
+        .expect("preflight");
+        assert_eq!(resp.status(), StatusCode::OK, "{proto}");
+        for (name, want) in [
+            ("access-control-allow-origin", "https://shop.example"),
+            ("access-control-allow-credentials", "true"),
+            ("access-control-allow-methods", "GET,PUT"),
+            ("access-control-allow-headers", "x-token"),
+            ("access-control-max-age", "600"),
+            ("access-control-expose-headers", "x-trace"),
+        ] {
+            assert_eq!(header(&resp, name).as_deref(), Some(want), "{proto} {name}");
+        }
+        assert_eq!(body(resp).await, "", "{proto}: the backend never saw it");
+
+        // The request itself goes to the backend; its answer names the origin.
+        let resp = send(
+            http::Method::GET,
+            "/api",
+            Some("https://shop.example"),
+            false,
+        )
+        .await
+        .expect("cross-origin GET");
+        assert_eq!(
+            header(&resp, "access-control-allow-origin").as_deref(),
+            Some("https://shop.example"),
+            "{proto}"
+        );
+        assert_eq!(
+            header(&resp, "access-control-expose-headers").as_deref(),
+            Some("x-trace"),
+            "{proto}"
+        );
+        assert_eq!(header(&resp, "access-control-allow-methods"), None);
+        assert_eq!(body(resp).await, "v1:-:/api", "{proto}");
+
+        // The waypoint's own answer on a forwarding route (a timeout) carries them
+        // too; a fault abort comes before CORS, as in Istio's filter chain.
+        let resp = send(
+            http::Method::GET,
+            "/cors-slow",
+            Some("https://shop.example"),
+            false,
+        )
+        .await
+        .expect("timed out");
+        assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT, "{proto}");
+        assert_eq!(
+            header(&resp, "access-control-allow-origin").as_deref(),
+            Some("https://shop.example"),
+            "{proto}"
+        );
+        let resp = send(
+            http::Method::GET,
+            "/cors-abort",
+            Some("https://shop.example"),
+            false,
+        )
+        .await
+        .expect("aborted");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{proto}");
+        assert_eq!(
+            header(&resp, "access-control-allow-origin"),
+            None,
+            "{proto}"
+        );
+
+        // Another origin, or none: routed as usual, no CORS headers; an unmatched
+        // preflight is forwarded (Istio's default).
+        for (origin, preflight) in [
+            (Some("https://evil.example"), false),
+            (None, false),
+            (Some("https://evil.example"), true),
+        ] {
+            let method = if preflight {
+                http::Method::OPTIONS
+            } else {
+                http::Method::GET
+            };
+            let resp = send(method, "/api", origin, preflight)
+                .await
+                .expect("response");
+            assert_eq!(
+                header(&resp, "access-control-allow-origin"),
+                None,
+                "{proto} {origin:?}"
+            );
+            assert_eq!(body(resp).await, "v1:-:/api", "{proto} {origin:?}");
+        }
+    }
 }

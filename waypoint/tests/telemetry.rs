@@ -51,6 +51,7 @@ fn rule(name: &str, path: &str) -> Rule {
         mirrors: vec![],
         request_headers: HeaderOps::default(),
         response_headers: HeaderOps::default(),
+        cors: None,
     }
 }
 

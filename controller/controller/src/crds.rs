@@ -100,7 +100,7 @@ fn serve_older_versions(crd: &mut CustomResourceDefinition) {
 }
 
 /// Every object in the schema keeps fields Cairn does not model (Istio's
-/// `corsPolicy`, `tcp` routes, `trafficPolicy.tls`, ...): a manifest written for
+/// `delegate`, `tcp` routes, `trafficPolicy.tls`, ...): a manifest written for
 /// Istio must apply unchanged. The controller's decoder names what it ignores
 /// (docs/api.md); the API server still checks the types of the fields Cairn knows.
 fn keep_unknown_fields(schema: &mut JSONSchemaProps) {

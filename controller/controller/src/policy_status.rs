@@ -287,7 +287,7 @@ mod tests {
             ignored: HashMap::from([(
                 r(Kind::VirtualService, "reviews"),
                 vec![
-                    "spec.http[0].corsPolicy: field is not implemented by Cairn and is ignored"
+                    "spec.http[0].delegate: field is not implemented by Cairn and is ignored"
                         .to_owned(),
                 ],
             )]),
@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(want.len(), 4, "{want:?}");
         assert_eq!(
             want[&r(Kind::VirtualService, "reviews")].message,
-            "spec.http[0].corsPolicy: field is not implemented by Cairn and is ignored; retryOn sometimes: unknown condition; ignored"
+            "spec.http[0].delegate: field is not implemented by Cairn and is ignored; retryOn sometimes: unknown condition; ignored"
         );
         let l7 = &want[&r(Kind::AuthorizationPolicy, "l7")];
         assert_eq!((l7.status, l7.reason), (true, "PartiallyApplied"));

@@ -433,8 +433,49 @@ fn virtual_service(
             }
         }
         percent(format!("{base}.mirrorPercentage"), &route.mirror_percentage)?;
+        if let Some(c) = &route.cors_policy {
+            cors_policy(&format!("{base}.corsPolicy"), c)?;
+        }
     }
     Ok(())
+}
+
+/// What a waypoint needs to answer preflights: matchable origins, methods and header
+/// names it can send, a max age that parses.
+fn cors_policy(base: &str, c: &istio::CorsPolicy) -> Result<(), FieldError> {
+    for (i, m) in c.allow_origins.iter().enumerate() {
+        string_match(format!("{base}.allowOrigins[{i}]"), m)?;
+    }
+    for (i, m) in c.allow_methods.iter().enumerate() {
+        if http::Method::from_bytes(m.as_bytes()).is_err() {
+            return fail(
+                format!("{base}.allowMethods[{i}]"),
+                format!("{m:?} is not an HTTP method"),
+            );
+        }
+    }
+    for (field, names) in [
+        ("allowHeaders", &c.allow_headers),
+        ("exposeHeaders", &c.expose_headers),
+    ] {
+        for (i, name) in names.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return fail(
+                    format!("{base}.{field}[{i}]"),
+                    format!("{name:?} is not a header name"),
+                );
+            }
+        }
+    }
+    duration(format!("{base}.maxAge"), &c.max_age)?;
+    // Sent in seconds: Istio refuses a fraction rather than round it.
+    match c.max_age.as_deref().map(parse_duration) {
+        Some(Ok(d)) if d.subsec_nanos() != 0 => fail(
+            format!("{base}.maxAge"),
+            format!("{d:?} is not a whole number of seconds"),
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn percent(path: String, p: &Option<istio::Percent>) -> Result<(), FieldError> {
@@ -820,6 +861,97 @@ mod tests {
                 .path,
             "spec.http[0].rewrite"
         );
+    }
+
+    #[test]
+    fn a_cors_policy_needs_valid_origins_methods_headers_and_max_age() {
+        let good = istio::CorsPolicy {
+            allow_origins: vec![istio::StringMatch {
+                regex: Some(r"https://.*\.example".into()),
+                ..Default::default()
+            }],
+            allow_methods: vec!["GET".into(), "PATCH".into()],
+            allow_headers: vec!["x-token".into()],
+            expose_headers: vec!["x-trace".into()],
+            max_age: Some("24h".into()),
+            ..Default::default()
+        };
+        let with = |c: istio::CorsPolicy| istio::VirtualServiceSpec {
+            hosts: vec!["reviews".into()],
+            http: vec![istio::HttpRoute {
+                route: vec![istio::HttpRouteDestination {
+                    destination: istio::Destination {
+                        host: "reviews".into(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                }],
+                cors_policy: Some(c),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let check = |c: istio::CorsPolicy| virtual_service(&with(c), &mut Vec::new());
+        assert!(check(good.clone()).is_ok());
+        for (bad, path) in [
+            (
+                istio::CorsPolicy {
+                    allow_origins: vec![istio::StringMatch {
+                        regex: Some("([".into()),
+                        ..Default::default()
+                    }],
+                    ..good.clone()
+                },
+                "allowOrigins[0].regex",
+            ),
+            (
+                istio::CorsPolicy {
+                    allow_origins: vec![istio::StringMatch::default()],
+                    ..good.clone()
+                },
+                "allowOrigins[0]",
+            ),
+            (
+                istio::CorsPolicy {
+                    allow_methods: vec!["GET".into(), "NOT A METHOD".into()],
+                    ..good.clone()
+                },
+                "allowMethods[1]",
+            ),
+            (
+                istio::CorsPolicy {
+                    allow_headers: vec!["x token".into()],
+                    ..good.clone()
+                },
+                "allowHeaders[0]",
+            ),
+            (
+                istio::CorsPolicy {
+                    expose_headers: vec!["".into()],
+                    ..good.clone()
+                },
+                "exposeHeaders[0]",
+            ),
+            (
+                istio::CorsPolicy {
+                    max_age: Some("a day".into()),
+                    ..good.clone()
+                },
+                "maxAge",
+            ),
+            (
+                istio::CorsPolicy {
+                    max_age: Some("1500ms".into()),
+                    ..good.clone()
+                },
+                "maxAge",
+            ),
+        ] {
+            assert_eq!(
+                check(bad).expect_err(path).path,
+                format!("spec.http[0].corsPolicy.{path}")
+            );
+        }
     }
 
     #[test]

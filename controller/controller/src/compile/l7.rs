@@ -371,7 +371,38 @@ impl Context<'_> {
             mirrors: self.mirrors(route, port),
             request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             response_headers: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
+            cors: route.cors_policy.as_ref().map(cors),
         })
+    }
+}
+
+/// Istio's translation of `corsPolicy` for Envoy: `allowOrigins`, else the deprecated
+/// `allowOrigin` as exact origins; lists comma-joined; `maxAge` in whole seconds.
+fn cors(c: &istio::CorsPolicy) -> l7::CorsPolicy {
+    let allow_origins = if c.allow_origins.is_empty() {
+        c.allow_origin
+            .iter()
+            .map(|o| l7::StringMatch {
+                kind: Some(l7::string_match::Kind::Exact(o.clone())),
+            })
+            .collect()
+    } else {
+        c.allow_origins.iter().filter_map(string_match).collect()
+    };
+    l7::CorsPolicy {
+        allow_origins,
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age: c
+            .max_age
+            .as_deref()
+            .and_then(|d| parse_duration(d).ok())
+            .map(|d| d.as_secs().to_string())
+            .unwrap_or_default(),
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+        ignore_unmatched_preflights: c.unmatched_preflights
+            == Some(istio::UnmatchedPreflights::Ignore),
     }
 }
 

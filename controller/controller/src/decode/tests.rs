@@ -16,8 +16,7 @@ metadata:
 spec:
   hosts: [reviews]
   http:
-  - corsPolicy:
-      allowOrigins: [{exact: https://example.com}]
+  - delegate: {name: reviews-routes}
     route:
     - destination: {host: reviews, subset: v1}
       weight: 90
@@ -29,7 +28,7 @@ spec:
 ")
     .expect("applies");
     let paths: Vec<&str> = d.warnings.iter().map(|w| w.path.as_str()).collect();
-    assert_eq!(paths, vec!["spec.http[0].corsPolicy", "spec.tcp"]);
+    assert_eq!(paths, vec!["spec.http[0].delegate", "spec.tcp"]);
     let Object::VirtualService(vs) = d.object else {
         panic!("wrong kind")
     };

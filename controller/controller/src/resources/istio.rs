@@ -259,6 +259,36 @@ pub struct HttpRoute {
     pub mirrors: Vec<HttpMirrorPolicy>,
     pub mirror_percentage: Option<Percent>,
     pub headers: Option<Headers>,
+    pub cors_policy: Option<CorsPolicy>,
+}
+
+/// Cross-origin requests the route allows (Envoy's CORS filter).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CorsPolicy {
+    #[serde(default)]
+    pub allow_origins: Vec<StringMatch>,
+    /// Deprecated by Istio for `allowOrigins`: exact origins.
+    #[serde(default)]
+    pub allow_origin: Vec<String>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<String>,
+    pub allow_credentials: Option<bool>,
+    pub unmatched_preflights: Option<UnmatchedPreflights>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum UnmatchedPreflights {
+    /// Istio's default: the backend answers them.
+    UnspecifiedUnmatchedPreflights,
+    Forward,
+    Ignore,
 }
 
 /// Istio's StringMatch: exactly one of `exact`, `prefix`, `regex`.
