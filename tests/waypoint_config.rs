@@ -19,13 +19,6 @@ use cairn_waypoint::{
 use http::{Request, Response, StatusCode};
 
 const MANIFESTS: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: bookinfo}
-spec:
-  clusterIP: 10.96.0.12
-  ports: [{name: http, port: 9080}]
----
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: reviews, namespace: bookinfo}
@@ -80,11 +73,26 @@ impl Upstream for Recorder {
     }
 }
 
-/// The route configs the controller compiles from `manifests`, which must load and
-/// compile without errors or notices.
+/// The `reviews` service every case below routes.
+const REVIEWS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.12
+  ports: [{name: http, port: 9080}]
+---
+"#;
+
+/// The route configs the controller compiles from [`REVIEWS`] and `manifests`, which
+/// must load and compile without errors or notices.
 fn compiled(manifests: &str) -> BTreeMap<String, RouteConfig> {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("bookinfo.yaml"), manifests).expect("write");
+    std::fs::write(
+        dir.path().join("bookinfo.yaml"),
+        [REVIEWS, manifests].concat(),
+    )
+    .expect("write");
     let mut store = Store::default();
     let scan = LocalSource::new(dir.path()).scan(&mut store);
     assert!(scan.errors.is_empty(), "{:?}", scan.errors);
@@ -155,13 +163,6 @@ async fn a_virtual_service_routes_the_waypoint() {
 }
 
 const HTTP_ROUTE: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: bookinfo}
-spec:
-  clusterIP: 10.96.0.12
-  ports: [{name: http, port: 9080}]
----
 apiVersion: v1
 kind: Service
 metadata: {name: reviews-v1, namespace: bookinfo}
@@ -347,13 +348,6 @@ async fn a_grpc_route_routes_methods_at_the_waypoint() {
 }
 
 const CORS: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: reviews, namespace: bookinfo}
-spec:
-  clusterIP: 10.96.0.12
-  ports: [{name: http, port: 9080}]
----
 apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: reviews, namespace: bookinfo}

@@ -214,6 +214,65 @@ async fn backend(name: &'static str, delay: Duration) -> SocketAddr {
     addr
 }
 
+/// A route at `p` to the backend that answers after 5 s, with a 200 ms timeout.
+fn slow_rule(name: &str, p: &str) -> Rule {
+    let mut slow = rule(
+        name,
+        vec![path(p)],
+        Action::Forward(vec![WeightedBackend {
+            backend: "slow".into(),
+            weight: 1,
+            headers: None,
+        }]),
+    );
+    slow.timeout = Some(Duration::from_millis(200));
+    slow
+}
+
+/// `table` served on loopback over real backends (`reviews|v1`, `reviews|v2`, and
+/// `slow`, which answers after 5 s), with HTTP/1.1 and HTTP/2 clients.
+struct Served {
+    addr: SocketAddr,
+    router: Arc<Router>,
+    h1: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+    h2: Client<hyper_util::client::legacy::connect::HttpConnector, Body>,
+}
+
+async fn serve_table(table: RouteTable) -> Served {
+    let endpoints = HashMap::from([
+        (
+            "reviews|v1".to_string(),
+            backend("v1", Duration::ZERO).await,
+        ),
+        (
+            "reviews|v2".to_string(),
+            backend("v2", Duration::ZERO).await,
+        ),
+        (
+            "slow".to_string(),
+            backend("slow", Duration::from_secs(5)).await,
+        ),
+    ]);
+    let router = Arc::new(Router::new(
+        table,
+        Arc::new(Clusters::plain_http(endpoints)),
+        Some(7),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(serve(listener, router.clone()));
+    Served {
+        addr,
+        router,
+        h1: Client::builder(TokioExecutor::new()).build_http::<Body>(),
+        h2: Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Body>(),
+    }
+}
+
 fn table() -> RouteTable {
     let jason = RequestMatch {
         headers: vec![(
@@ -236,16 +295,7 @@ fn table() -> RouteTable {
         delay: None,
         abort: Some((StatusCode::SERVICE_UNAVAILABLE.into(), Percent(100.0))),
     });
-    let mut slow = rule(
-        "slow",
-        vec![path("/slow")],
-        Action::Forward(vec![WeightedBackend {
-            backend: "slow".into(),
-            weight: 1,
-            headers: None,
-        }]),
-    );
-    slow.timeout = Some(Duration::from_millis(200));
+    let slow = slow_rule("slow", "/slow");
     // Per-destination headers (VirtualService `route[].headers`) on v2 only.
     let mut canary = split(90, 10);
     if let Action::Forward(backends) = &mut canary {
@@ -299,35 +349,12 @@ fn table() -> RouteTable {
 
 #[tokio::test]
 async fn routes_real_http_requests_over_http1_and_http2() {
-    let endpoints = HashMap::from([
-        (
-            "reviews|v1".to_string(),
-            backend("v1", Duration::ZERO).await,
-        ),
-        (
-            "reviews|v2".to_string(),
-            backend("v2", Duration::ZERO).await,
-        ),
-        (
-            "slow".to_string(),
-            backend("slow", Duration::from_secs(5)).await,
-        ),
-    ]);
-    let router = Arc::new(Router::new(
-        table(),
-        Arc::new(Clusters::plain_http(endpoints)),
-        Some(7),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(listener, router.clone()));
-
-    let h1 = Client::builder(TokioExecutor::new()).build_http::<Body>();
-    let h2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Body>();
+    let Served {
+        addr,
+        router,
+        h1,
+        h2,
+    } = serve_table(table()).await;
     for (proto, client) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
         let get = |path: &str, user: Option<&str>| {
             let mut b = Request::get(format!("http://{addr}{path}")).header("host", "reviews:9080");
@@ -432,16 +459,7 @@ fn cors_table() -> RouteTable {
         abort: Some((StatusCode::SERVICE_UNAVAILABLE.into(), Percent(100.0))),
     });
     aborted.cors = Some(policy.clone());
-    let mut slow = rule(
-        "cors-slow",
-        vec![path("/cors-slow")],
-        Action::Forward(vec![WeightedBackend {
-            backend: "slow".into(),
-            weight: 1,
-            headers: None,
-        }]),
-    );
-    slow.timeout = Some(Duration::from_millis(100));
+    let mut slow = slow_rule("cors-slow", "/cors-slow");
     slow.cors = Some(policy);
     RouteTable {
         rules: vec![api, aborted, slow],
@@ -451,30 +469,7 @@ fn cors_table() -> RouteTable {
 
 #[tokio::test]
 async fn cors_preflights_are_answered_and_allowed_origins_get_their_headers() {
-    let endpoints = HashMap::from([
-        (
-            "reviews|v1".to_string(),
-            backend("v1", Duration::ZERO).await,
-        ),
-        (
-            "slow".to_string(),
-            backend("slow", Duration::from_secs(5)).await,
-        ),
-    ]);
-    let router = Arc::new(Router::new(
-        cors_table(),
-        Arc::new(Clusters::plain_http(endpoints)),
-        Some(7),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(serve(listener, router));
-    let h1 = Client::builder(TokioExecutor::new()).build_http::<Body>();
-    let h2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<Body>();
+    let Served { addr, h1, h2, .. } = serve_table(cors_table()).await;
     let header = |resp: &Response<hyper::body::Incoming>, name: &str| {
         resp.headers()
             .get(name)
