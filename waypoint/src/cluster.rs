@@ -12,7 +12,10 @@
 //!   `maxConnections + http1MaxPendingRequests` they overflow;
 //! - outlier detection: `consecutive5xxErrors` 5xx answers (or
 //!   `consecutiveGatewayErrors` 502/503/504 and connect failures) in a row eject an
-//!   endpoint for `baseEjectionTime` times the number of its ejections; at most
+//!   endpoint for `baseEjectionTime` times its multiplier, at most 300 s (Envoy's
+//!   `max_ejection_time`, which Istio leaves at its default) or `baseEjectionTime` if
+//!   longer; each ejection adds one to the multiplier (while that stays under the
+//!   cap), each `interval` the endpoint then stays back takes one off; at most
 //!   `maxEjectionPercent` of the endpoints are ejected at once, but at least one may
 //!   be. An ejected endpoint gets no traffic until its ejection ends. When every
 //!   endpoint is ejected, or fewer than `minHealthPercent` of them are not, all are
@@ -82,6 +85,26 @@ pub struct OutlierDetection {
     /// traffic (Istio's `minHealthPercent`, Envoy's panic threshold); 0: only when
     /// all are ejected.
     pub min_health_percent: u32,
+    /// Each interval an endpoint stays back from an ejection takes one off its
+    /// ejection-time multiplier (Envoy decrements it at each sweep).
+    pub interval: Duration,
+}
+
+/// Envoy's default `max_ejection_time` (Istio does not set it): no ejection lasts
+/// longer, unless `baseEjectionTime` itself does.
+pub const MAX_EJECTION_TIME: Duration = Duration::from_secs(300);
+
+impl OutlierDetection {
+    /// How long an ejection lasts at `multiplier`.
+    fn ejection_time(&self, multiplier: u32) -> Duration {
+        self.base_ejection_time
+            .saturating_mul(multiplier)
+            .min(self.max_ejection_time())
+    }
+
+    fn max_ejection_time(&self) -> Duration {
+        MAX_EJECTION_TIME.max(self.base_ejection_time)
+    }
 }
 
 impl Default for OutlierDetection {
@@ -93,6 +116,7 @@ impl Default for OutlierDetection {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent: 10,
             min_health_percent: 0,
+            interval: Duration::from_secs(10),
         }
     }
 }
@@ -144,8 +168,12 @@ pub trait Transport: Send + Sync + 'static {
 struct Health {
     consecutive_5xx: u32,
     consecutive_gateway: u32,
-    ejections: u32,
+    /// Envoy's ejection-time backoff: the next ejection lasts `baseEjectionTime`
+    /// times this (after the decay since `back_since`, plus one).
+    multiplier: u32,
     ejected_until: Option<Instant>,
+    /// When the last ejection ended: the multiplier decays from there.
+    back_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -160,9 +188,10 @@ impl Endpoint {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         match h.ejected_until {
             Some(until) if until > now => true,
-            Some(_) => {
+            Some(until) => {
                 // Back from ejection with a clean slate.
                 h.ejected_until = None;
+                h.back_since = Some(until);
                 h.consecutive_5xx = 0;
                 h.consecutive_gateway = 0;
                 false
@@ -430,10 +459,21 @@ impl Cluster {
         if h.ejected_until.is_some() {
             return;
         }
-        h.ejections += 1;
-        let duration = od.base_ejection_time.saturating_mul(h.ejections);
+        // One off the multiplier per interval spent back since the last ejection,
+        // then one on for this one (unless that would pass the cap).
+        if let Some(since) = h.back_since.take() {
+            let intervals =
+                now.saturating_duration_since(since).as_nanos() / od.interval.as_nanos().max(1);
+            h.multiplier = h
+                .multiplier
+                .saturating_sub(u32::try_from(intervals).unwrap_or(u32::MAX));
+        }
+        if od.ejection_time(h.multiplier) < od.max_ejection_time() {
+            h.multiplier += 1;
+        }
+        let duration = od.ejection_time(h.multiplier);
         h.ejected_until = Some(now + duration);
-        info!(cluster = %self.name, endpoint = %endpoint.addr, ?duration, ejections = h.ejections, "outlier ejected");
+        info!(cluster = %self.name, endpoint = %endpoint.addr, ?duration, multiplier = h.multiplier, "outlier ejected");
     }
 }
 

@@ -541,6 +541,10 @@ pub fn clusters(
             base_ejection_time: Duration::from_millis(o.base_ejection_time_ms),
             max_ejection_percent: o.max_ejection_percent.min(100),
             min_health_percent: o.min_health_percent.min(100),
+            interval: match o.interval_ms {
+                0 => OutlierDetection::default().interval,
+                ms => Duration::from_millis(ms),
+            },
         });
         let retry_budget = b.retry_budget.as_ref().map(|r| RetryBudget {
             percent: if r.percent.is_finite() {

@@ -137,6 +137,7 @@ fn ejecting(max_ejection_percent: u32) -> TrafficPolicy {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_percent,
             min_health_percent: 0,
+            interval: Duration::from_secs(10),
         }),
         ..Default::default()
     }
@@ -353,6 +354,74 @@ async fn an_ejected_endpoint_gets_no_traffic_until_its_ejection_ends() {
         r.handle(get()).await;
     }
     assert!(t.take_seen().contains(&bad), "back after 60 s");
+}
+
+/// `bad`, ejected just now, stays out for `secs` and no longer: still out a second
+/// before, back a second after (and, if it still fails, ejected again then).
+async fn ejection_lasts(r: &Router, t: &Scripted, bad: SocketAddr, secs: u64) {
+    tokio::time::advance(Duration::from_secs(secs - 1)).await;
+    for _ in 0..10 {
+        r.handle(get()).await;
+    }
+    assert!(
+        !t.take_seen().contains(&bad),
+        "still ejected at {} s of {secs}",
+        secs - 1
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert!(t.take_seen().contains(&bad), "back after {secs} s");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejections_back_off_to_five_minutes_at_most() {
+    let t = Arc::new(Scripted::default());
+    let eps = addrs(2);
+    let bad = eps[1];
+    t.set(bad, Answer::Status(StatusCode::INTERNAL_SERVER_ERROR));
+    let r = router(ejecting(50), eps, t.clone());
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 2, "ejected");
+    // Back one second after each ejection and failing again at once: 30 s more each
+    // time, up to Envoy's 300 s.
+    for n in 1..=12 {
+        ejection_lasts(&r, &t, bad, (30 * n).min(300)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_interval_back_takes_one_off_the_next_ejection() {
+    let t = Arc::new(Scripted::default());
+    let eps = addrs(2);
+    let bad = eps[1];
+    t.set(bad, Answer::Status(StatusCode::INTERNAL_SERVER_ERROR));
+    let r = router(ejecting(50), eps, t.clone());
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 2, "ejected");
+    ejection_lasts(&r, &t, bad, 30).await;
+    ejection_lasts(&r, &t, bad, 60).await;
+    // Third ejection (90 s); this time the endpoint comes back healthy.
+    tokio::time::advance(Duration::from_secs(91)).await;
+    t.set(bad, Answer::Ok);
+    for _ in 0..4 {
+        assert_eq!(r.handle(get()).await.status(), StatusCode::OK);
+    }
+    assert!(t.take_seen().contains(&bad));
+    // Two intervals (10 s) back take the multiplier from 3 to 1: the next ejection
+    // lasts 60 s, not 120.
+    tokio::time::advance(Duration::from_secs(24)).await;
+    t.set(bad, Answer::Status(StatusCode::INTERNAL_SERVER_ERROR));
+    for _ in 0..4 {
+        r.handle(get()).await;
+    }
+    assert_eq!(counts(&t.take_seen())[&bad], 2, "ejected again");
+    ejection_lasts(&r, &t, bad, 60).await;
 }
 
 #[tokio::test(start_paused = true)]

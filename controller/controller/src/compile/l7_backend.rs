@@ -137,6 +137,10 @@ fn policy(p: &istio::TrafficPolicy, backend: &mut l7::Backend) {
                 .max_ejection_percent
                 .map_or(10, |p| p.clamp(0, 100) as u32),
             min_health_percent: od.min_health_percent.map_or(0, |p| p.clamp(0, 100) as u32),
+            interval_ms: match millis(&od.interval) {
+                0 => 10_000,
+                ms => ms,
+            },
         });
     }
 }

@@ -649,7 +649,7 @@ spec:
     connectionPool:
       tcp: {maxConnections: 10, connectTimeout: 250ms}
       http: {http1MaxPendingRequests: 5, maxRequestsPerConnection: 3, maxRetries: 4}
-    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 10s, maxEjectionPercent: 50, minHealthPercent: 40}
+    outlierDetection: {consecutive5xxErrors: 3, interval: 2s, baseEjectionTime: 10s, maxEjectionPercent: 50, minHealthPercent: 40}
     retryBudget: {percent: 25}
   subsets:
   - name: v1
@@ -702,9 +702,10 @@ spec:
             od.consecutive_5xx_errors,
             od.base_ejection_time_ms,
             od.max_ejection_percent,
-            od.min_health_percent
+            od.min_health_percent,
+            od.interval_ms
         ),
-        (3, 10_000, 50, 40)
+        (3, 10_000, 50, 40, 2_000)
     );
     let v2 = by_name["reviews.bookinfo.svc.cluster.local|v2|9080"];
     assert_eq!(v2.endpoints[0].address, vec![10, 244, 2, 13]);
