@@ -447,3 +447,84 @@ async fn a_virtual_service_cors_policy_is_applied_by_the_waypoint() {
     assert_eq!(cors_headers(&resp), pairs(&[]));
     assert_eq!(forwarded(), 2, "both requests reach the backend");
 }
+
+const HTTP_ROUTE_CORS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: reviews, port: 9080}
+  rules:
+  - filters:
+    - type: CORS
+      cors:
+        allowOrigins: ["https://*.shop.example", "http://localhost:3000"]
+        allowMethods: [GET, PUT]
+        allowCredentials: true
+    backendRefs: [{name: reviews, port: 9080}]
+"#;
+
+#[tokio::test]
+async fn an_http_route_cors_filter_is_applied_by_the_waypoint() {
+    let configs = compiled(HTTP_ROUTE_CORS);
+    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
+    let table =
+        RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
+    let recorder = Arc::new(Recorder::default());
+    let router = Router::new(table, recorder.clone(), Some(2026));
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/reviews/1")
+            .header("origin", origin)
+            .header("access-control-request-method", "PUT")
+            .body(full(""))
+            .expect("request")
+    };
+    let allow_origin = |resp: &Response<Body>| {
+        resp.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    // `*` stands for any labels to its left; other origins match exactly.
+    for origin in [
+        "https://eu.shop.example",
+        "https://a.b.shop.example",
+        "http://localhost:3000",
+    ] {
+        let resp = router.handle(preflight(origin)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(allow_origin(&resp).as_deref(), Some(origin));
+        let h = resp.headers();
+        assert_eq!(h["access-control-allow-methods"], "GET,PUT");
+        assert_eq!(h["access-control-allow-credentials"], "true");
+        assert_eq!(h["access-control-max-age"], "5", "the API's default");
+    }
+    // Other origins (dots are not wildcards): answered here, without an origin.
+    for origin in [
+        "https://shop.example",
+        "https://evil-shop.example",
+        "http://eu.shop.example",
+        "http://localhost:3001",
+    ] {
+        let resp = router.handle(preflight(origin)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{origin}");
+        assert_eq!(allow_origin(&resp), None, "{origin}");
+    }
+    assert_eq!(
+        recorder.seen.lock().expect("lock").values().sum::<usize>(),
+        0,
+        "no preflight reaches the backend"
+    );
+    let get = Request::get("/reviews/1")
+        .header("origin", "https://eu.shop.example")
+        .body(full(""))
+        .expect("request");
+    let resp = router.handle(get).await;
+    assert_eq!(
+        allow_origin(&resp).as_deref(),
+        Some("https://eu.shop.example")
+    );
+}

@@ -446,27 +446,14 @@ fn cors_policy(base: &str, c: &istio::CorsPolicy) -> Result<(), FieldError> {
     for (i, m) in c.allow_origins.iter().enumerate() {
         string_match(format!("{base}.allowOrigins[{i}]"), m)?;
     }
-    for (i, m) in c.allow_methods.iter().enumerate() {
-        if http::Method::from_bytes(m.as_bytes()).is_err() {
-            return fail(
-                format!("{base}.allowMethods[{i}]"),
-                format!("{m:?} is not an HTTP method"),
-            );
-        }
-    }
-    for (field, names) in [
-        ("allowHeaders", &c.allow_headers),
-        ("exposeHeaders", &c.expose_headers),
-    ] {
-        for (i, name) in names.iter().enumerate() {
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return fail(
-                    format!("{base}.{field}[{i}]"),
-                    format!("{name:?} is not a header name"),
-                );
-            }
-        }
-    }
+    methods(base, &c.allow_methods)?;
+    header_names(
+        base,
+        &[
+            ("allowHeaders", &c.allow_headers),
+            ("exposeHeaders", &c.expose_headers),
+        ],
+    )?;
     duration(format!("{base}.maxAge"), &c.max_age)?;
     // Sent in seconds: Istio refuses a fraction rather than round it.
     match c.max_age.as_deref().map(parse_duration) {
@@ -637,6 +624,11 @@ fn http_route(spec: &gateway::HTTPRouteSpec) -> Result<(), FieldError> {
                 &t.backend_request,
             )?;
         }
+        for (j, f) in rule.filters.iter().enumerate() {
+            if let Some(c) = &f.cors {
+                cors_filter(&format!("spec.rules[{i}].filters[{j}].cors"), c)?;
+            }
+        }
         for (j, m) in rule.matches.iter().enumerate() {
             if let Some(p) = &m.path
                 && p.type_.as_deref() == Some("RegularExpression")
@@ -648,6 +640,71 @@ fn http_route(spec: &gateway::HTTPRouteSpec) -> Result<(), FieldError> {
                         e.to_string(),
                     )
                 })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The API's rules for a `CORS` filter: origins `*` or `http(s)://host[:port]`,
+/// method and header names a waypoint can send, `maxAge` at least 1.
+fn cors_filter(base: &str, c: &gateway::HttpCorsFilter) -> Result<(), FieldError> {
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        let host = o
+            .strip_prefix("https://")
+            .or_else(|| o.strip_prefix("http://"));
+        let valid = o == "*"
+            || host.is_some_and(|h| {
+                let (name, port) = h.rsplit_once(':').unwrap_or((h, "1"));
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-.*".contains(&b))
+                    && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+        if !valid {
+            return fail(
+                format!("{base}.allowOrigins[{i}]"),
+                format!("{o:?} is not * or <http|https>://<host>[:<port>]"),
+            );
+        }
+    }
+    methods(base, &c.allow_methods)?;
+    header_names(
+        base,
+        &[
+            ("allowHeaders", &c.allow_headers),
+            ("exposeHeaders", &c.expose_headers),
+        ],
+    )?;
+    if c.max_age.is_some_and(|a| a < 1) {
+        return fail(format!("{base}.maxAge"), "must be at least 1 (seconds)");
+    }
+    Ok(())
+}
+
+/// `allowMethods` entries must be HTTP methods (`*` is a token, so it is one).
+fn methods(base: &str, list: &[String]) -> Result<(), FieldError> {
+    for (i, m) in list.iter().enumerate() {
+        if http::Method::from_bytes(m.as_bytes()).is_err() {
+            return fail(
+                format!("{base}.allowMethods[{i}]"),
+                format!("{m:?} is not an HTTP method"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Each list's entries must be header names (`*` is one).
+fn header_names(base: &str, lists: &[(&str, &Vec<String>)]) -> Result<(), FieldError> {
+    for (field, names) in lists {
+        for (i, name) in names.iter().enumerate() {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return fail(
+                    format!("{base}.{field}[{i}]"),
+                    format!("{name:?} is not a header name"),
+                );
             }
         }
     }
@@ -952,6 +1009,62 @@ mod tests {
                 format!("spec.http[0].corsPolicy.{path}")
             );
         }
+    }
+
+    #[test]
+    fn an_http_route_cors_filter_needs_origins_methods_and_a_positive_max_age() {
+        let spec = |c: gateway::HttpCorsFilter| gateway::HTTPRouteSpec {
+            parent_refs: vec![Default::default()],
+            rules: vec![gateway::HttpRouteRule {
+                filters: vec![gateway::HttpRouteFilter {
+                    type_: "CORS".into(),
+                    cors: Some(c),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let good = gateway::HttpCorsFilter {
+            allow_origins: vec![
+                "*".into(),
+                "https://*.example.com".into(),
+                "http://localhost:8080".into(),
+            ],
+            allow_methods: vec!["GET".into(), "*".into()],
+            allow_headers: vec!["content-type".into()],
+            max_age: Some(600),
+            ..Default::default()
+        };
+        assert!(http_route(&spec(good.clone())).is_ok());
+        let origins = |o: &str| gateway::HttpCorsFilter {
+            allow_origins: vec![o.into()],
+            ..good.clone()
+        };
+        for bad in [
+            origins("example.com"),
+            origins("ftp://example.com"),
+            origins("https://"),
+            origins("https://example.com:0"),
+            origins("https://example.com/path"),
+        ] {
+            assert_eq!(
+                http_route(&spec(bad)).expect_err("origin").path,
+                "spec.rules[0].filters[0].cors.allowOrigins[0]"
+            );
+        }
+        let e = http_route(&spec(gateway::HttpCorsFilter {
+            max_age: Some(0),
+            ..good.clone()
+        }))
+        .expect_err("max age");
+        assert_eq!(e.path, "spec.rules[0].filters[0].cors.maxAge");
+        let e = http_route(&spec(gateway::HttpCorsFilter {
+            allow_methods: vec!["NOT A METHOD".into()],
+            ..good
+        }))
+        .expect_err("method");
+        assert_eq!(e.path, "spec.rules[0].filters[0].cors.allowMethods[0]");
     }
 
     #[test]

@@ -306,10 +306,40 @@ impl Route<'_> {
                     percent: f64::from(m.percent.unwrap_or(100).min(100)),
                 });
             }
+            "CORS" => out.cors = f.cors.as_ref().map(cors),
             other => self.notice(format!(
                 "rule {label}: filter {other} is not supported; ignored"
             )),
         }
+    }
+}
+
+/// The `CORS` filter as the waypoint's CORS policy: origins with `*` become anchored
+/// regexes (`*` matching any labels to its left), `*` alone every origin; `maxAge`
+/// defaults to the API's 5 s; a preflight from another origin is answered without
+/// CORS headers rather than forwarded.
+fn cors(c: &crate::resources::gateway::HttpCorsFilter) -> l7::CorsPolicy {
+    use l7::string_match::Kind;
+    let origin = |o: &String| l7::StringMatch {
+        kind: Some(match o.as_str() {
+            "*" => Kind::Exact("*".into()),
+            o if o.contains('*') => Kind::Regex(
+                o.split('*')
+                    .map(regex::escape)
+                    .collect::<Vec<_>>()
+                    .join(".*"),
+            ),
+            o => Kind::Exact(o.to_owned()),
+        }),
+    };
+    l7::CorsPolicy {
+        allow_origins: c.allow_origins.iter().map(origin).collect(),
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: c.allow_headers.clone(),
+        expose_headers: c.expose_headers.clone(),
+        max_age: c.max_age.unwrap_or(5).to_string(),
+        allow_credentials: c.allow_credentials.unwrap_or(false),
+        ignore_unmatched_preflights: true,
     }
 }
 

@@ -206,6 +206,26 @@ pub struct HttpRouteFilter {
     pub request_redirect: Option<RequestRedirect>,
     pub url_rewrite: Option<UrlRewrite>,
     pub request_mirror: Option<RequestMirror>,
+    pub cors: Option<HttpCorsFilter>,
+}
+
+/// The `CORS` filter (GEP-1767, experimental channel).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCorsFilter {
+    /// `<scheme>://<host>[:<port>]`, where `*` in the host matches any labels to
+    /// its left; `*` alone: every origin.
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    pub allow_credentials: Option<bool>,
+    #[serde(default)]
+    pub allow_methods: Vec<String>,
+    #[serde(default)]
+    pub allow_headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    /// Seconds; the API's default is 5.
+    pub max_age: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
