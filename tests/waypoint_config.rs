@@ -101,6 +101,17 @@ fn compiled(manifests: &str) -> BTreeMap<String, RouteConfig> {
     configs
 }
 
+/// A waypoint router for `reviews:9080` as compiled from `manifests`, over a
+/// recording upstream.
+fn reviews_router(manifests: &str) -> (Router, Arc<Recorder>) {
+    let configs = compiled(manifests);
+    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
+    let table =
+        RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
+    let recorder = Arc::new(Recorder::default());
+    (Router::new(table, recorder.clone(), Some(2026)), recorder)
+}
+
 #[tokio::test]
 async fn a_virtual_service_routes_the_waypoint() {
     let configs = compiled(MANIFESTS);
@@ -369,12 +380,7 @@ spec:
 
 #[tokio::test]
 async fn a_virtual_service_cors_policy_is_applied_by_the_waypoint() {
-    let configs = compiled(CORS);
-    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
-    let table =
-        RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
-    let recorder = Arc::new(Recorder::default());
-    let router = Router::new(table, recorder.clone(), Some(2026));
+    let (router, recorder) = reviews_router(CORS);
     let request = |method: &str, origin: &str, preflight: bool| {
         let mut b = Request::builder()
             .method(method)
@@ -467,12 +473,7 @@ spec:
 
 #[tokio::test]
 async fn an_http_route_cors_filter_is_applied_by_the_waypoint() {
-    let configs = compiled(HTTP_ROUTE_CORS);
-    let config = &configs["bookinfo/reviews.bookinfo.svc.cluster.local:9080"];
-    let table =
-        RouteTable::try_from(config).expect("the waypoint accepts what the controller compiles");
-    let recorder = Arc::new(Recorder::default());
-    let router = Router::new(table, recorder.clone(), Some(2026));
+    let (router, recorder) = reviews_router(HTTP_ROUTE_CORS);
     let preflight = |origin: &str| {
         Request::builder()
             .method("OPTIONS")

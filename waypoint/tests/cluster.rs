@@ -375,8 +375,9 @@ async fn ejection_lasts(r: &Router, t: &Scripted, bad: SocketAddr, secs: u64) {
     assert!(t.take_seen().contains(&bad), "back after {secs} s");
 }
 
-#[tokio::test(start_paused = true)]
-async fn ejections_back_off_to_five_minutes_at_most() {
+/// Two endpoints, round robin, the second answering 500: ejected (for 30 s, the
+/// first time) by the first four requests.
+async fn one_failing_endpoint_ejected() -> (Router, Arc<Scripted>, SocketAddr) {
     let t = Arc::new(Scripted::default());
     let eps = addrs(2);
     let bad = eps[1];
@@ -386,6 +387,12 @@ async fn ejections_back_off_to_five_minutes_at_most() {
         r.handle(get()).await;
     }
     assert_eq!(counts(&t.take_seen())[&bad], 2, "ejected");
+    (r, t, bad)
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejections_back_off_to_five_minutes_at_most() {
+    let (r, t, bad) = one_failing_endpoint_ejected().await;
     // Back one second after each ejection and failing again at once: 30 s more each
     // time, up to Envoy's 300 s.
     for n in 1..=12 {
@@ -395,15 +402,7 @@ async fn ejections_back_off_to_five_minutes_at_most() {
 
 #[tokio::test(start_paused = true)]
 async fn each_interval_back_takes_one_off_the_next_ejection() {
-    let t = Arc::new(Scripted::default());
-    let eps = addrs(2);
-    let bad = eps[1];
-    t.set(bad, Answer::Status(StatusCode::INTERNAL_SERVER_ERROR));
-    let r = router(ejecting(50), eps, t.clone());
-    for _ in 0..4 {
-        r.handle(get()).await;
-    }
-    assert_eq!(counts(&t.take_seen())[&bad], 2, "ejected");
+    let (r, t, bad) = one_failing_endpoint_ejected().await;
     ejection_lasts(&r, &t, bad, 30).await;
     ejection_lasts(&r, &t, bad, 60).await;
     // Third ejection (90 s); this time the endpoint comes back healthy.
