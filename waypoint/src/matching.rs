@@ -30,17 +30,22 @@ pub struct BadRegex {
     pub source: regex::Error,
 }
 
+/// A config's regex (`pattern`, as its error names it) compiled as `compiled`, which
+/// may wrap it; the size limit bounds what a config can cost.
+pub(crate) fn config_regex(compiled: &str, pattern: &str) -> Result<Regex, BadRegex> {
+    regex::RegexBuilder::new(compiled)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|source| BadRegex {
+            pattern: pattern.into(),
+            source,
+        })
+}
+
 impl StringMatch {
-    /// A regex match of the whole value; the size limit bounds what a config can cost.
+    /// A regex match of the whole value.
     pub fn regex(pattern: &str) -> Result<Self, BadRegex> {
-        regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
-            .size_limit(1 << 20)
-            .build()
-            .map(StringMatch::Regex)
-            .map_err(|source| BadRegex {
-                pattern: pattern.into(),
-                source,
-            })
+        config_regex(&format!("^(?:{pattern})$"), pattern).map(StringMatch::Regex)
     }
 
     /// A path-segment prefix; `/foo/` and `/foo` are the same prefix.

@@ -112,13 +112,7 @@ impl PathRegex {
     /// From RE2 syntax and Envoy's substitution syntax, where `\1` is the first group
     /// and `\\` a backslash (the regex crate writes `${1}`, and `$$` for `$`).
     pub fn new(pattern: &str, substitution: &str) -> Result<Self, crate::matching::BadRegex> {
-        let regex = regex::RegexBuilder::new(pattern)
-            .size_limit(1 << 20)
-            .build()
-            .map_err(|source| crate::matching::BadRegex {
-                pattern: pattern.into(),
-                source,
-            })?;
+        let regex = crate::matching::config_regex(pattern, pattern)?;
         let mut out = String::with_capacity(substitution.len());
         let mut chars = substitution.chars().peekable();
         while let Some(c) = chars.next() {

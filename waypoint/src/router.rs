@@ -1,6 +1,6 @@
-//! One service port's request path: select the rule, answer or note its CORS, inject
-//! its faults, then answer directly, redirect, or forward to a backend chosen by
-//! weight.
+//! One service port's request path: select the rule, inject its faults, then answer
+//! directly, redirect, or forward to a backend chosen by weight (a forwarding rule's
+//! CORS answers preflights and decorates responses).
 
 use std::{
     future::Future,
