@@ -454,9 +454,9 @@ fn cors_policy(base: &str, c: &istio::CorsPolicy) -> Result<(), FieldError> {
             ("exposeHeaders", &c.expose_headers),
         ],
     )?;
-    duration(format!("{base}.maxAge"), &c.max_age)?;
     // Sent in seconds: Istio refuses a fraction rather than round it.
     match c.max_age.as_deref().map(parse_duration) {
+        Some(Err(m)) => fail(format!("{base}.maxAge"), m),
         Some(Ok(d)) if d.subsec_nanos() != 0 => fail(
             format!("{base}.maxAge"),
             format!("{d:?} is not a whole number of seconds"),
@@ -882,9 +882,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_regex_rewrite_needs_a_valid_regex_and_no_uri() {
-        let with = |uri: Option<&str>, re: &str| istio::VirtualServiceSpec {
+    /// A VirtualService for `reviews` whose one route is `route`, sent to `reviews`.
+    fn to_reviews(route: istio::HttpRoute) -> istio::VirtualServiceSpec {
+        istio::VirtualServiceSpec {
             hosts: vec!["reviews".into()],
             http: vec![istio::HttpRoute {
                 route: vec![istio::HttpRouteDestination {
@@ -894,6 +894,16 @@ mod tests {
                     },
                     ..Default::default()
                 }],
+                ..route
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_regex_rewrite_needs_a_valid_regex_and_no_uri() {
+        let with = |uri: Option<&str>, re: &str| {
+            to_reviews(istio::HttpRoute {
                 rewrite: Some(istio::HttpRewrite {
                     uri: uri.map(Into::into),
                     uri_regex_rewrite: Some(istio::RegexRewrite {
@@ -903,8 +913,7 @@ mod tests {
                     ..Default::default()
                 }),
                 ..Default::default()
-            }],
-            ..Default::default()
+            })
         };
         let check = |spec: &istio::VirtualServiceSpec| virtual_service(spec, &mut Vec::new());
         assert!(check(&with(None, "^/v1/(.*)$")).is_ok());
@@ -933,20 +942,11 @@ mod tests {
             max_age: Some("24h".into()),
             ..Default::default()
         };
-        let with = |c: istio::CorsPolicy| istio::VirtualServiceSpec {
-            hosts: vec!["reviews".into()],
-            http: vec![istio::HttpRoute {
-                route: vec![istio::HttpRouteDestination {
-                    destination: istio::Destination {
-                        host: "reviews".into(),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                }],
+        let with = |c: istio::CorsPolicy| {
+            to_reviews(istio::HttpRoute {
                 cors_policy: Some(c),
                 ..Default::default()
-            }],
-            ..Default::default()
+            })
         };
         let check = |c: istio::CorsPolicy| virtual_service(&with(c), &mut Vec::new());
         assert!(check(good.clone()).is_ok());

@@ -353,20 +353,19 @@ impl Context<'_> {
             fault,
             timeout_ms: millis(&route.timeout),
             retry: self.retry(&label, route.retries.as_ref()),
-            rewrite: route.rewrite.as_ref().map(|r| l7::Rewrite {
-                uri: r.uri.clone().unwrap_or_default(),
-                authority: r.authority.clone().unwrap_or_default(),
-                full_path: false,
-                regex: r
+            rewrite: route.rewrite.as_ref().map(|r| {
+                let (regex, substitution) = r
                     .uri_regex_rewrite
                     .as_ref()
-                    .map(|x| x.match_.clone())
-                    .unwrap_or_default(),
-                substitution: r
-                    .uri_regex_rewrite
-                    .as_ref()
-                    .map(|x| x.rewrite.clone())
-                    .unwrap_or_default(),
+                    .map(|x| (x.match_.clone(), x.rewrite.clone()))
+                    .unwrap_or_default();
+                l7::Rewrite {
+                    uri: r.uri.clone().unwrap_or_default(),
+                    authority: r.authority.clone().unwrap_or_default(),
+                    full_path: false,
+                    regex,
+                    substitution,
+                }
             }),
             mirrors: self.mirrors(route, port),
             request_headers: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
